@@ -1,0 +1,138 @@
+"""config -> Experiment: the dataset, model, loss and optimizer every mode shares.
+
+A mode (train, check, inspect, ...) never builds its own model or data pipeline; it asks
+`build(config)` for them, so a check runs on exactly the model, data and loss it trains.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jrecipe import losses as losses_lib
+from jrecipe import models as models_lib
+from jrecipe import optim
+from jrecipe.data import pipeline
+from jrecipe.errors import UserError
+from jrecipe.types import DataSpec, Loss, Model
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config, and nothing run yet.
+
+  Attributes:
+    config: the resolved ConfigDict.
+    data: the loaded dataset (`jrecipe.data.pipeline.Dataset`: arrays per split + spec).
+    spec: the dataset's `DataSpec`.
+    model: the model as pure functions (`jrecipe.types.Model`).
+    loss: the data loss (`jrecipe.types.Loss`).
+    steps_per_epoch, total_steps: durations in steps (epochs are converted here, once).
+  """
+
+  config: ml_collections.ConfigDict
+  data: Any
+  spec: DataSpec
+  model: Model
+  loss: Loss
+  steps_per_epoch: int
+  total_steps: int
+
+  def optimizer(self, config: Optional[ml_collections.ConfigDict] = None):
+    """The optax transformation for `config` (default: this experiment's)."""
+    c = config or self.config
+    return optim.make_optimizer(c.optimizer, c.schedule, c.momentum_schedule,
+                                steps_per_epoch=self.steps_per_epoch,
+                                total_steps=self.total_steps)
+
+  def augment_fn(self) -> Optional[Callable]:
+    """`augment(x, rng) -> x` for the train step, or None when augmentation is off."""
+    aug = self.config.data.augment
+    if not (aug.random_crop or aug.hflip):
+      return None
+    return functools.partial(_augment, aug_config=aug)
+
+  def sample_input(self, n: int = 2) -> np.ndarray:
+    return self.data.arrays["train"]["x"][:n]
+
+  def init_variables(self, rng: jax.Array, *, init_bias: Optional[bool] = None) -> dict:
+    """Model variables at initialisation, with the head bias set from the data if asked.
+
+    'Init well' (recipe stage 2): with `config.init_bias`, the final layer's bias starts at
+    the log class priors (softmax classification and sequences) or at the target mean
+    (regression), which removes the 'hockey stick' of the first iterations.
+    """
+    variables = jax.jit(self.model.init)(rng, self.sample_input())
+    use = self.config.init_bias if init_bias is None else init_bias
+    if use:
+      variables = set_head_bias(variables, self.head_bias())
+    return variables
+
+  def head_bias(self) -> Optional[np.ndarray]:
+    """The data-derived final-layer bias for this loss, or None where it does not apply."""
+    y = self.data.arrays["train"]["y"]
+    if self.loss.expects == "logits" and self.spec.num_classes:
+      counts = np.bincount(np.asarray(y).ravel(), minlength=self.spec.num_classes)
+      priors = (counts + 1.0) / (counts.sum() + self.spec.num_classes)  # add-one smoothing
+      log_p = np.log(priors)
+      return (log_p - log_p.mean()).astype(np.float32)
+    if self.loss.expects == "values":
+      return np.asarray(np.mean(y, axis=0), np.float32).reshape(-1)
+    return None
+
+
+def set_head_bias(variables: dict, bias: Optional[np.ndarray]) -> dict:
+  """Returns variables with params['head']['bias'] replaced by `bias` (shape permitting)."""
+  if bias is None:
+    return variables
+  params = variables["params"]
+  head = params.get("head") if hasattr(params, "get") else None
+  if head is None or "bias" not in head or np.shape(head["bias"]) != np.shape(bias):
+    return variables
+  new_head = dict(head)
+  new_head["bias"] = jnp.asarray(bias, head["bias"].dtype)
+  new_params = dict(params)
+  new_params["head"] = new_head
+  return {**variables, "params": new_params}
+
+
+def _augment(x, rng, aug_config):
+  return pipeline.augment(x, rng, aug_config)
+
+
+def durations(config, num_train: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps): the one place epochs become steps."""
+  if config.batch_size <= 0:
+    raise UserError(f"batch_size must be positive, got {config.batch_size}.")
+  if config.batch_size > num_train:
+    raise UserError(
+        f"batch_size={config.batch_size} is larger than the train split ({num_train} "
+        "examples): lower batch_size (for full-batch L-BFGS set it to the split size).")
+  spe = max(num_train // config.batch_size, 1)
+  if config.num_epochs <= 0:
+    raise UserError(f"num_epochs must be positive, got {config.num_epochs}.")
+  return spe, int(round(spe * config.num_epochs))
+
+
+def build(config: ml_collections.ConfigDict, *, bn_axis_name: Optional[str] = None) -> Experiment:
+  """Builds the Experiment a config describes; raises UserError on any bad name or value."""
+  data = pipeline.load_dataset(config.data, seed=config.seed)
+  spec = data.spec
+  model = models_lib.build_model(config.model, spec, bn_axis_name=bn_axis_name)
+  loss = losses_lib.build_loss(config.loss, spec)
+  if spec.task == "regression" and loss.expects != "values":
+    raise UserError(f"Loss {loss.name!r} is for classification but dataset {spec.name!r} is a "
+                    "regression task: use loss.name='l2' or 'huber'.")
+  if spec.task != "regression" and loss.expects == "values":
+    raise UserError(f"Loss {loss.name!r} is for regression but dataset {spec.name!r} is a "
+                    f"{spec.task} task: use 'softmax_xent' or 'multiclass_svm'.")
+  num_train = len(data.arrays["train"]["y"])
+  spe, total = durations(config, num_train)
+  exp = Experiment(config=config, data=data, spec=spec, model=model, loss=loss,
+                   steps_per_epoch=spe, total_steps=total)
+  exp.optimizer()  # validates optimizer/schedule fields now, before anything is written
+  return exp

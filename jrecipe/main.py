@@ -1,0 +1,81 @@
+"""`jrecipe --config=configs/<name>.py --workdir=DIR [--mode=train] [--config.x=y ...]`.
+
+The entry point parses flags, turns a person's mistakes into one paragraph and exit
+status 2, and hands the resolved config to one mode. The work is in importable functions.
+"""
+
+import importlib
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jrecipe.errors import RunFailure, UserError
+
+MODES = {
+    "train": "jrecipe.train.loop:train_and_evaluate",
+    "check": "jrecipe.checks.runner:run_mode",
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file: a Python file with get_config().",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory of the run (created if missing).")
+flags.DEFINE_string("mode", "train", f"What to do: one of {', '.join(MODES)}.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a work directory whose config.json differs from --config.")
+flags.DEFINE_string("compilation_cache", None,
+                    "Directory of JAX's persistent compilation cache ('none' disables it); "
+                    "default $JRECIPE_CACHE_DIR/jax_cache or ~/.cache/jrecipe/jax_cache.")
+
+
+def _fail(message: str, code: int = 2):
+  sys.stderr.write(f"jrecipe: error: {message}\n")
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors are a paragraph and exit status 2, not a usage dump."""
+  from jrecipe import config_errors
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(config_errors.explain(e, argv))
+  except (KeyError, AttributeError, TypeError, ValueError, FileNotFoundError,
+          ImportError, SyntaxError) as e:
+    _fail(config_errors.explain(e, argv))
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}: every option is a --flag (e.g. --config.seed=1).")
+  if FLAGS.config is None or FLAGS.workdir is None:
+    _fail("--config and --workdir are required, e.g. "
+          "`jrecipe --config=configs/digits_mlp.py --workdir=/tmp/digits`.")
+  if FLAGS.mode not in MODES:
+    _fail(f"unknown --mode={FLAGS.mode!r}. Valid modes: {', '.join(MODES)}.")
+  logging.getLogger("jrecipe").setLevel(logging.INFO)
+  from jrecipe import runtime
+  if FLAGS.config.parallel.distributed:
+    runtime.initialize_distributed()
+  runtime.enable_compilation_cache(FLAGS.compilation_cache)
+  module, _, fn = MODES[FLAGS.mode].partition(":")
+  mode_fn = getattr(importlib.import_module(module), fn)
+  try:
+    kwargs = {"allow_config_change": FLAGS.allow_config_change} if FLAGS.mode == "train" else {}
+    result = mode_fn(FLAGS.config, FLAGS.workdir, **kwargs)
+  except UserError as e:
+    _fail(str(e), 2)
+  except RunFailure as e:
+    _fail(str(e), 1)
+  return int(result) if isinstance(result, int) else 0
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

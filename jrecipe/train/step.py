@@ -1,0 +1,145 @@
+"""Pure train and eval steps: `(state, batch) -> (state, metrics)` and `(variables, batch) -> sums`.
+
+Nothing here knows about devices: the same functions are jitted on one device, jitted over a
+device mesh, or pmapped (then `axis_name` names the device axis and gradients are averaged
+with `lax.pmean`). The step returns what babysitting needs (loss, gradient, parameter and
+update norms, learning rate) so that watching training costs nothing extra.
+"""
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jrecipe import optim
+from jrecipe.train.state import TrainState
+from jrecipe.types import Loss, Model
+
+
+def l2_penalty(params) -> jax.Array:
+  """0.5 * sum of squared weights over kernels (leaves with ndim > 1); biases excluded."""
+  leaves = [p for p in jax.tree.leaves(params) if p.ndim > 1]
+  if not leaves:
+    return jnp.zeros(())
+  return 0.5 * sum(jnp.sum(jnp.square(p)) for p in leaves)
+
+
+def step_rngs(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(augmentation key, dropout key) for a step: derived from the one seed by fold_in."""
+  k = jax.random.fold_in(rng, step)
+  k_aug, k_drop = jax.random.split(k)
+  return k_aug, k_drop
+
+
+def make_loss_fn(model: Model, loss: Loss, *, l2: float, augment: Optional[Callable] = None):
+  """`loss_fn(params, model_state, batch, rng, step) -> (total, (data_loss, aux))`, for grad."""
+
+  def loss_fn(params, model_state, batch, rng, step):
+    k_aug, k_drop = step_rngs(rng, step)
+    x = batch["x"]
+    if augment is not None:
+      x = augment(x, k_aug)
+    variables = {"params": params, **model_state}
+    outputs, new_state = model.apply_with_state(variables, x, True, {"dropout": k_drop})
+    data_loss = jnp.mean(loss.per_example(outputs, batch["y"]))
+    reg_loss = l2 * l2_penalty(params) if l2 else jnp.zeros((), data_loss.dtype)
+    aux = {"loss": data_loss, "reg_loss": reg_loss}
+    if loss.correct is not None:
+      aux["accuracy"] = jnp.mean(loss.correct(outputs, batch["y"]))
+    return data_loss + reg_loss, (new_state, aux)
+
+  return loss_fn
+
+
+def _global_norm(tree) -> jax.Array:
+  return optax.global_norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, *,
+                    l2: float = 0.0, ema_decay: float = 0.0, augment: Optional[Callable] = None,
+                    axis_name: Optional[str] = None, needs_value_fn: bool = False):
+  """Builds the pure train step `(state, batch) -> (state, metrics)`.
+
+  Args:
+    model, loss, tx: the experiment's model, data loss and optax transformation.
+    l2: L2 regularisation strength (added to the data loss; reported separately).
+    ema_decay: decay of the parameter EMA; 0 keeps no EMA.
+    augment: `augment(x, rng) -> x` applied to the batch inside the step (train only).
+    axis_name: the pmap axis to average gradients, metrics and batch statistics over.
+    needs_value_fn: pass value/grad/value_fn to tx.update (L-BFGS's line search).
+
+  Returns:
+    A function to jit/pmap. A non-finite loss or gradient leaves the state unchanged and
+    records the step in `state.bad_step` (checked on the host only when metrics are
+    logged: no per-step host sync).
+  """
+  loss_fn = make_loss_fn(model, loss, l2=l2, augment=augment)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def pmean(x):
+    return jax.lax.pmean(x, axis_name) if axis_name else x
+
+  def train_step(state: TrainState, batch: dict[str, Any]):
+    (total, (new_model_state, aux)), grads = grad_fn(
+        state.params, state.model_state, batch, state.rng, state.step)
+    grads, total, aux, new_model_state = pmean((grads, total, aux, new_model_state))
+    if needs_value_fn:
+      def value_fn(p):
+        v, _ = loss_fn(p, state.model_state, batch, state.rng, state.step)
+        return pmean(v)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, value=total,
+                                     grad=grads, value_fn=value_fn)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(total) & _all_finite(grads)
+    if ema_decay:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                         state.ema_params, params)
+    else:
+      ema = state.ema_params
+    candidate = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=new_model_state, ema_params=ema)
+    kept = state.replace(step=state.step + 1,
+                         bad_step=jnp.where(state.bad_step >= 0, state.bad_step, state.step))
+    new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), candidate, kept)
+    metrics = dict(aux)
+    metrics.update(
+        total_loss=total,
+        grad_norm=_global_norm(grads),
+        param_norm=_global_norm(state.params),
+        update_norm=_global_norm(updates),
+        learning_rate=optim.current_learning_rate(state.opt_state) * state.lr_scale,
+        finite=finite.astype(jnp.float32),
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: Model, loss: Loss, *, axis_name: Optional[str] = None):
+  """Builds `eval_step(variables, batch) -> sums`: exact sums over the real (mask=1) examples.
+
+  Sums, never means: evaluation over a split adds them up and divides by the exact count
+  ('evaluate on the whole test set'). Eval mode: dropout off, BatchNorm running statistics.
+  """
+
+  def eval_step(variables, batch):
+    outputs = model.apply(variables, batch["x"], False, None)
+    mask = batch["mask"]
+    per_ex = loss.per_example(outputs, batch["y"])
+    sums = {"loss": jnp.sum(per_ex * mask), "count": jnp.sum(mask)}
+    if loss.correct is not None:
+      sums["accuracy"] = jnp.sum(loss.correct(outputs, batch["y"]) * mask)
+    if axis_name:
+      sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+  return eval_step

@@ -1,0 +1,110 @@
+"""Where measurements go: `metrics.jsonl` (one JSON object per logged point) and TensorBoard.
+
+A tiny interface in the spirit of CLU's metric writers: `scalars`, `histogram`, `image`.
+Only process 0 writes. TensorBoard event files are written with tensorboardX (no TensorFlow).
+"""
+
+import json
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+
+def _jsonable(v):
+  if isinstance(v, (np.floating, float)):
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+  if isinstance(v, (np.integer, int)):
+    return int(v)
+  if isinstance(v, np.ndarray):
+    return _jsonable(v.item()) if v.size == 1 else [_jsonable(x) for x in v.tolist()]
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of `workdir/metrics.jsonl` (a torn last line from a kill is ignored)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return out
+
+
+class MetricWriter:
+  """Appends metric records to `metrics.jsonl` and TensorBoard event files.
+
+  Args:
+    workdir: the run's work directory.
+    enabled: False on processes other than 0 (they compute, they do not write).
+    resume_step: when resuming, records after this step (left by a killed run) are dropped
+      from metrics.jsonl and TensorBoard is told to purge them, so each step appears once.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    if resume_step is not None and os.path.exists(self.path):
+      kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        for r in kept:
+          f.write(json.dumps(r) + "\n")
+      os.replace(tmp, self.path)
+    elif resume_step is None and os.path.exists(self.path):
+      os.remove(self.path)
+    self._file = open(self.path, "a", buffering=1)
+    from tensorboardX import SummaryWriter  # local: import cost only where used
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step is not None else None)
+
+  def write(self, step: int, record: dict, *, split: str = "train",
+            epoch: Optional[float] = None) -> None:
+    """One record: {'step', 'epoch', 'split', metric: value, ...}; TensorBoard tag split/name."""
+    if not self.enabled:
+      return
+    rec = {"step": int(step), "split": split}
+    if epoch is not None:
+      rec["epoch"] = round(float(epoch), 6)
+    for k, v in record.items():
+      rec[k] = _jsonable(v)
+      if self._tb is not None and isinstance(rec[k], (int, float)):
+        self._tb.add_scalar(f"{split}/{k}", rec[k], int(step))
+    self._file.write(json.dumps(rec) + "\n")
+
+  def histogram(self, tag: str, values, step: int) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_histogram(tag, np.asarray(values).ravel(), int(step))
+
+  def image(self, tag: str, image_hwc, step: int) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_image(tag, np.asarray(image_hwc), int(step), dataformats="HWC")
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._file.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      self._tb.close()
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON to a temp file and renames it: a reader never sees half a file."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+    f.write("\n")
+  os.replace(tmp, path)
