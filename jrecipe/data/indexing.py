@@ -1,0 +1,66 @@
+"""The order in which training examples are visited: a grain MapDataset of index batches.
+
+Recipe step served: 'fix the random seed'. Global step s maps to one batch of example indices,
+a pure function of (seed, s): epoch e = s // steps_per_epoch reads the permutation of [0, N)
+drawn for (seed, e), and a new epoch reshuffles. Because it is random access, an iterator
+created at `start_step=k` yields exactly what a fresh one yields at step k, which is how a killed
+run resumes exactly.
+
+Why not `grain.MapDataset.range(N).seed(seed).shuffle().batch(B, drop_remainder=True)
+.repeat(None)`: it has the same semantics (per-epoch reshuffle, random access by step, the
+remainder of each epoch dropped) but grain shuffles one index at a time through a 16-bit Simon
+cipher with cycle walking (`index_shuffle`: measured 15 us per index for N=4,000) plus per-element
+bookkeeping: 4.4 ms per batch of 128 on this 2-core machine, 30x the 0.15 ms training step of a
+small MLP. This class is a `grain.MapDataset` too (it composes with `.map`, `.to_iter_dataset()`
+and grain checkpointing) but draws each epoch's permutation at once with numpy (about 40 us for
+N=4,000, once per epoch) and slices it per step (about 1 us).
+"""
+
+import sys
+
+import grain
+import numpy as np
+
+
+class ShuffledIndexBatches(grain.MapDataset):
+  """Infinite random-access dataset: element s is the int64 index batch of global step s.
+
+  Args:
+    num_examples: N, the size of the training split.
+    batch_size: B (global); each epoch has N // B batches, the remainder N % B of its
+      permutation is dropped (grain's `batch(drop_remainder=True)` before `repeat`).
+    seed: non-negative int. Hashed with numpy's SeedSequence together with the epoch, so seeds
+      0 and 1 give unrelated orders in every epoch (grain's own `shuffle` uses seed + epoch, so
+      seed 1 epoch 0 would equal seed 0 epoch 1).
+  """
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int):
+    super().__init__()
+    if not 0 < batch_size <= num_examples:
+      raise ValueError(f"need 0 < batch_size={batch_size} <= num_examples={num_examples}")
+    self._n = int(num_examples)
+    self._b = int(batch_size)
+    self._seed = int(seed)
+    self.steps_per_epoch = self._n // self._b
+    self._epoch = -1
+    self._perm = None
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"ShuffledIndexBatches(n={self._n}, batch_size={self._b}, seed={self._seed})"
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The order of epoch `epoch`: a permutation of [0, N) determined by (seed, epoch)."""
+    if epoch != self._epoch:
+      rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self._seed, epoch])))
+      self._perm = rng.permutation(self._n)
+      self._epoch = epoch
+    return self._perm
+
+  def __getitem__(self, step):
+    if isinstance(step, slice):
+      return self.slice(step)
+    epoch, j = divmod(int(step), self.steps_per_epoch)
+    return self.permutation(epoch)[j * self._b:(j + 1) * self._b]
