@@ -53,7 +53,15 @@ def make_loss_fn(model: Model, loss: Loss, *, l2: float, augment: Optional[Calla
 
 
 def _global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+  return optax.tree.norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
+
+
+def _learning_rate(opt_state) -> jax.Array:
+  """The injected learning rate, or NaN for an optimizer built outside jrecipe.optim."""
+  try:
+    return jnp.asarray(optim.current_learning_rate(opt_state), jnp.float32)
+  except ValueError:
+    return jnp.full((), jnp.nan, jnp.float32)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -116,7 +124,7 @@ def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, 
         grad_norm=_global_norm(grads),
         param_norm=_global_norm(state.params),
         update_norm=_global_norm(updates),
-        learning_rate=optim.current_learning_rate(state.opt_state) * state.lr_scale,
+        learning_rate=_learning_rate(state.opt_state) * state.lr_scale,
         finite=finite.astype(jnp.float32),
     )
     return new_state, metrics
