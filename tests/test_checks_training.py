@@ -191,11 +191,8 @@ def test_loss_at_init_huge_init_scale_fails(mlp, loss, mlp_vars, data):
 
 
 def test_loss_at_init_registry_mlp_init_scale_100_fails(loss, data):
-  try:  # jrecipe's own MLP, when the model registry is importable
-    from jrecipe.models import build_model
-    from jrecipe.types import DataSpec
-  except ImportError as e:
-    pytest.skip(f"jrecipe.models not importable: {e}")
+  from jrecipe.models import build_model
+  from jrecipe.types import DataSpec
   spec = DataSpec(name="digits", task="classification", input_shape=(8, 8, 1), num_classes=10,
                   class_names=None, value_range=(0.0, 16.0), splits={"train": N})
   results = {}
