@@ -20,6 +20,7 @@ def get_config(variant: str = ""):
   c.optimizer.learning_rate = 1e-3
   c.num_epochs = 40
   c.batch_size = 128
+  c.checkpoint.every_epochs = 10  # an epoch is only 9 steps here
   if variant == "smoke":
     c.num_epochs = 2
     c.progress = False

@@ -92,5 +92,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checks.gradcheck_examples = 4
   c.checks.gradcheck_burnin_steps = 20
 
+  c.debug_nans = False  # on a non-finite step, rerun it under jax_debug_nans to name the op
   c.progress = True  # progress bar with ETA on the console
   return c

@@ -41,7 +41,7 @@ def _shipped_configs() -> list[str]:
 def explain(error: BaseException, argv: list[str]) -> str:
   text = str(error)
   if isinstance(error, (AttributeError, KeyError)) or "Did you mean" in text:
-    m = re.search(r"'([^']+)'", text)
+    m = re.search(r'instead of "([^"]+)"', text) or re.search(r"([A-Za-z_][A-Za-z0-9_]*)", text)
     name = m.group(1) if m else "?"
     overrides = [a for a in argv if a.startswith("--config.")]
     flag = next((a for a in overrides if re.search(rf"[.]{re.escape(name)}(=|$)", a.split("=")[0])

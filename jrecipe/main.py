@@ -35,15 +35,31 @@ def _fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def _setup_logging():
+  """jrecipe's own messages at INFO on stderr; the libraries' chatter (orbax, absl) at WARNING."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = logging.getLogger("jrecipe")
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jrecipe: %(message)s"))
+    logger.addHandler(handler)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors are a paragraph and exit status 2, not a usage dump."""
   from jrecipe import config_errors
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    if FLAGS["config"].present:
+      _ = FLAGS.config.seed  # the config file loads lazily: load it here, inside the try
+    return rest
   except flags.Error as e:
     _fail(config_errors.explain(e, argv))
-  except (KeyError, AttributeError, TypeError, ValueError, FileNotFoundError,
-          ImportError, SyntaxError) as e:
+  except (KeyError, AttributeError, TypeError, ValueError, OSError, ImportError,
+          SyntaxError) as e:
     _fail(config_errors.explain(e, argv))
 
 
@@ -55,7 +71,7 @@ def main(argv: list[str]) -> int:
           "`jrecipe --config=configs/digits_mlp.py --workdir=/tmp/digits`.")
   if FLAGS.mode not in MODES:
     _fail(f"unknown --mode={FLAGS.mode!r}. Valid modes: {', '.join(MODES)}.")
-  logging.getLogger("jrecipe").setLevel(logging.INFO)
+  _setup_logging()
   from jrecipe import runtime
   if FLAGS.config.parallel.distributed:
     runtime.initialize_distributed()

@@ -212,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if bad >= 0:
       good = placement.host_state(state)
       msg = _nonfinite_report(exp, good, bad, config.batch_size)
-      if config.get("debug_nans", False):
+      if config.debug_nans:
         msg += " " + _debug_nans(exp, good, bad, config.batch_size)
       writer.write(step, {"nonfinite_step": bad}, split="events")
       writer.close()

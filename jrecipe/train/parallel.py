@@ -66,7 +66,7 @@ class Placement:
   def host_state(self, state):
     """One host copy (numpy) of a replicated state."""
     if self.mode == "pmap":
-      return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+      return jax.tree.map(_first_replica, state)
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))
                         if isinstance(x, jax.Array) else np.asarray(x), state)
 
@@ -103,8 +103,13 @@ class Placement:
   def metrics_to_host(self, metrics) -> dict:
     """Device metrics (possibly replicated per device under pmap) -> host floats."""
     if self.mode == "pmap":
-      metrics = jax.tree.map(lambda x: x.addressable_data(0), metrics)
-    return jax.tree.map(lambda x: np.asarray(x), jax.device_get(metrics))
+      return jax.tree.map(_first_replica, metrics)
+    return jax.tree.map(np.asarray, jax.device_get(metrics))
+
+
+def _first_replica(x) -> np.ndarray:
+  """The first device's copy of a pmap output (replicated along a leading device axis)."""
+  return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
 
 
 def make_placement(mode: str, num_devices: int = 0) -> Placement:

@@ -109,8 +109,11 @@ def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, 
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(total) & _all_finite(grads)
     if ema_decay:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                         state.ema_params, params)
+      # Warm-up of the decay (as tf.train.ExponentialMovingAverage with num_updates): early
+      # on the average would otherwise be dominated by the initial parameters.
+      t = state.step.astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     else:
       ema = state.ema_params
     candidate = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -1,0 +1,61 @@
+"""Small configs and subprocess helpers shared by the tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from jrecipe.config_base import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """digits + a small MLP, a few epochs: the cheapest real end-to-end run."""
+  c = base_config()
+  c.data.name = "digits"
+  c.model.name = "mlp"
+  c.model.hidden = (32,)
+  c.model.activation = "relu"
+  c.model.dropout = 0.0
+  c.model.init_scale = 1.0
+  c.optimizer.learning_rate = 1e-3
+  c.num_epochs = 2
+  c.batch_size = 64
+  c.progress = False
+  c.log_every_steps = 5
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def run_cli(args, env=None, timeout=300, **kw):
+  """Runs `python -m jrecipe args...` and returns the CompletedProcess."""
+  e = dict(os.environ)
+  e.update(env or {})
+  return subprocess.run([sys.executable, "-m", "jrecipe", *args], cwd=REPO, env=e,
+                        capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def load_params(workdir, step=None):
+  """The params of the newest (or given) checkpoint of a run, as a flat {path: array} dict."""
+  import orbax.checkpoint as ocp
+  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  mngr = ocp.CheckpointManager(ckdir, item_names=("state", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  import jax
+  flat = jax.tree_util.tree_flatten_with_path(out["state"]["params"])[0]
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
