@@ -1,0 +1,20 @@
+"""The dumb baseline: a linear softmax classifier on the 8x8 digits ('don't be a hero').
+
+    jrecipe --config=configs/digits_linear.py --workdir=/tmp/jrecipe/digits_linear
+
+Expect about 95-96% test accuracy after 40 epochs; every later model must beat it.
+"""
+
+from jrecipe.config_base import base_config
+
+
+def get_config(variant: str = ""):
+  c = base_config()
+  c.data.name = "digits"
+  c.model.name = "linear"
+  c.optimizer.learning_rate = 3e-3
+  c.num_epochs = 40
+  if variant == "smoke":
+    c.num_epochs = 2
+    c.progress = False
+  return c
