@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checks.only = ""  # comma-separated check names; '' = the whole battery
   c.checks.skip = ""  # comma-separated check names to leave out
   c.checks.budget_steps = 150  # steps per short training run (baselines, capacity, ...)
+  c.checks.batch_size = 32  # batch of those short runs (small: they only compare budgets)
   c.checks.overfit_examples = 10  # 'overfit one batch': 2 to 20 examples
   c.checks.overfit_steps = 500
   c.checks.gradcheck_examples = 4

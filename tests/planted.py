@@ -8,3 +8,100 @@ def naive_xent(outputs, labels):
   """Cross-entropy as -log(softmax): the classic log-of-zero bug once a probability underflows."""
   p = jax.nn.softmax(outputs)
   return -jnp.log(jnp.take_along_axis(p, labels[:, None], axis=1)[:, 0])
+
+
+# --- planted model bugs for the check battery (factories: factory(spec, bn_axis_name)) ------
+
+from flax import linen as nn  # noqa: E402
+
+
+class _MLP(nn.Module):
+  """A small MLP with switches that plant the silent bugs the battery must catch."""
+
+  num_outputs: int
+  mix_batch: bool = False
+  softmax_out: bool = False
+  zero_input: bool = False
+  dropout_in_eval: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    if self.zero_input:
+      x = x * 0.0
+    h = nn.relu(nn.Dense(32, name="dense_0")(x))
+    if self.mix_batch:  # view-vs-transpose: reshape to (features, batch) and transpose back
+      h = h.reshape((h.shape[1], h.shape[0])).T
+    h = nn.Dropout(0.5, deterministic=not (train or self.dropout_in_eval))(h)
+    out = nn.Dense(self.num_outputs, name="head")(h)
+    return jax.nn.softmax(out) if self.softmax_out else out
+
+
+def correct_mlp(spec, bn_axis_name):
+  return _MLP(spec.num_classes)
+
+
+def batch_mixing_mlp(spec, bn_axis_name):
+  return _MLP(spec.num_classes, mix_batch=True)
+
+
+def softmax_twice_mlp(spec, bn_axis_name):
+  return _MLP(spec.num_classes, softmax_out=True)
+
+
+def input_ignoring_mlp(spec, bn_axis_name):
+  return _MLP(spec.num_classes, zero_input=True)
+
+
+def dropout_in_eval_mlp(spec, bn_axis_name):
+  return _MLP(spec.num_classes, dropout_in_eval=True)
+
+
+@jax.custom_vjp
+def _bad_tanh(x):
+  return jnp.tanh(x)
+
+
+def _bad_tanh_fwd(x):
+  y = jnp.tanh(x)
+  return y, y
+
+
+def _bad_tanh_bwd(y, g):
+  return (g * (1.0 - y * y) * 1.01,)  # the wrong rule: 1% too large
+
+
+_bad_tanh.defvjp(_bad_tanh_fwd, _bad_tanh_bwd)
+
+
+class _BadVjpMLP(nn.Module):
+  num_outputs: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(self.num_outputs, name="head")(_bad_tanh(nn.Dense(16)(x)))
+
+
+def wrong_vjp_mlp(spec, bn_axis_name):
+  return _BadVjpMLP(spec.num_classes)
+
+
+class _OffByOneCausal(nn.Module):
+  """One self-attention layer over tokens whose mask lets position t see t+1."""
+
+  vocab: int
+  off_by_one: bool = True
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    t = tokens.shape[1]
+    h = nn.Embed(self.vocab, 32)(tokens) + self.param(
+        "pos", nn.initializers.normal(0.02), (t, 32))
+    mask = jnp.tril(jnp.ones((t, t), bool), k=1 if self.off_by_one else 0)
+    h = h + nn.SelfAttention(num_heads=2, qkv_features=32)(h, mask=mask[None, None])
+    return nn.Dense(self.vocab, name="head")(h)
+
+
+def off_by_one_transformer(spec, bn_axis_name):
+  return _OffByOneCausal(spec.num_classes)

@@ -86,7 +86,9 @@ class Transformer(nn.Module):
     h = nn.LayerNorm(name="ln_final")(h)
     if not self.per_step:
       h = h[:, -1]
-    return nn.Dense(self.num_outputs, name="head")(h)
+    # Small head weights (GPT-2 style normal(0.02)): at init the head bias (log token
+    # priors) sets the predictions instead of random logits ('init well').
+    return nn.Dense(self.num_outputs, kernel_init=nn.initializers.normal(0.02), name="head")(h)
 
 
 CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
@@ -114,7 +116,9 @@ class RNN(nn.Module):
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     if not self.per_step:
       h = h[:, -1]
-    return nn.Dense(self.num_outputs, name="head")(h)
+    # Small head weights (GPT-2 style normal(0.02)): at init the head bias (log token
+    # priors) sets the predictions instead of random logits ('init well').
+    return nn.Dense(self.num_outputs, kernel_init=nn.initializers.normal(0.02), name="head")(h)
 
 
 def _sequence_layout(spec, name):

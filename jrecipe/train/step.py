@@ -17,9 +17,23 @@ from jrecipe.train.state import TrainState
 from jrecipe.types import Loss, Model
 
 
+NOT_DECAYED = ("bias", "scale", "b")
+
+
+def _decayed(path, leaf) -> bool:
+  last = path[-1] if path else None
+  name = getattr(last, "key", getattr(last, "name", None))
+  return leaf.ndim > 1 and name not in NOT_DECAYED
+
+
 def l2_penalty(params) -> jax.Array:
-  """0.5 * sum of squared weights over kernels (leaves with ndim > 1); biases excluded."""
-  leaves = [p for p in jax.tree.leaves(params) if p.ndim > 1]
+  """0.5 * sum of squared weights over kernels and embeddings.
+
+  Leaves with ndim > 1 count, except those named 'bias' or 'scale' (attention biases are
+  2-D but are still biases): CS231n regularises weights, not biases or norm scales.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  leaves = [p for path, p in flat if _decayed(path, p)]
   if not leaves:
     return jnp.zeros(())
   return 0.5 * sum(jnp.sum(jnp.square(p)) for p in leaves)

@@ -1,0 +1,272 @@
+"""Checks of what a model outputs: eval mode, logits vs probabilities, special vs general code.
+
+- `eval_mode`: evaluation is deterministic and per-example (dropout off, BatchNorm on its
+  running statistics). Karpathy stage 2, "evaluate on the whole test set" only means something
+  when eval is a fixed function of each example; Regularize, "dropout, careful with BN".
+- `logits_not_probabilities`: a model that ends in a softmax, fed to a loss that applies
+  its own, trains anyway, just worse ("training fails silently").
+- `assert_equivalent`: "generalize a special case": write the loopy version first, then
+  vectorise and compare the two.
+"""
+
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrecipe.checks.base import CheckResult
+
+
+def _max_rel_diff(a, b) -> float:
+  """max |a - b| / max |a| over the leaves of two output pytrees (inf on a shape mismatch)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  if len(la) != len(lb):
+    return float("inf")
+  worst = 0.0
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape:
+      return float("inf")
+    if x.size == 0:
+      continue
+    diff = np.max(np.abs(x - y))
+    if not np.isfinite(diff):
+      same = np.array_equal(x, y, equal_nan=True)
+      worst = max(worst, 0.0 if same else float("inf"))
+      continue
+    worst = max(worst, float(diff / max(np.max(np.abs(x)), 1e-12)))
+  return worst
+
+
+def _other_rngs(rngs: dict, k: int) -> dict:
+  return {name: jax.random.fold_in(key, k) for name, key in rngs.items()}
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[dict] = None,
+              rtol: float = 1e-5) -> CheckResult:
+  """Checks that eval mode is deterministic and treats each example on its own.
+
+  Recipe step: Karpathy stage 2 ("evaluate on the whole test set": eval must be a fixed
+  function of each example) and stage 4 ("dropout ... careful with BN"): in eval, dropout is
+  off and BatchNorm uses its running statistics.
+
+  Measures, with `apply(variables, x, train=False, rngs=...)` (all calls traced separately
+  inside one jitted function):
+  1. two calls without rngs give identical outputs;
+  2. calls with two different rngs give the same outputs as without (dropout off in eval);
+  3. example 0 evaluated alone gives its output in the batch, and the batch in reverse order
+     gives the same per-example outputs (no batch statistics in eval).
+
+  Args:
+    apply: `apply(variables, x, train=False, rngs=None) -> outputs` (a `Model.apply`).
+    variables: the model's variables.
+    x: a batch of inputs [B, ...] (B >= 2 for the batch-context test).
+    rngs: rngs to pass in test 2 (default {'dropout': key(1)}); a second set is folded from
+      them.
+    rtol: the largest relative difference (max |a-b| / max |a|) accepted.
+
+  Returns:
+    CheckResult 'eval_mode': value = the largest relative difference measured, expected 0
+    (<= rtol). Fail names the likely cause ("dropout left on in eval mode?", "BatchNorm using
+    batch statistics in eval?").
+  """
+  name = "eval_mode"
+  step = "eval_mode (evaluate deterministically, per example; dropout/BN in eval)"
+  x = jnp.asarray(x)
+  b = x.shape[0] if x.ndim else 0
+  r1 = rngs if rngs is not None else {"dropout": jax.random.key(1)}
+  r2 = _other_rngs(r1, 1)
+
+  def call(v, xx, r):
+    return apply(v, xx, train=False, rngs=r)
+
+  def variants(v, xx, ra, rb):
+    # Two separate traces of the same call: host-side randomness or Python state shows up.
+    out = {"base": call(v, xx, None), "again": call(v, xx, None),
+           "rngs_a": call(v, xx, ra), "rngs_b": call(v, xx, rb)}
+    if b >= 2:
+      out["alone"] = call(v, xx[:1], None)
+      out["reversed"] = jax.tree.map(lambda o: o[::-1], call(v, xx[::-1], None))
+    return out
+
+  try:
+    outs = jax.jit(variants)(variables, x, r1, r2)
+  except Exception:  # pylint: disable=broad-except
+    outs = None
+  if outs is None:  # attribute the error: first without rngs, then with
+    try:
+      base = jax.jit(call)(variables, x, None)
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e).lower()
+      cause = ("dropout left on in eval mode? (it asks for a 'dropout' rng)"
+               if "rng" in text or "dropout" in text else
+               "does eval mode need state (e.g. mutable batch_stats: BatchNorm using batch "
+               "statistics in eval?)" if "mutable" in text or "batch_stats" in text else
+               "the model cannot be evaluated without rngs")
+      return CheckResult(name, "fail", None, 0.0,
+                         f"{step}: eval apply without rngs raised {_first_line(e)}: {cause}",
+                         details={"error": _first_line(e)})
+    try:
+      jax.jit(call)(variables, x, r1)
+      error = "the eval checks raised an error in the batch-context calls"
+    except Exception as e:  # pylint: disable=broad-except
+      error = f"eval apply with rngs raised {_first_line(e)}"
+    return CheckResult(name, "fail", None, 0.0, f"{step}: {error}",
+                       details={"error": error, "base_output_shape": str(jax.tree.map(
+                           jnp.shape, base))})
+  base = outs["base"]
+  measured = {"repeat": _max_rel_diff(base, outs["again"]),
+              "rngs_a": _max_rel_diff(base, outs["rngs_a"]),
+              "rngs_b": _max_rel_diff(base, outs["rngs_b"])}
+  if b >= 2:
+    measured["alone"] = _max_rel_diff(jax.tree.map(lambda o: o[:1], base), outs["alone"])
+    measured["reversed"] = _max_rel_diff(base, outs["reversed"])
+  numbers = {k: v for k, v in measured.items() if isinstance(v, float)}
+  value = max(numbers.values()) if numbers else None
+  details = {"relative_differences": measured, "rtol": rtol, "batch": b}
+
+  problems = []
+  if measured["repeat"] > rtol:
+    problems.append(f"two identical eval calls differ (relative {measured['repeat']:.2g}): "
+                    "a random op without a fixed key, or state that changes between calls?")
+  rng_diff = max(measured.get("rngs_a", 0.0), measured.get("rngs_b", 0.0))
+  if rng_diff > rtol:
+    problems.append(f"eval outputs change with the rngs passed (relative {rng_diff:.2g}): "
+                    "dropout left on in eval mode (deterministic=not train missing?)")
+  ctx = max(measured.get("alone", 0.0), measured.get("reversed", 0.0))
+  if ctx > rtol:
+    problems.append(f"an example's eval output depends on the rest of its batch (example 0 "
+                    f"alone vs in the batch: {measured.get('alone', 0.0):.2g}; reversed batch: "
+                    f"{measured.get('reversed', 0.0):.2g}): BatchNorm using batch statistics in "
+                    "eval (use_running_average=not train missing?) or a layer mixing the batch?")
+  if problems:
+    return CheckResult(name, "fail", value, 0.0, f"{step}: " + "; ".join(problems),
+                       details=details)
+  if b < 2:
+    return CheckResult(name, "warn", value, 0.0, f"{step}: deterministic, but a batch of "
+                       f"{b} cannot test that examples are evaluated independently.",
+                       details=details)
+  return CheckResult(name, "pass", value, 0.0, (
+      f"{step}: eval outputs are deterministic, independent of the rngs and of the rest of the "
+      f"batch (max relative difference {value:.2g} <= {rtol:g})."), details=details)
+
+
+def logits_not_probabilities(apply: Callable, variables: Any, x: jax.Array, *,
+                             expects: str = "logits", atol: float = 1e-3) -> CheckResult:
+  """Checks that a model whose loss expects logits/scores does not output probabilities.
+
+  Recipe step: Karpathy's "training fails silently" and "verify loss @ init": a model ending
+  in a softmax, fed to softmax cross-entropy (which applies its own softmax), still trains,
+  with squashed gradients; the loss at init even looks right. Likewise a ReLU on the head
+  forbids the negative scores a softmax or an SVM needs.
+
+  Args:
+    apply: `apply(variables, x, train=False, rngs=None) -> outputs [B, ..., C]`.
+    variables: the model's variables.
+    x: a batch of inputs.
+    expects: the loss's `expects`: 'logits' or 'scores' are checked, 'values' is skipped.
+    atol: tolerance of "rows sum to 1".
+
+  Returns:
+    CheckResult 'logits_not_probabilities': value = fraction of output rows (over the last
+    axis) that are probability vectors (all in [0, 1], summing to 1 within atol), expected 0.
+    Fail when every row is one ("softmax applied twice"); warn when all outputs are
+    non-negative (a ReLU or sigmoid on the head?); skip for regression ('values').
+  """
+  name = "logits_not_probabilities"
+  step = "logits_not_probabilities (training fails silently; verify the loss at init)"
+  if expects == "values":
+    return CheckResult(name, "skip", message=(
+        f"{step}: the loss expects regression values, not logits: there is no softmax to "
+        "apply twice."))
+  if expects not in ("logits", "scores"):
+    return CheckResult(name, "skip", message=f"{step}: unknown loss input kind {expects!r}.")
+  out = apply(variables, jnp.asarray(x), train=False, rngs=None)
+  leaves = jax.tree.leaves(out)
+  if len(leaves) != 1:
+    return CheckResult(name, "skip", message=(
+        f"{step}: the model returns {len(leaves)} arrays; cannot tell which are the logits."))
+  out = np.asarray(leaves[0], np.float64)
+  rows = out.reshape(-1, out.shape[-1]) if out.ndim >= 2 else out.reshape(-1, 1)
+  c = rows.shape[1]
+  in01 = np.all((rows >= 0) & (rows <= 1), axis=1)
+  sums = rows.sum(axis=1)
+  prob_rows = in01 & (np.abs(sums - 1.0) <= atol)
+  frac = float(np.mean(prob_rows)) if rows.size else 0.0
+  with np.errstate(over="ignore"):
+    lse = np.log(np.sum(np.exp(rows - rows.max(axis=1, keepdims=True)), axis=1)) + rows.max(axis=1)
+  details = {"rows": int(rows.shape[0]), "classes": c, "min": float(rows.min()),
+             "max": float(rows.max()), "mean_row_sum": float(np.mean(sums)),
+             "log_softmax_rows": float(np.mean(np.abs(lse) <= atol)) if c > 1 else 0.0}
+  if c >= 2 and frac == 1.0:
+    return CheckResult(name, "fail", frac, 0.0, (
+        f"{step}: all {rows.shape[0]} output rows are in [0, 1] and sum to 1: the model outputs "
+        f"probabilities but the loss expects {expects} and applies its own softmax: softmax "
+        "applied twice; remove the model's final softmax."), details=details)
+  if rows.min() >= 0:
+    return CheckResult(name, "warn", frac, 0.0, (
+        f"{step}: all outputs are non-negative (min {rows.min():.3g}) but the loss expects "
+        f"{expects}, which must be free to go negative: a ReLU (or sigmoid/softmax) on the "
+        "head?"), details=details)
+  note = ("; rows are log-probabilities (log_softmax on the head: harmless for softmax "
+          "cross-entropy)" if details["log_softmax_rows"] == 1.0 else "")
+  return CheckResult(name, "pass", frac, 0.0, (
+      f"{step}: outputs look like {expects} (range {rows.min():.3g}..{rows.max():.3g}, "
+      f"{frac:.0%} probability rows){note}."), details=details)
+
+
+def assert_equivalent(special_fn: Callable, general_fn: Callable, inputs: Iterable, *,
+                      rtol: float = 1e-5, atol: float = 1e-6) -> float:
+  """Asserts that a loopy reference and a vectorised version agree on every input.
+
+  Recipe step: "generalize a special case" (Karpathy, stage 2): write the simple, loopy
+  version first, then vectorise it and compare the two on a few inputs.
+
+  Args:
+    special_fn: the reference (e.g. Python loops); its outputs are the expected values.
+    general_fn: the vectorised version under test.
+    inputs: the inputs to try; a tuple is unpacked into positional arguments, anything
+      else is passed as the single argument (wrap a tuple argument as `(t,)`).
+    rtol, atol: agreement means |general - special| <= atol + rtol * |special| everywhere.
+
+  Returns:
+    The largest absolute difference over all inputs and output leaves.
+
+  Raises:
+    AssertionError: at the first input that disagrees (structure, shape or values), naming
+      the input's position, the output leaf, the first mismatching index and the max
+      difference.
+  """
+  worst = 0.0
+  for k, inp in enumerate(inputs):
+    call_args = inp if isinstance(inp, tuple) else (inp,)
+    want = special_fn(*call_args)
+    got = general_fn(*call_args)
+    lw, tw = jax.tree.flatten(want)
+    lg, tg = jax.tree.flatten(got)
+    if tw != tg:
+      raise AssertionError(f"input #{k}: output structures differ: special {tw} vs general {tg}")
+    for leaf, (w, g) in enumerate(zip(lw, lg)):
+      w, g = np.asarray(w), np.asarray(g)
+      if w.shape != g.shape:
+        raise AssertionError(f"input #{k}, output leaf {leaf}: shapes differ: special "
+                             f"{w.shape} vs general {g.shape}")
+      w64, g64 = w.astype(np.float64), g.astype(np.float64)
+      diff = np.abs(g64 - w64)
+      bad = ~(diff <= atol + rtol * np.abs(w64))
+      bad &= ~(np.isnan(w64) & np.isnan(g64))
+      max_diff = float(np.nanmax(diff)) if diff.size and not np.all(np.isnan(diff)) else 0.0
+      if np.any(bad):
+        first = tuple(int(v) for v in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"input #{k}, output leaf {leaf}: special and general versions differ, first at "
+            f"index {first} (special {w64[first]!r} vs general {g64[first]!r}); max |difference| "
+            f"{max_diff:.3g} (rtol={rtol:g}, atol={atol:g})")
+      worst = max(worst, max_diff)
+  return worst
