@@ -7,7 +7,7 @@ Needs CIFAR-10 prepared as ArrayRecord in data_dir (`tfds build cifar10
 --file_format=array_record` on a machine with TensorFlow). Expect about 93% test accuracy after
 60 epochs of SGD with Nesterov momentum, cosine decay and random crop + flip augmentation.
 Smoke variant that runs offline here: `--config=configs/cifar10_resnet18.py:smoke` trains the
-same architecture (width 8) for one epoch on 512 mnist5k images.
+same architecture (width 4) for one epoch on 512 mnist5k images downsampled to 14x14.
 """
 
 from jrecipe.config_base import base_config
@@ -36,7 +36,8 @@ def get_config(variant: str = ""):
     c.data.train_subset = 512
     c.data.augment.random_crop = 2
     c.data.augment.hflip = False
-    c.model.width = 8
+    c.data.downsample = 2
+    c.model.width = 4
     c.num_epochs = 1
     c.batch_size = 64
     c.optimizer.learning_rate = 0.05

@@ -1,4 +1,4 @@
-"""The default main job: an MLP (64-256-256-10) on scikit-learn's 8x8 digits, Adam 3e-4.
+"""The default main job: an MLP (64-256-256-10) on scikit-learn's 8x8 digits, Adam 1e-3.
 
     jrecipe --config=configs/digits_mlp.py --workdir=/tmp/jrecipe/digits_mlp
 
