@@ -2,7 +2,8 @@
 
     jrecipe --config=configs/mnist5k_cnn.py --workdir=/tmp/jrecipe/mnist5k_cnn
 
-Expect at least 96% test accuracy (500 test images) after 10 epochs at batch 128, Adam 1e-3.
+Expect about 97% test accuracy (500 test images) after 15 epochs at batch 128, Adam 1e-3
+(measured, seed 0: 97.2% with the raw parameters, 97.6% with their EMA; about 90 s on 2 cores).
 Smoke variant: `--config=configs/mnist5k_cnn.py:smoke` (one epoch on 512 images).
 """
 
@@ -17,7 +18,7 @@ def get_config(variant: str = ""):
   c.model.dropout2d = 0.0
   c.model.width = 1.0
   c.optimizer.learning_rate = 1e-3
-  c.num_epochs = 10
+  c.num_epochs = 15
   c.batch_size = 128
   c.eval_batch_size = 500
   if variant == "smoke":
