@@ -76,29 +76,33 @@ class Placement:
     if self.mode == "pmap":
       n = self.num_devices
       return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
-    if self.mode == "mesh":
+    if self.mode == "mesh" and jax.process_count() > 1:
       sharding = NamedSharding(self.mesh, P(AXIS))
-      if jax.process_count() > 1:
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-      return jax.device_put(batch, sharding)
-    return jax.device_put(batch, self.devices[0])
+      return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    # One process: hand the numpy batch to the jitted step, whose in_shardings place it.
+    # That transfer happens in jit's C++ dispatch path; an explicit jax.device_put of the
+    # batch dict costs about 0.24 ms per step on the 2-core CPU, more than a digits MLP step.
+    return batch
 
   # --- compilation --------------------------------------------------------------------------
   def compile_train(self, step_fn: Callable) -> Callable:
     if self.mode == "pmap":
       return jax.pmap(step_fn, axis_name=AXIS, devices=self.devices, donate_argnums=(0,))
     if self.mode == "mesh":
-      rep = NamedSharding(self.mesh, P())
-      return jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=(0,))
-    return jax.jit(step_fn, donate_argnums=(0,))
+      rep, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
+      return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep),
+                     donate_argnums=(0,))
+    single = jax.sharding.SingleDeviceSharding(self.devices[0])
+    return jax.jit(step_fn, in_shardings=(single, single), donate_argnums=(0,))
 
   def compile_eval(self, eval_fn: Callable) -> Callable:
     if self.mode == "pmap":
       return jax.pmap(eval_fn, axis_name=AXIS, devices=self.devices)
     if self.mode == "mesh":
-      return jax.jit(eval_fn, out_shardings=NamedSharding(self.mesh, P()))
-    return jax.jit(eval_fn)
+      rep, data = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
+      return jax.jit(eval_fn, in_shardings=(rep, data), out_shardings=rep)
+    single = jax.sharding.SingleDeviceSharding(self.devices[0])
+    return jax.jit(eval_fn, in_shardings=(single, single))
 
   def metrics_to_host(self, metrics) -> dict:
     """Device metrics (possibly replicated per device under pmap) -> host floats."""
