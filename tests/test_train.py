@@ -130,8 +130,9 @@ def _nnx_model_config():
   return ml_collections.ConfigDict({"name": "nnx_mlp"})
 
 
-def test_sigkill_mid_run_resumes_to_identical_params(tmp_path):
-  """A run killed with SIGKILL (at a checkpoint write or between) ends like an uninterrupted one."""
+def test_sigkill_and_sigterm_mid_run_resume_to_identical_params(tmp_path):
+  """A run killed with SIGKILL (at a checkpoint write or between), or preempted with SIGTERM,
+  ends like an uninterrupted one."""
   args = ["--config=configs/digits_mlp.py", "--config.num_epochs=12", "--config.model.hidden=(32,)",
           "--config.progress=False", "--config.batch_size=64"]
   ref = str(tmp_path / "ref")
@@ -160,3 +161,22 @@ def test_sigkill_mid_run_resumes_to_identical_params(tmp_path):
     steps = [json.loads(l)["step"] for l in open(os.path.join(wd, "metrics.jsonl"))
              if json.loads(l)["split"] == "train"]
     assert steps == sorted(set(steps)), "each logged step appears once after resume"
+
+  # SIGTERM (a cloud VM's preemption notice): finish the step, save, exit 0; rerun resumes.
+  wd = str(tmp_path / "preempted")
+  p = subprocess.Popen([sys.executable, "-m", "jrecipe", *args, f"--workdir={wd}"], cwd=REPO,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  ckdir = os.path.join(wd, "checkpoints")
+  deadline = time.time() + 120
+  while time.time() < deadline and not (os.path.isdir(ckdir) and os.listdir(ckdir)):
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err[-2000:]
+  summary = json.load(open(os.path.join(wd, "summary.json")))
+  assert summary["stopped"] and "preempted" in summary["stopped"]
+  r = subprocess.run([sys.executable, "-m", "jrecipe", *args, f"--workdir={wd}"], cwd=REPO,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  a, b = load_params(ref), load_params(wd)
+  assert all(np.array_equal(a[k], b[k]) for k in a), "resumed after SIGTERM"
