@@ -180,3 +180,19 @@ def test_sigkill_and_sigterm_mid_run_resume_to_identical_params(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   a, b = load_params(ref), load_params(wd)
   assert all(np.array_equal(a[k], b[k]) for k in a), "resumed after SIGTERM"
+
+
+def test_early_stopping_and_reduce_on_plateau_follow_the_validation_loss(tmp_path):
+  """A small subset overfits fast: the validation loss turns up, the rate is cut, then stops."""
+  cfg = tiny_config(**{"data.train_subset": 64, "batch_size": 32, "num_epochs": 200,
+                       "optimizer.learning_rate": 1e-2, "early_stopping_patience": 4,
+                       "plateau.enabled": True, "plateau.patience": 2, "plateau.factor": 0.5,
+                       "log_every_steps": 1, "model.hidden": (128,)})
+  summary = loop.train_and_evaluate(cfg, str(tmp_path / "es"))
+  assert summary["stopped"] and "early stopping" in summary["stopped"]
+  assert summary["epoch"] < 200
+  records = [json.loads(l) for l in open(tmp_path / "es" / "metrics.jsonl")]
+  rates = [r["learning_rate"] for r in records if r["split"] == "train"]
+  assert rates[0] == pytest.approx(1e-2) and min(rates) <= 0.5e-2 + 1e-9
+  val = [r["loss"] for r in records if r["split"] == "validation" and r["step"] > 0]
+  assert min(val) < val[-1], "stopped after the validation loss stopped improving"
