@@ -71,14 +71,16 @@ def main(argv: list[str]) -> int:
           "`jrecipe --config=configs/digits_mlp.py --workdir=/tmp/digits`.")
   if FLAGS.mode not in MODES:
     _fail(f"unknown --mode={FLAGS.mode!r}. Valid modes: {', '.join(MODES)}.")
+  if FLAGS.mode != "train" and FLAGS.config.parallel.distributed:
+    _fail(f"--mode={FLAGS.mode} runs on one host: drop --config.parallel.distributed.")
   _setup_logging()
   from jrecipe import runtime
-  if FLAGS.config.parallel.distributed:
-    runtime.initialize_distributed()
-  runtime.enable_compilation_cache(FLAGS.compilation_cache)
   module, _, fn = MODES[FLAGS.mode].partition(":")
   mode_fn = getattr(importlib.import_module(module), fn)
   try:
+    # First: nothing may create the JAX backend before jax.distributed.initialize().
+    runtime.setup_processes(FLAGS.config.parallel.distributed)
+    runtime.enable_compilation_cache(FLAGS.compilation_cache)
     kwargs = {"allow_config_change": FLAGS.allow_config_change} if FLAGS.mode == "train" else {}
     result = mode_fn(FLAGS.config, FLAGS.workdir, **kwargs)
   except UserError as e:
