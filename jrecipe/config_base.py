@@ -93,6 +93,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.checks.gradcheck_examples = 4
   c.checks.gradcheck_burnin_steps = 20
 
+  c.ensemble = ml_collections.ConfigDict()  # --mode=ensemble ('squeeze out the juice')
+  c.ensemble.members = ""  # comma-separated run work directories (or one run / search dir)
+  c.ensemble.source = "runs"  # 'runs' | 'checkpoints' | 'ema' | 'search'
+  c.ensemble.k = 5
+  c.ensemble.steps = ""
+  c.ensemble.combine = "prob"  # 'prob' (mean of probabilities) | 'logit'
+  c.ensemble.split = "test"
+  c.ensemble.distill_steps = 0  # > 0: distil the ensemble into this config's model
+  c.ensemble.temperature = 4.0
+  c.ensemble.alpha = 0.5
+  c.ensemble.distill_lr = 1e-3
+
   c.debug_nans = False  # on a non-finite step, rerun it under jax_debug_nans to name the op
   c.progress = True  # progress bar with ETA on the console
   return c

@@ -16,6 +16,7 @@ from jrecipe.errors import RunFailure, UserError
 MODES = {
     "train": "jrecipe.train.loop:train_and_evaluate",
     "check": "jrecipe.checks.runner:run_mode",
+    "ensemble": "jrecipe.ensemble.mode:run_mode",
 }
 
 FLAGS = flags.FLAGS

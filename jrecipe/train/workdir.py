@@ -15,8 +15,8 @@ from jrecipe.train.writer import write_json_atomic
 # Fields that may change between a run and its continuation without changing what it is:
 # raising num_epochs is 'leave it training'; the rest are logging and placement.
 RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint", "parallel",
-                     "eval_batch_size", "early_stopping_patience", "checks", "inspect", "report",
-                     "debug_nans")
+                     "eval_batch_size", "early_stopping_patience", "checks", "ensemble",
+                     "inspect", "report", "debug_nans")
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
