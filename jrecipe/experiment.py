@@ -4,6 +4,7 @@ A mode (train, check, inspect, ...) never builds its own model or data pipeline;
 `build(config)` for them, so a check runs on exactly the model, data and loss it trains.
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Optional
@@ -16,6 +17,7 @@ import numpy as np
 from jrecipe import losses as losses_lib
 from jrecipe import models as models_lib
 from jrecipe import optim
+from jrecipe import validate
 from jrecipe.data import pipeline
 from jrecipe.errors import UserError
 from jrecipe.types import DataSpec, Loss, Model
@@ -51,8 +53,8 @@ class Experiment:
 
   def augment_fn(self) -> Optional[Callable]:
     """`augment(x, rng) -> x` for the train step, or None when augmentation is off."""
-    aug = self.config.data.augment
-    if not (aug.random_crop or aug.hflip):
+    aug = self.config.data.get("augment")  # a data section replaced by a dict may lack it
+    if aug is None or not (aug.get("random_crop", 0) or aug.get("hflip", False)):
       return None
     return functools.partial(_augment, aug_config=aug)
 
@@ -113,17 +115,32 @@ def durations(config, num_train: int) -> tuple[int, int]:
         f"batch_size={config.batch_size} is larger than the train split ({num_train} "
         "examples): lower batch_size (for full-batch L-BFGS set it to the split size).")
   spe = max(num_train // config.batch_size, 1)
-  if config.num_epochs <= 0:
-    raise UserError(f"num_epochs must be positive, got {config.num_epochs}.")
-  return spe, int(round(spe * config.num_epochs))
+  if not config.num_epochs > 0 or not np.isfinite(config.num_epochs):
+    raise UserError(f"num_epochs must be a finite number > 0, got {config.num_epochs}.")
+  total = int(round(spe * config.num_epochs))
+  if total < 1:
+    raise UserError(f"num_epochs={config.num_epochs:g} is less than one step ({spe} steps per "
+                    f"epoch at batch_size={config.batch_size}): use at least {1 / spe:.3g}.")
+  if total > validate.MAX_STEPS:
+    raise UserError(f"num_epochs={config.num_epochs:g} is {total} steps, more than the "
+                    f"{validate.MAX_STEPS} an int32 step counter holds: lower num_epochs.")
+  return spe, total
 
 
 def build(config: ml_collections.ConfigDict, *, bn_axis_name: Optional[str] = None) -> Experiment:
-  """Builds the Experiment a config describes; raises UserError on any bad name or value."""
+  """Builds the Experiment a config describes; raises UserError on any bad name or value.
+
+  Order matters: the config's own fields are validated before the data is loaded, and the
+  data, model and loss against each other (labels in range, output shape) before the
+  optimizer, so a bad input costs no compile and writes nothing.
+  """
+  validate.validate_config(config)
   data = pipeline.load_dataset(config.data, seed=config.seed)
   spec = data.spec
-  model = models_lib.build_model(config.model, spec, bn_axis_name=bn_axis_name)
-  loss = losses_lib.build_loss(config.loss, spec)
+  with _bad_input("model", config.model):
+    model = models_lib.build_model(config.model, spec, bn_axis_name=bn_axis_name)
+  with _bad_input("loss", config.loss):
+    loss = losses_lib.build_loss(config.loss, spec)
   if spec.task == "regression" and loss.expects != "values":
     raise UserError(f"Loss {loss.name!r} is for classification but dataset {spec.name!r} is a "
                     "regression task: use loss.name='l2' or 'huber'.")
@@ -134,5 +151,40 @@ def build(config: ml_collections.ConfigDict, *, bn_axis_name: Optional[str] = No
   spe, total = durations(config, num_train)
   exp = Experiment(config=config, data=data, spec=spec, model=model, loss=loss,
                    steps_per_epoch=spe, total_steps=total)
-  exp.optimizer()  # validates optimizer/schedule fields now, before anything is written
+  validate_experiment(exp)
+  with _bad_input("optimizer", None):
+    exp.optimizer()  # validates optimizer/schedule fields now, before anything is written
   return exp
+
+
+def validate_experiment(exp: Experiment) -> None:
+  """Labels in [0, num_classes) in every split, and model outputs the loss can take.
+
+  Public so that a caller who edits `exp` (another dataset's arrays, a swapped model) can
+  re-run the checks `build` ran; see `jrecipe.validate.validate_experiment`.
+  """
+  validate.validate_experiment(exp)
+
+
+@contextlib.contextmanager
+def _bad_input(kind: str, section: Any):
+  """Turns a factory's own exception (a bad field value for it) into a UserError.
+
+  Why: factories receive whatever the config holds (a dict override can put a string where
+  an int belongs); an AssertionError or TypeError from inside Flax then means 'this field
+  value is invalid', and a traceback would hide which field. UserErrors pass unchanged.
+  `section` is the config section shown in the message (None: name the sections only).
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - see the docstring
+    if section is None:
+      where = "config.optimizer, config.schedule and config.momentum_schedule"
+    else:
+      fields = section.to_dict() if hasattr(section, "to_dict") else section
+      where = f"config.{kind} = {fields!r}"
+    raise UserError(f"Building the {kind} from {where} failed: "
+                    f"{validate.describe_exception(e)}. Check the {kind}'s fields and their "
+                    "values (and, for your own code, the factory).") from e

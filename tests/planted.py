@@ -105,3 +105,20 @@ class _OffByOneCausal(nn.Module):
 
 def off_by_one_transformer(spec, bn_axis_name):
   return _OffByOneCausal(spec.num_classes)
+
+
+# --- planted bad inputs for tests/test_bad_input.py -----------------------------------------
+
+def seven_output_mlp(spec, bn_axis_name):
+  """A classifier whose head has 7 units whatever the dataset: the wrong-width bug."""
+  return _MLP(7)
+
+
+def width_three_regressor(spec, bn_axis_name):
+  """A regressor emitting 3 values per example, for targets of another width."""
+  return _MLP(3)
+
+
+def width_two_regressor(spec, bn_axis_name):
+  """The correct regressor for 2-wide targets (the control case)."""
+  return _MLP(2)
