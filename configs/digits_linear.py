@@ -2,7 +2,7 @@
 
     jrecipe --config=configs/digits_linear.py --workdir=/tmp/jrecipe/digits_linear
 
-Expect about 95-96% test accuracy after 40 epochs; every later model must beat it.
+Expect about 96% test accuracy after 40 epochs (measured: 95.9%); every later model must beat it.
 """
 
 from jrecipe.config_base import base_config
