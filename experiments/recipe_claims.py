@@ -29,10 +29,8 @@ import sys
 import time
 from typing import Any, Optional
 
-import numpy as np
-
-from experiments.lr_sweep import (_duration, _fresh_dir, _mean_std, _pm, command_line,
-                                  machine, write_section)
+from experiments.results import (command_line, duration as _duration, fresh_dir as _fresh_dir,
+                                 machine, mean_std as _mean_std, pm as _pm, write_section)
 
 CLAIMS = ("ensemble", "ema", "bigger_early_stopped")
 MEMBERS = 5
