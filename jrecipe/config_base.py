@@ -105,6 +105,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.ensemble.alpha = 0.5
   c.ensemble.distill_lr = 1e-3
 
+  # Each section below is owned by one mode; keep a field's comment to one line.
+  # --- inspect (--mode=inspect: 'become one with the data') ---
+  c.inspect = ml_collections.ConfigDict()
+  # --- end inspect ---
+
+  # --- monitor (babysitting during training) and report (--mode=report) ---
+  c.monitor = ml_collections.ConfigDict()
+  # --- end monitor ---
+
+  # --- search (--mode=search) and lr_find (--mode=lr_find): 'tune' ---
+  c.search = ml_collections.ConfigDict()
+  c.lr_find = ml_collections.ConfigDict()
+  # --- end search ---
+
+  # --- init_from, ablate, label (issue 10: the recipe's middle stages) ---
+  c.init_from = ""  # a run work directory or checkpoint to initialise parameters from
+  c.ablate = ml_collections.ConfigDict()
+  c.label = ml_collections.ConfigDict()
+  # --- end issue 10 ---
+
   c.debug_nans = False  # on a non-finite step, rerun it under jax_debug_nans to name the op
   c.progress = True  # progress bar with ETA on the console
   return c

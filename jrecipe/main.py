@@ -16,8 +16,17 @@ from jrecipe.errors import RunFailure, UserError
 MODES = {
     "train": "jrecipe.train.loop:train_and_evaluate",
     "check": "jrecipe.checks.runner:run_mode",
+    "inspect": "jrecipe.inspect.mode:run_mode",
+    "report": "jrecipe.report.mode:run_mode",
+    "lr_find": "jrecipe.search.lr_find:run_mode",
+    "search": "jrecipe.search.mode:run_mode",
+    "search_worker": "jrecipe.search.worker:run_mode",
+    "ablate": "jrecipe.ablate.mode:run_mode",
+    "label": "jrecipe.label.mode:run_mode",
     "ensemble": "jrecipe.ensemble.mode:run_mode",
 }
+# Modes that can rebuild everything from a work directory alone (its config.json).
+CONFIG_OPTIONAL = {"report"}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: a Python file with get_config().",
@@ -67,12 +76,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: every option is a --flag (e.g. --config.seed=1).")
-  if FLAGS.config is None or FLAGS.workdir is None:
+  if FLAGS.workdir is None or (FLAGS.config is None and FLAGS.mode not in CONFIG_OPTIONAL):
     _fail("--config and --workdir are required, e.g. "
           "`jrecipe --config=configs/digits_mlp.py --workdir=/tmp/digits`.")
   if FLAGS.mode not in MODES:
     _fail(f"unknown --mode={FLAGS.mode!r}. Valid modes: {', '.join(MODES)}.")
-  if FLAGS.mode != "train" and FLAGS.config.parallel.distributed:
+  distributed = FLAGS.config is not None and FLAGS.config.parallel.distributed
+  if FLAGS.mode != "train" and distributed:
     _fail(f"--mode={FLAGS.mode} runs on one host: drop --config.parallel.distributed.")
   _setup_logging()
   from jrecipe import runtime
@@ -80,7 +90,7 @@ def main(argv: list[str]) -> int:
   mode_fn = getattr(importlib.import_module(module), fn)
   try:
     # First: nothing may create the JAX backend before jax.distributed.initialize().
-    runtime.setup_processes(FLAGS.config.parallel.distributed)
+    runtime.setup_processes(distributed)
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
     kwargs = {"allow_config_change": FLAGS.allow_config_change} if FLAGS.mode == "train" else {}
     result = mode_fn(FLAGS.config, FLAGS.workdir, **kwargs)

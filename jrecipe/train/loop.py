@@ -83,6 +83,9 @@ def init_train_state(exp: experiment_lib.Experiment, tx) -> TrainState:
   """The initial TrainState on the host (init well: head bias from the data if configured)."""
   rngs = seeds(exp.config.seed)
   variables = exp.init_variables(rngs["init"])
+  if exp.config.get("init_from"):  # 'pretrained initialisation' (jrecipe/train/init_from.py)
+    from jrecipe.train import init_from
+    variables = init_from.restore_into(exp, variables)
   state = create_state(variables, tx, rngs["train"], ema=exp.config.ema_decay > 0)
   return jax.device_get(state)
 
