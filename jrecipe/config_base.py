@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel.mode = "mesh"  # 'mesh' (jit over a device mesh), 'pmap', or 'single'
   c.parallel.num_devices = 0  # 0 = all local devices
   c.parallel.distributed = False  # jax.distributed.initialize() for multi-host jobs
+  c.parallel.cpu_devices = 0  # CPU-only host: host devices to create; 0 = auto by model family
 
   c.checks = ml_collections.ConfigDict()
   c.checks.only = ""  # comma-separated check names; '' = the whole battery
@@ -108,21 +109,76 @@ def base_config() -> ml_collections.ConfigDict:
   # Each section below is owned by one mode; keep a field's comment to one line.
   # --- inspect (--mode=inspect: 'become one with the data') ---
   c.inspect = ml_collections.ConfigDict()
+  c.inspect.filter = ""  # rows to select, e.g. 'label==3 and std<2' (columns of examples.csv)
+  c.inspect.sort_by = ""  # column to sort the selection by, e.g. 'std'; '' = table order
+  c.inspect.descending = True  # sort_by largest first
+  c.inspect.top_k = 32  # examples listed per finding and drawn per selection/mistakes grid
+  c.inspect.outlier_k = 8  # examples drawn at each end of each axis in outliers.png
+  c.inspect.samples_per_class = 10  # random examples per class in samples.png
+  c.inspect.near_dup_threshold = 0.985  # verified similarity at or above which pairs are near-dups
+  c.inspect.near_dup_neighbors = 8  # candidate neighbours per example in the near-dup search
+  c.inspect.max_shift = 1  # translation (pixels) the near-dup image similarity tolerates
+  c.inspect.label_neighbors = 10  # k of the leave-one-out k-NN vote for label errors; 0 = off
+  c.inspect.value_range = ()  # declared (min, max) of stored inputs; () = observed, all splits
+  c.inspect.mistakes = "auto"  # model mistakes: 'auto' (if DIR has checkpoints), 'on', 'off'
+  c.inspect.split = "test"  # split whose mispredictions are shown after training
   # --- end inspect ---
 
   # --- monitor (babysitting during training) and report (--mode=report) ---
   c.monitor = ml_collections.ConfigDict()
+  c.monitor.enabled = True  # babysitting instruments and diagnoses; False = the plain loop only
+  c.monitor.every_steps = 100  # per-leaf grad/param/update norms and update ratios; 0 = never
+  c.monitor.probe_every_steps = 200  # activation/gradient histograms, dead/saturated units; 0 = init only
+  c.monitor.probe_examples = 256  # fixed training examples the probe looks at
+  c.monitor.images_every_epochs = 0  # filter grid and prediction PNG cadence; 0 = auto (~6 per run)
+  c.monitor.prediction_examples = 16  # fixed test examples for prediction dynamics; 0 = off
+  c.monitor.step_losses = True  # every step's training loss in metrics.jsonl (split 'train_steps')
+  c.monitor.ratio_low = 1e-4  # median update/weight ratio below this: learning rate likely too low
+  c.monitor.ratio_high = 1e-2  # median update/weight ratio above this: learning rate likely too high
+  c.monitor.report = True  # write report.html at the end of training (--mode=report rebuilds it)
+  c.monitor.report_loss_scale = "both"  # loss curves in the report: 'linear', 'log' or 'both'
   # --- end monitor ---
 
   # --- search (--mode=search) and lr_find (--mode=lr_find): 'tune' ---
   c.search = ml_collections.ConfigDict()
+  c.search.space = ""  # 'field=loguniform(a,b); field=uniform(a,b); field=int(a,b); ...'
+  c.search.stages = "20x1"  # coarse -> fine: 'TRIALSxEPOCHS,...', e.g. '30x0.5,10x3,5x10'
+  c.search.keep_top = 5  # stage k narrows each range around the best trials of stage k-1
+  c.search.sampler = "random"  # 'random' (Bergstra & Bengio) | 'tpe' (Bayesian)
+  c.search.storage = ""  # '' = sqlite:///DIR/study.db; postgresql+psycopg://... for many hosts
+  c.search.study_name = ""  # '' = the basename of DIR (workers elsewhere must use the same)
+  c.search.workers = 1  # local worker processes launched by the master
+  c.search.metric = "accuracy"  # validation metric to maximise ('loss' is minimised)
+  c.search.explode_factor = 3.0  # train loss above this x the loss at init: trial diverged
+  c.search.stuck_seconds = 300.0  # the master kills a worker whose trial is silent this long
+  c.search.heartbeat_seconds = 5  # worker heartbeat in the database (stale after 10x: requeued)
+  c.search.edge_fraction = 0.1  # warn when the best value is in this outer fraction of its range
+  c.search.max_retries = 2  # a trial whose worker died is requeued at most this many times
+  c.search.monitor_trials = False  # babysitting and report.html in every trial (costs time)
   c.lr_find = ml_collections.ConfigDict()
+  c.lr_find.min_lr = 1e-7  # first learning rate of the range test
+  c.lr_find.max_lr = 10.0  # last learning rate (the test stops early once the loss explodes)
+  c.lr_find.steps = 200  # steps, the rate growing by a constant factor each step
+  c.lr_find.smoothing = 0.1  # EMA weight of the new loss in the smoothed (bias-corrected) curve
+  c.lr_find.stop_factor = 4.0  # stop when the smoothed loss exceeds this x its minimum
   # --- end search ---
 
   # --- init_from, ablate, label (issue 10: the recipe's middle stages) ---
   c.init_from = ""  # a run work directory or checkpoint to initialise parameters from
-  c.ablate = ml_collections.ConfigDict()
-  c.label = ml_collections.ConfigDict()
+  c.init_from_checkpoint = "latest"  # which checkpoint of a run dir: 'latest', 'best' or a step
+  c.init_from_skip = ""  # comma-separated regexes of param paths left fresh (e.g. 'head')
+  c.init_from_freeze = False  # restored parameters get zero updates (an optax mask)
+  c.init_from_allow_partial = False  # allow restoring fewer than half of the parameters
+  c.ablate = ml_collections.ConfigDict()  # --mode=ablate: 'complexify only one at a time'
+  c.ablate.variants = ()  # "name: a.b=1, c=2 -> better [by 2]" strings (docs/recipe_middle.md)
+  c.ablate.kind = "add"  # 'add': each variant adds to the base; 'remove': removes from full
+  c.ablate.seeds = 3  # seeds per variant (config.seed, +1, ...): the effect's spread
+  c.ablate.metric = "accuracy"  # validation metric compared: 'accuracy' or 'loss'
+  c.label = ml_collections.ConfigDict()  # --mode=label: the human baseline
+  c.label.num_examples = 50  # random examples of the split to label
+  c.label.split = "test"  # split the sample is drawn from
+  c.label.second_pass = 0  # examples of the sample shown again for self-agreement; -1 = all
+  c.label.scale = 0  # terminal columns per image pixel; 0 = auto (about 32 columns)
   # --- end issue 10 ---
 
   c.debug_nans = False  # on a non-finite step, rerun it under jax_debug_nans to name the op

@@ -1,0 +1,136 @@
+"""`--mode=inspect`: 'become one with the data' (recipe stage 1), and the model's mistakes.
+
+    jrecipe --mode=inspect --config=configs/<name>.py --workdir=DIR \\
+        [--config.inspect.sort_by=std --config.inspect.filter='label==3']
+
+Writes DIR/inspect/: summary.json (class counts and imbalance per split, bad labels, exact and
+near duplicates within and across splits, corrupt records, statistics, likely label errors),
+examples.csv (one row per example: split, id, label, statistics, flags), PNG grids (images
+only) and, with a filter or sort_by, selection.csv and selection.png. When DIR holds a
+trained run's checkpoint (or with inspect.mistakes=on): mistakes.json, confusion.png and the
+mistake grids (see `jrecipe.inspect.after_training`). Prints a few lines, numbers first.
+
+The dataset is loaded through the dataset layer (`jrecipe.data.pipeline.load_dataset`), not
+through `experiment.build`: build refuses labels outside the declared classes, and finding
+those is this mode's job. Inspection looks at the inputs as stored (`Dataset.raw`).
+"""
+
+import ast
+import logging
+import os
+
+from jrecipe.errors import UserError
+
+log = logging.getLogger("jrecipe")
+
+MISTAKES = ("auto", "on", "off")
+
+
+def _get(section, key, default):
+  if section is None:
+    return default
+  v = section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
+  return default if v is None else v
+
+
+def inspect_settings(config) -> dict:
+  """The `config.inspect` fields with their defaults, validated (UserError if not)."""
+  sec = config.get("inspect", None) if hasattr(config, "get") else None
+  s = {
+      "filter": _get(sec, "filter", ""), "sort_by": _get(sec, "sort_by", ""),
+      "descending": _get(sec, "descending", True), "top_k": _get(sec, "top_k", 32),
+      "outlier_k": _get(sec, "outlier_k", 8),
+      "samples_per_class": _get(sec, "samples_per_class", 10),
+      "near_dup_threshold": _get(sec, "near_dup_threshold", 0.985),
+      "near_dup_neighbors": _get(sec, "near_dup_neighbors", 8),
+      "max_shift": _get(sec, "max_shift", 1),
+      "label_neighbors": _get(sec, "label_neighbors", 10),
+      "value_range": _get(sec, "value_range", ()), "mistakes": _get(sec, "mistakes", "auto"),
+      "split": _get(sec, "split", "test"),
+  }
+  for key in ("filter", "sort_by", "mistakes", "split"):
+    if not isinstance(s[key], str):
+      raise UserError(f"config.inspect.{key}={s[key]!r} must be a string.")
+  for key, lo in (("top_k", 1), ("outlier_k", 1), ("samples_per_class", 1),
+                  ("near_dup_neighbors", 1), ("max_shift", 0), ("label_neighbors", 0)):
+    v = s[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+      raise UserError(f"config.inspect.{key}={v!r} must be an integer >= {lo}.")
+  if not isinstance(s["descending"], bool):
+    raise UserError(f"config.inspect.descending={s['descending']!r} must be true or false.")
+  t = s["near_dup_threshold"]
+  if isinstance(t, bool) or not isinstance(t, (int, float)) or not -1.0 <= t <= 1.0:
+    raise UserError(f"config.inspect.near_dup_threshold={t!r} must be a cosine similarity in "
+                    "[-1, 1] (default 0.985; higher finds fewer pairs).")
+  if s["mistakes"] not in MISTAKES:
+    raise UserError(f"config.inspect.mistakes={s['mistakes']!r}: use one of "
+                    f"{', '.join(MISTAKES)}.")
+  vr = tuple(s["value_range"]) if not isinstance(s["value_range"], str) else None
+  if vr is None or (vr and (len(vr) != 2 or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in vr) or vr[0] > vr[1])):
+    raise UserError(f"config.inspect.value_range={s['value_range']!r} must be () or "
+                    "(min, max) with min <= max, e.g. '(0,255)'.")
+  s["value_range"] = vr or None
+  if s["filter"].strip():
+    try:  # fail before any data is loaded; column names are checked once the table exists
+      ast.parse(s["filter"].strip(), mode="eval")
+    except SyntaxError as e:
+      from jrecipe.inspect.table import EXAMPLES
+      raise UserError(
+          f"The inspect filter {s['filter']!r} does not parse ({e.msg}): it must be a Python "
+          f"expression over the columns of examples.csv, e.g. {EXAMPLES}.") from e
+  return s
+
+
+def run_mode(config, workdir: str) -> int:
+  """Inspects the config's dataset (and DIR's trained model) and writes DIR/inspect/."""
+  from jrecipe import validate
+  from jrecipe.data import pipeline
+  from jrecipe.inspect import after_training, core, report
+  s = inspect_settings(config)
+  validate.validate_config(config)
+  data = pipeline.load_dataset(config.data, seed=int(config.seed))
+  spec = data.spec
+  if s["split"] not in data.raw:
+    raise UserError(f"config.inspect.split={s['split']!r} is not a split of {spec.name!r}. "
+                    f"Valid splits: {', '.join(data.raw)}.")
+  want_mistakes = s["mistakes"] == "on" or (
+      s["mistakes"] == "auto" and after_training.has_checkpoint(workdir))
+  if want_mistakes and not after_training.has_checkpoint(workdir):
+    raise UserError(f"--config.inspect.mistakes=on, but {workdir} holds no checkpoint: train "
+                    "it first (jrecipe --mode=train) or use mistakes=auto/off.")
+  from jrecipe.inspect.table import check_names
+  image = core.stats_lib.is_image(data.raw["train"]["x"].shape[1:], spec.task)
+  check_names(s["filter"], s["sort_by"], core.table_columns(
+      spec.task, image, spec.num_classes, core.will_rank_label_errors(
+          spec.task, spec.num_classes, s["label_neighbors"], len(data.raw["train"]["y"]))))
+  findings = core.inspect_splits(
+      {k: data.raw[k] for k in data.raw}, task=spec.task, num_classes=spec.num_classes,
+      class_names=spec.class_names, value_range=s["value_range"] or spec.value_range,
+      near_dup_threshold=float(s["near_dup_threshold"]), neighbors=s["near_dup_neighbors"],
+      max_shift=s["max_shift"], label_neighbors=s["label_neighbors"], top_k=s["top_k"],
+      seed=int(config.seed), name=spec.name)
+  if s["value_range"] is None:
+    findings.summary["value_range_declared"] = False
+  analysis = None
+  if want_mistakes:
+    analysis = after_training.analyze_run(workdir, split=s["split"], top_k=s["top_k"])
+  outdir = os.path.join(workdir, "inspect")
+  summary = report.write_findings(
+      findings, outdir, filter_expr=s["filter"], sort_by=s["sort_by"],
+      descending=s["descending"], top_k=s["top_k"], outlier_k=s["outlier_k"],
+      samples_per_class=s["samples_per_class"], seed=int(config.seed))
+  lines = report.console_lines(summary)
+  if analysis is not None:
+    after_training.write_mistakes(analysis, outdir, image=findings.image, top_k=s["top_k"])
+    r = analysis["result"]
+    pairs = ", ".join(f"{p['label']}->{p['predicted']} x{p['count']}"
+                      for p in r["most_confused"][:3])
+    lines.append(f"{r['errors']} mistakes on {r['split']} ({100 * r['accuracy']:.2f}% accurate, "
+                 f"step {r['step']}); most confused: {pairs or 'none'}; "
+                 f"{r['likely_label_errors']['count']} likely label errors in the held-out "
+                 "splits")
+  files = sorted(os.listdir(outdir))
+  lines.append(f"Wrote {outdir}/: {', '.join(f for f in files if '.tmp' not in f)}")
+  print("\n".join(lines), flush=True)
+  return 0
