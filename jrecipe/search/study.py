@@ -1,0 +1,298 @@
+"""The shared state of a search: one Optuna study per stage in a real database.
+
+Storage is Optuna's RDB storage: `sqlite:///DIR/study.db` by default (embedded, one machine),
+or a PostgreSQL URL (`postgresql+psycopg://user:pw@host:port/db`) that workers on several
+machines join. Each stage k is the study `<name>.stage<k>`; a stage's budget counts its
+finished trials (complete, diverged, or errors of the user's config), so a trial whose worker
+died does not use up the budget: it is marked FAIL and requeued with the same parameters
+(a new trial number, `retry_of` naming the old one), at most `search.max_retries` times.
+
+Trial states: COMPLETE (value = validation metric), PRUNED with user attr status='diverged'
+(non-finite or exploding loss), FAIL with status='error' (a UserError in this trial's config;
+counts as done), FAIL with status='killed' or a stale heartbeat (requeued), FAIL with
+status='excess' (a worker asked for a trial after the budget was filled by others; ignored).
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import time
+import zlib
+from typing import Any, Optional
+
+import ml_collections
+import numpy as np
+
+from jrecipe.errors import UserError
+from jrecipe.search import space as space_lib
+
+log = logging.getLogger("jrecipe")
+
+DONE_STATUSES = ("complete", "diverged", "error")
+
+
+def storage_url(config: ml_collections.ConfigDict, workdir: str) -> str:
+  url = str(config.search.get("storage", "") or "")
+  return url or f"sqlite:///{os.path.abspath(workdir)}/study.db"
+
+
+def redact(url: str) -> str:
+  """The URL without its password (for search.json and logs)."""
+  import re
+  return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def open_storage(url: str, heartbeat_seconds: int = 5):
+  """Optuna's RDBStorage with heartbeats (a stale running trial is failed, then requeued)."""
+  import optuna
+  import sqlalchemy
+  quiet_optuna()
+  engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
+      "pool_pre_ping": True}
+  if url.startswith("sqlite:///"):
+    os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
+  hb = max(1, int(heartbeat_seconds))
+  for attempt in range(5):  # concurrent first contact may race on table creation
+    try:
+      return optuna.storages.RDBStorage(
+          url, engine_kwargs=engine_kwargs, heartbeat_interval=hb, grace_period=10 * hb,
+          heartbeat_stale_trial_callback=_stale_callback)
+    except (sqlalchemy.exc.ArgumentError, ImportError, ModuleNotFoundError) as e:
+      raise UserError(f"search.storage {redact(url)!r} is not a usable database URL ({e}). "
+                      "Valid: '' (sqlite:///DIR/study.db), sqlite:///PATH, or "
+                      "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE.") from e
+    except sqlalchemy.exc.OperationalError as e:
+      if attempt == 4 or not url.startswith("sqlite"):
+        raise UserError(f"Cannot connect to the search database {redact(url)!r}: "
+                        f"{str(e).splitlines()[0]}. Check that the server runs and the URL "
+                        "(user, password, host, port, database) is right.") from e
+      time.sleep(0.5 + attempt)
+    except sqlalchemy.exc.IntegrityError:
+      time.sleep(0.2 + attempt * 0.3)
+  raise AssertionError("unreachable")
+
+
+def quiet_optuna() -> None:
+  """Optuna's per-study INFO lines and 'experimental' warnings (heartbeats) off the console."""
+  import warnings
+  import optuna
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+  warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+
+
+def _stale_callback(study, frozen) -> None:
+  """Optuna found a running trial without a heartbeat (its worker died): requeue it."""
+  requeue(study, frozen, reason="stale heartbeat (worker died or lost the database)")
+
+
+def requeue(study, frozen, reason: str) -> Optional[int]:
+  """Enqueues the failed trial `frozen` again with the same parameters, unless its retries
+  are used up; returns the retry's trial number (None when not retried)."""
+  import optuna
+  retries = int(frozen.user_attrs.get("retries", 0))
+  max_retries = int(study.user_attrs.get("max_retries", 2))
+  if retries >= max_retries:
+    log.warning("search: trial %d of %s failed (%s) after %d retries: not requeued.",
+                frozen.number, study.study_name, reason, retries)
+    return None
+  study.enqueue_trial(frozen.params, user_attrs={"retry_of": frozen.number,
+                                                 "retries": retries + 1,
+                                                 "retry_reason": reason})
+  waiting = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
+  log.warning("search: trial %d of %s failed (%s): requeued as trial %d.", frozen.number,
+              study.study_name, reason, waiting[-1].number if waiting else -1)
+  return waiting[-1].number if waiting else None
+
+
+def fail_and_requeue(study, number: int, reason: str) -> Optional[int]:
+  """Marks the RUNNING trial `number` FAIL (status 'killed') and requeues it."""
+  import optuna
+  storage = study._storage
+  trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+  try:
+    storage.set_trial_user_attr(trial_id, "status", "killed")
+    storage.set_trial_user_attr(trial_id, "message", reason)
+    if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+      return None
+  except optuna.exceptions.UpdateFinishedTrialError:
+    return None  # its worker (or Optuna's stale check) finished it first
+  return requeue(study, storage.get_trial(trial_id), reason)
+
+
+class NumberSeededSampler:
+  """Random search whose trial number n always draws the same values (any worker, any order).
+
+  Each value comes from a generator seeded by (config.seed, stage, trial number, field), so a
+  resumed or re-run search samples exactly the same trials, and two workers never draw the same
+  point by sharing a seed. Log-scaled ranges are uniform in the log (even over decades).
+  """
+
+  def __new__(cls, seed: int, stage: int):
+    import optuna
+
+    class _Sampler(optuna.samplers.BaseSampler):
+
+      def infer_relative_search_space(self, study, trial):
+        return {}
+
+      def sample_relative(self, study, trial, search_space):
+        return {}
+
+      def sample_independent(self, study, trial, name, dist):
+        rng = np.random.default_rng([seed, stage, trial.number, zlib.crc32(name.encode())])
+        return sample_value(rng, dist)
+
+    return _Sampler()
+
+
+def sample_value(rng: np.random.Generator, dist) -> Any:
+  """One draw of an Optuna distribution: log-uniform in log space, ints inclusive."""
+  import optuna
+  d = optuna.distributions
+  if isinstance(dist, d.CategoricalDistribution):
+    return dist.choices[int(rng.integers(len(dist.choices)))]
+  if isinstance(dist, d.FloatDistribution):
+    if dist.log:
+      return float(math.exp(rng.uniform(math.log(dist.low), math.log(dist.high))))
+    return float(rng.uniform(dist.low, dist.high))
+  if isinstance(dist, d.IntDistribution):
+    if dist.log:  # uniform in log over [low - 0.5, high + 0.5], rounded: even per decade
+      v = math.exp(rng.uniform(math.log(dist.low - 0.5 if dist.low > 0.5 else dist.low),
+                               math.log(dist.high + 0.5)))
+      return int(min(max(round(v), dist.low), dist.high))
+    return int(rng.integers(dist.low, dist.high + 1))
+  raise TypeError(f"unsupported distribution {dist!r}")
+
+
+def make_sampler(name: str, seed: int, stage: int):
+  import optuna
+  if name == "random":
+    return NumberSeededSampler(seed, stage)
+  if name == "tpe":  # seeded per process: workers sharing a seed would propose the same points
+    return optuna.samplers.TPESampler(seed=(seed * 1_000_003 + stage * 7919 + os.getpid())
+                                      % 2**31)
+  raise UserError(f"search.sampler={name!r} is not known. Valid: 'random' (Bergstra and Bengio's "
+                  "random search, the default) or 'tpe' (Optuna's Bayesian TPE sampler).")
+
+
+@dataclasses.dataclass
+class StageStatus:
+  index: int
+  done: int
+  running: int
+  waiting: int
+  budget: int
+
+  @property
+  def finished(self) -> bool:
+    return self.done >= self.budget
+
+  @property
+  def can_ask(self) -> bool:
+    return not self.finished and (self.waiting > 0 or self.done + self.running < self.budget)
+
+
+def trial_status(t) -> str:
+  """'complete' | 'diverged' | 'error' | 'killed' | 'excess' | 'running' | 'waiting'."""
+  state = t.state.name
+  if state == "COMPLETE":
+    return "complete"
+  if state == "PRUNED":
+    return t.user_attrs.get("status", "diverged")
+  if state == "FAIL":
+    return t.user_attrs.get("status", "killed")
+  return state.lower()
+
+
+class Search:
+  """A search directory's config, space, stages and the study of each stage."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    s = config.search
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.params = space_lib.parse_space(s.space, config)
+    self.stages = space_lib.parse_stages(s.stages)
+    self.metric = str(s.metric)
+    self.direction = "minimize" if self.metric == "loss" else "maximize"
+    if not int(s.keep_top) >= 1:
+      raise UserError(f"search.keep_top must be >= 1, got {s.keep_top!r}.")
+    if not float(s.explode_factor) > 1:
+      raise UserError(f"search.explode_factor must be > 1, got {s.explode_factor!r}.")
+    make_sampler(str(s.sampler), int(config.seed), 0)  # validates the name
+    self.url = storage_url(config, workdir)
+    self.name = str(s.study_name or os.path.basename(self.workdir.rstrip("/")))
+    self.storage = open_storage(self.url, int(s.heartbeat_seconds))
+    self._studies: dict[int, Any] = {}
+
+  def study(self, k: int):
+    """The study of stage k (0-based), created on first use."""
+    import optuna
+    if k not in self._studies:
+      sampler = make_sampler(str(self.config.search.sampler), int(self.config.seed), k)
+      for attempt in range(5):
+        try:
+          st = optuna.create_study(storage=self.storage, study_name=f"{self.name}.stage{k + 1}",
+                                   sampler=sampler, direction=self.direction,
+                                   load_if_exists=True)
+          break
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
+          time.sleep(0.2 * (attempt + 1))
+      else:
+        raise RuntimeError("could not create or load the study")
+      if st.direction.name.lower() != self.direction:
+        raise UserError(f"The study {st.study_name!r} in {redact(self.url)} maximises/minimises "
+                        f"differently from search.metric={self.metric!r}: use a new study_name.")
+      if "max_retries" not in st.user_attrs:
+        st.set_user_attr("max_retries", int(self.config.search.max_retries))
+      self._studies[k] = st
+    return self._studies[k]
+
+  def status(self, k: int) -> StageStatus:
+    trials = self.study(k).get_trials(deepcopy=False)
+    statuses = [trial_status(t) for t in trials]
+    return StageStatus(k, sum(s in DONE_STATUSES for s in statuses), statuses.count("running"),
+                       statuses.count("waiting"), self.stages[k].trials)
+
+  def top_trials(self, k: int) -> list:
+    """The complete trials of stage k, best first (ties: lower trial number)."""
+    done = [t for t in self.study(k).get_trials(deepcopy=False) if trial_status(t) == "complete"
+            and t.value is not None and math.isfinite(t.value)]
+    sign = -1 if self.direction == "maximize" else 1
+    return sorted(done, key=lambda t: (sign * t.value, t.number))
+
+  def stage_params(self, k: int) -> list[space_lib.Param]:
+    """Stage k's space: the declared one, narrowed around the best trials of each stage before."""
+    params = self.params
+    keep = int(self.config.search.keep_top)
+    for j in range(k):
+      top = [self.config_values(t.params, params) for t in self.top_trials(j)[:keep]]
+      params = space_lib.narrow(params, top)
+    return params
+
+  @staticmethod
+  def config_values(sampled: dict, params) -> dict:
+    by = {p.field: p for p in params}
+    return {f: by[f].to_value(v) if f in by else v for f, v in sampled.items()}
+
+  def current(self) -> Optional[StageStatus]:
+    """The first unfinished stage (None: the search is finished)."""
+    for k in range(len(self.stages)):
+      st = self.status(k)
+      if not st.finished:
+        return st
+    return None
+
+  def trial_config(self, values: dict, k: int) -> ml_collections.ConfigDict:
+    import copy
+    cfg = copy.deepcopy(self.config)
+    for field, v in values.items():
+      space_lib.set_field(cfg, field, v)
+    cfg.num_epochs = float(self.stages[k].epochs)
+    cfg.progress = False
+    monitor = cfg.get("monitor")
+    if monitor is not None and "enabled" in monitor and not self.config.search.monitor_trials:
+      cfg.monitor.enabled = False  # babysitting belongs to the final run, not to every trial
+    return cfg
