@@ -45,11 +45,31 @@ class Experiment:
   total_steps: int
 
   def optimizer(self, config: Optional[ml_collections.ConfigDict] = None):
-    """The optax transformation for `config` (default: this experiment's)."""
+    """The optax transformation for `config` (default: this experiment's).
+
+    With `init_from` and `init_from_freeze` ('use a pretrained network', recipe stage 4),
+    the parameters restored from the source get exactly zero updates (an optax mask after
+    the optimizer, so weight decay and momentum cannot move them either); the others train.
+    """
     c = config or self.config
-    return optim.make_optimizer(c.optimizer, c.schedule, c.momentum_schedule,
-                                steps_per_epoch=self.steps_per_epoch,
-                                total_steps=self.total_steps)
+    tx = optim.make_optimizer(c.optimizer, c.schedule, c.momentum_schedule,
+                              steps_per_epoch=self.steps_per_epoch,
+                              total_steps=self.total_steps)
+    if not c.get("init_from"):
+      return tx
+    from jrecipe.train import init_from
+    if not getattr(self, "_init_from_checked", False):  # once: build() calls this first,
+      init_from.check(self, c)  # so a bad source fails before any file is written
+      self._init_from_checked = True
+    if not c.get("init_from_freeze", False):
+      return tx
+    if optim.needs_value_fn(c.optimizer):
+      raise UserError(f"init_from_freeze does not work with optimizer {c.optimizer.name!r}: its "
+                      "line search would move the frozen parameters. Use adam or sgd to "
+                      "fine-tune with frozen layers.")
+    import optax
+    return optax.chain(tx, optax.masked(optax.set_to_zero(),
+                                        functools.partial(init_from.freeze_mask, c)))
 
   def augment_fn(self) -> Optional[Callable]:
     """`augment(x, rng) -> x` for the train step, or None when augmentation is off."""

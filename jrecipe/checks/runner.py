@@ -258,6 +258,38 @@ def format_row(r: CheckResult) -> str:
           f"{r.message}")
 
 
+def human_baseline(workdir: str) -> Optional[dict]:
+  """Human accuracy (DIR/human.json, from --mode=label) beside the model's, or None.
+
+  The model's accuracy on the same split comes from DIR/summary.json when this work
+  directory also holds a finished training run. Recipe: compare with your own accuracy.
+  """
+  import json
+  path = os.path.join(workdir, "human.json")
+  try:
+    with open(path) as f:
+      human = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(human, dict) or human.get("accuracy") is None:
+    return None
+  split = human.get("split", "test")
+  out = {"split": split, "human_accuracy": human["accuracy"], "human_ci95": human.get("ci95"),
+         "n": human.get("n"), "model_accuracy": None}
+  try:
+    with open(os.path.join(workdir, "summary.json")) as f:
+      out["model_accuracy"] = json.load(f).get(split, {}).get("accuracy")
+  except (OSError, ValueError, AttributeError):
+    pass
+  lo, hi = (out["human_ci95"] or [float("nan")] * 2)[:2]
+  line = (f"Human baseline on {split}: {100 * out['human_accuracy']:.1f}% (95% CI "
+          f"{100 * lo:.1f}-{100 * hi:.1f}%, n={out['n']}, from human.json)")
+  if out["model_accuracy"] is not None:
+    line += f"; model: {100 * out['model_accuracy']:.1f}% (summary.json)"
+  out["line"] = line
+  return out
+
+
 def run_mode(config: ml_collections.ConfigDict, workdir: str) -> int:
   """The `--mode=check` entry: table on stdout, `workdir/checks.json`, exit 1 on a fail."""
   only = parse_names(config.checks.only, "only")
@@ -270,10 +302,13 @@ def run_mode(config: ml_collections.ConfigDict, workdir: str) -> int:
                         on_result=lambda r: print(format_row(r), flush=True))
   counts = {s: sum(r.status == s for r in results) for s in ("pass", "warn", "fail", "skip")}
   elapsed = time.perf_counter() - t0
+  human = human_baseline(workdir)
   write_json_atomic(os.path.join(workdir, "checks.json"), {
       "checks": [r.to_json() for r in results], "summary": counts,
-      "seconds": round(elapsed, 2)})
+      "seconds": round(elapsed, 2), **({"human_baseline": human} if human else {})})
   print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['warn']} warned, "
         f"{counts['skip']} skipped in {elapsed:.1f} s; details in "
         f"{os.path.join(workdir, 'checks.json')}", flush=True)
+  if human:
+    print(human["line"], flush=True)
   return 1 if counts["fail"] else 0

@@ -1,0 +1,1 @@
+"""--mode=label: the human baseline (terminal labelling interface, DIR/human.json)."""
