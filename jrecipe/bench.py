@@ -1,190 +1,676 @@
-"""`python -m jrecipe.bench`: the framework's training step against a minimal hand-written loop.
+"""`python -m jrecipe.bench`: the project's benchmark (issue 9). Recipe: 'overfit', fast.
 
-For each workload (digits MLP, mnist5k CNN) it runs, interleaved in one process so that both
-see the same machine load:
-  - jrecipe: the loop's own path (step-indexed batches -> placement.put_batch -> the jitted
-    pure step with state donation), exactly as `train_and_evaluate` drives it;
-  - hand: a minimal `jax.jit` loop written from scratch (optax.adam, the same Linen module,
-    a numpy permutation per epoch, numpy batches handed to the jitted step);
-and prints steps/s, examples/s and compile time as medians (min-max) over rounds, plus the
-ratio jrecipe/hand (target >= 0.95, i.e. at most 5% overhead). `--full` also times a whole
-`train_and_evaluate` run (evaluation and checkpoints included) to the target accuracy.
+For each workload (digits MLP, mnist5k CNN; batch 128) a worker process per CPU device count
+(1, and one device per core) runs, interleaved round by round so that all see the same
+machine load:
+  - jrecipe: the training loop's own path (step-indexed batches -> Placement.put_batch, an
+    explicit transfer -> the jitted pure step with state donation), as train_and_evaluate
+    drives it, the batch split over the process's devices (mesh);
+  - hand: a minimal hand-written `jax.jit` loop (the same Linen module, optax.adam, a numpy
+    permutation per epoch, numpy batches handed to the step; sharded the same way);
+  - torch: the same model in plain PyTorch (when installed: `pip install torch==2.13.0`).
+It prints steps/s (wall clock and CPU time per step), examples/s, compile time, time to a
+target test accuracy (training time, evaluation excluded), the fraction of this machine's
+float32 matmul peak (numpy) reached, and the ratios, as medians (min-max) over rounds; then
+the start-up time (process start to first train step of the real CLI, cold and warm
+compilation cache) and the wall time of `--mode=check` and `--mode=inspect`. `--json PATH`
+writes every figure. The split/one-device speedup of each model family is recorded in the
+jrecipe cache dir, where `jrecipe.runtime.choose_cpu_devices` reads it.
+
+All runners train without a parameter EMA unless `--ema_decay` is set (then all three keep
+one), so that the comparison is like with like.
 """
 
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds per workload.")
-flags.DEFINE_integer("steps", 200, "Timed steps per round.")
+flags.DEFINE_integer("rounds", 5, "Timing rounds, alternating between the device-count workers.")
+flags.DEFINE_integer("steps", 100, "Timed steps per runner per round.")
 flags.DEFINE_list("workloads", ["digits_mlp", "mnist5k_cnn"], "Which workloads to run.")
-flags.DEFINE_bool("full", True, "Also time a whole train_and_evaluate run of each config.")
+flags.DEFINE_list("devices", ["1", "cores"], "CPU device counts to run each workload with "
+                  "('cores' = one per core).")
+flags.DEFINE_list("runners", ["jrecipe", "hand", "torch"], "Which loops to time.")
+flags.DEFINE_float("ema_decay", 0.0, "Parameter EMA kept by every runner (0 = none).")
+flags.DEFINE_bool("time_to_target", True, "Train each runner from scratch to the target test "
+                  "accuracy (in the worker with the auto-chosen device count).")
+flags.DEFINE_integer("startup_repeats", 2, "Warm-cache start-up measurements per workload "
+                     "(after one cold); 0 = skip start-up timing.")
+flags.DEFINE_list("end_to_end", ["check", "inspect"], "CLI modes timed end to end on the "
+                  "digits MLP config ('' = none).")
+flags.DEFINE_bool("record", True, "Record each family's measured split speedup in the cache.")
 flags.DEFINE_string("json", "", "Write the figures to this JSON file.")
+flags.DEFINE_string("worker", "", "Internal: run one workload's timing in this process.")
 FLAGS = flags.FLAGS
 
-CONFIGS = {"digits_mlp": "configs/digits_mlp.py", "mnist5k_cnn": "configs/mnist5k_cnn.py"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = {
+    "digits_mlp": {"config": "configs/digits_mlp.py", "target": 0.97, "max_epochs": 60},
+    "mnist5k_cnn": {"config": "configs/mnist5k_cnn.py", "target": 0.97, "max_epochs": 15},
+}
+# Families whose step is recorded for `runtime.choose_cpu_devices`.
+FAMILY = {"digits_mlp": "mlp", "mnist5k_cnn": "cnn"}
 
 
-def _load_config(name):
+# ------------------------------------------------------------------------------------------
+# Timing helpers
+def _stats(xs):
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return None
+  return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _fmt(s, scale=1.0, digits=0):
+  if not s:
+    return "-"
+  return (f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}-"
+          f"{s['max'] * scale:.{digits}f})")
+
+
+def _timed(fn):
+  """(wall seconds, process CPU seconds) of fn()."""
+  w, c = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - w, time.process_time() - c
+
+
+def _load_config(name, ema_decay=0.0):
   import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CONFIGS[name])
+  path = os.path.join(REPO, WORKLOADS[name]["config"])
   spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
   c.progress = False
-  c.parallel.mode = "single"
+  c.ema_decay = ema_decay
   return c
 
 
-def _jrecipe_runner(config):
+def _permutation_batches(n, bs, seed=0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  while True:
+    perm = rng.permutation(n)
+    for i in range(n // bs):
+      yield perm[i * bs:(i + 1) * bs]
+
+
+# ------------------------------------------------------------------------------------------
+# Runners: each is a dict with run(n) -> None (n steps, blocking at the end), reset(),
+# accuracy() -> test accuracy, compile_seconds, flops (one step, XLA's count) if known.
+def _jrecipe_runner(config, exp=None):
+  """The training loop's own path (jrecipe.train.loop), steps indexed by the pipeline."""
   import jax
   from jrecipe import experiment, optim
   from jrecipe.data import pipeline
   from jrecipe.train import loop, parallel, step as step_lib
-  exp = experiment.build(config)
-  placement = parallel.make_placement(config.parallel.mode)
+  placement = parallel.make_placement(config.parallel.mode, config.parallel.num_devices)
+  exp = exp or experiment.build(config, bn_axis_name=placement.axis_name)
   tx = exp.optimizer()
-  state = placement.put_state(loop.init_train_state(exp, tx))
   fn = placement.compile_train(step_lib.make_train_step(
       exp.model, exp.loss, tx, l2=config.l2, ema_decay=config.ema_decay,
       augment=exp.augment_fn(), axis_name=placement.axis_name,
       needs_value_fn=optim.needs_value_fn(config.optimizer)))
-  batches = pipeline.train_batches(exp.data, batch_size=config.batch_size, seed=config.seed)
-  holder = {"state": state}
-  t0 = time.perf_counter()
-  s, m = fn(holder["state"], placement.put_batch(next(batches)))
-  jax.block_until_ready(m)
-  holder["state"] = s
-  compile_s = time.perf_counter() - t0
+  evaluator = loop.Evaluator(exp, placement)
+  h = {}
+
+  def reset():
+    h["state"] = placement.put_state(loop.init_train_state(exp, tx))
+    h["batches"] = pipeline.train_batches(exp.data, batch_size=config.batch_size,
+                                          seed=config.seed)
 
   def run(n):
-    st = holder["state"]
-    t = time.perf_counter()
+    st, m = h["state"], None
     for _ in range(n):
-      st, m = fn(st, placement.put_batch(next(batches)))
+      st, m = fn(st, placement.put_batch(next(h["batches"])))
     jax.block_until_ready((st, m))
-    holder["state"] = st
-    return time.perf_counter() - t
+    h["state"] = st
 
-  return exp, run, compile_s
+  def accuracy():
+    return evaluator(loop.variables_of(h["state"]), "test")["accuracy"]
+
+  reset()
+  compile_s = _timed(lambda: run(1))[0]
+  return {"run": run, "reset": reset, "accuracy": accuracy, "compile_seconds": compile_s,
+          "exp": exp, "devices": placement.global_devices}
 
 
 def _hand_runner(exp, config):
-  """A minimal hand-written loop: the same Linen module, optax.adam, a numpy permutation."""
+  """A minimal `jax.jit` loop: the same Linen module, optax.adam, a numpy permutation."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
   module = exp.model.module
-  # Host arrays gathered with numpy and handed to the jitted step, as the Flax examples'
-  # loops do (indexing device arrays instead costs two extra dispatches per step).
+  ema_decay = config.ema_decay
+  # Host arrays gathered with numpy and handed to the jitted step, as the Flax examples do.
   x_all = np.asarray(exp.data.arrays["train"]["x"])
   y_all = np.asarray(exp.data.arrays["train"]["y"])
-  n, bs = x_all.shape[0], config.batch_size
-  params = module.init(jax.random.PRNGKey(0), x_all[:2])["params"]
   tx = optax.adam(config.optimizer.learning_rate)
-  opt_state = tx.init(params)
 
-  def step(params, opt_state, x, y):
+  def step(params, opt_state, ema, t, x, y):
     def loss_fn(p):
       logits = module.apply({"params": p}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params = optax.apply_updates(params, updates)
+    if ema_decay:
+      d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+    return params, opt_state, ema, t + 1, loss
 
-  step = jax.jit(step, donate_argnums=(0, 1))
-  rng = np.random.default_rng(0)
-  holder = {"p": params, "o": opt_state, "perm": rng.permutation(n), "i": 0}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  jstep = jax.jit(step, in_shardings=(rep, rep, rep, rep, data, data),
+                  out_shardings=(rep,) * 5, donate_argnums=(0, 1, 2))
+  predict = jax.jit(lambda p, x: jnp.argmax(module.apply({"params": p}, x), -1))
+  h = {}
 
-  def next_batch():
-    if (holder["i"] + 1) * bs > n:
-      holder["perm"], holder["i"] = rng.permutation(n), 0
-    idx = holder["perm"][holder["i"] * bs:(holder["i"] + 1) * bs]
-    holder["i"] += 1
-    return x_all[idx], y_all[idx]
+  def reset():
+    params = jax.device_put(module.init(jax.random.PRNGKey(0), x_all[:2])["params"], rep)
+    h["p"], h["o"] = params, jax.device_put(tx.init(params), rep)
+    h["e"] = jax.tree.map(jnp.copy, params) if ema_decay else {}
+    h["t"] = jax.device_put(jnp.zeros((), jnp.float32), rep)
+    h["idx"] = _permutation_batches(len(y_all), config.batch_size)
 
-  t0 = time.perf_counter()
-  p, o, loss = step(holder["p"], holder["o"], *next_batch())
-  jax.block_until_ready(loss)
-  holder["p"], holder["o"] = p, o
-  compile_s = time.perf_counter() - t0
+  # On several CPU devices, the same guard as jrecipe's (parallel.guard_cpu_collectives):
+  # one step in flight, or the all-reduce rendezvous can abort.
+  block = len(jax.devices()) > 1 and jax.default_backend() == "cpu"
 
-  def run(k):
-    p, o = holder["p"], holder["o"]
-    t = time.perf_counter()
-    for _ in range(k):
-      p, o, loss = step(p, o, *next_batch())
+  def run(n):
+    p, o, e, t, loss = h["p"], h["o"], h["e"], h["t"], None
+    for _ in range(n):
+      i = next(h["idx"])
+      p, o, e, t, loss = h["step"](p, o, e, t, x_all[i], y_all[i])
+      if block:
+        loss.block_until_ready()
     jax.block_until_ready((p, loss))
-    holder["p"], holder["o"] = p, o
-    return time.perf_counter() - t
+    h["p"], h["o"], h["e"], h["t"] = p, o, e, t
 
-  return run, compile_s
+  def accuracy():
+    test = exp.data.arrays["test"]
+    return float(np.mean(np.asarray(predict(h["p"], test["x"])) == test["y"]))
+
+  reset()
+  i = next(_permutation_batches(len(y_all), config.batch_size))
+  t0 = time.perf_counter()
+  compiled = jstep.lower(h["p"], h["o"], h["e"], h["t"], x_all[i], y_all[i]).compile()
+  flops = None
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is best effort (backend dependent)
+    pass
+  h["step"] = compiled
+  run(1)
+  compile_s = time.perf_counter() - t0
+  return {"run": run, "reset": reset, "accuracy": accuracy, "compile_seconds": compile_s,
+          "flops": flops}
 
 
-def _full_run(config):
-  from jrecipe.train import loop
-  with tempfile.TemporaryDirectory() as wd:
-    t = time.perf_counter()
-    summary = loop.train_and_evaluate(config, wd)
-    wall = time.perf_counter() - t
-  return {"wall_seconds": round(wall, 2), "train_seconds": summary["train_seconds"],
-          "steps": summary["step"], "test_accuracy": summary["test"].get("accuracy"),
-          "test_accuracy_ema": summary.get("test_ema", {}).get("accuracy")}
+def torch_available() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("torch") is not None
 
 
-def _stats(xs):
-  return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+def _torch_runner(exp, config, probe_threads=True):
+  """The same model in plain PyTorch (CPU): Adam, cross-entropy, a numpy permutation."""
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+  torch.manual_seed(0)
+  x_all = np.asarray(exp.data.arrays["train"]["x"])
+  y_all = np.asarray(exp.data.arrays["train"]["y"]).astype(np.int64)
+  test_x = np.asarray(exp.data.arrays["test"]["x"])
+  test_y = np.asarray(exp.data.arrays["test"]["y"])
+  classes = exp.spec.num_classes
+  if config.model.name == "cnn":  # the Flax MNIST example's ConvNet, NCHW
+    def to_t(x):
+      return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    h_, w_ = x_all.shape[1:3]
+
+    def make():
+      return nn.Sequential(
+          nn.Conv2d(x_all.shape[3], 32, 3, padding=1), nn.ReLU(),
+          nn.AvgPool2d(2, ceil_mode=True), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+          nn.AvgPool2d(2, ceil_mode=True), nn.Flatten(),
+          nn.Linear(64 * -(-h_ // 4) * -(-w_ // 4), 256), nn.ReLU(), nn.Linear(256, classes))
+  elif config.model.name == "mlp":
+    def to_t(x):
+      return torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), -1)))
+
+    def make():
+      layers, width = [], int(np.prod(x_all.shape[1:]))
+      for w in config.model.hidden:
+        layers += [nn.Linear(width, w), nn.ReLU()]
+        width = w
+      return nn.Sequential(*layers, nn.Linear(width, classes))
+  else:
+    raise ValueError(f"no PyTorch twin for model {config.model.name!r}")
+  xt, yt, test_xt = to_t(x_all), torch.from_numpy(y_all), to_t(test_x)
+  ema_decay = config.ema_decay
+  h = {}
+
+  def reset():
+    torch.manual_seed(0)
+    h["model"] = make()
+    h["opt"] = torch.optim.Adam(h["model"].parameters(), lr=config.optimizer.learning_rate)
+    h["ema"] = [p.detach().clone() for p in h["model"].parameters()] if ema_decay else None
+    h["t"] = 0
+    h["idx"] = _permutation_batches(len(y_all), config.batch_size)
+
+  def run(n):
+    model, opt = h["model"], h["opt"]
+    model.train()
+    for _ in range(n):
+      i = torch.from_numpy(next(h["idx"]))
+      loss = F.cross_entropy(model(xt[i]), yt[i])
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      if ema_decay:
+        t = h["t"]
+        d = min(ema_decay, (1.0 + t) / (10.0 + t))
+        with torch.no_grad():
+          torch._foreach_lerp_(h["ema"], list(model.parameters()), 1.0 - d)
+      h["t"] += 1
+    loss.item()  # torch runs eagerly; this only reads the last loss
+
+  def accuracy():
+    model = h["model"]
+    model.eval()
+    with torch.no_grad():
+      pred = torch.cat([model(test_xt[i:i + 1000]).argmax(-1)
+                        for i in range(0, len(test_xt), 1000)])
+    return float((pred.numpy() == test_y).mean())
+
+  reset()
+  compile_s = _timed(lambda: run(1))[0]
+  # PyTorch's best thread count: its OpenMP threads spin at barriers, and on a loaded 2-core
+  # machine 2 threads ran 6-15x slower than 1 (an MLP: 217 vs 14-36 steps/s). Give PyTorch
+  # whichever is faster here, measured now.
+  from jrecipe import runtime
+  counts = sorted({1, runtime.host_cores()}) if probe_threads else [torch.get_num_threads()]
+  speed = {}
+  for _ in range(2):
+    for n in counts:
+      torch.set_num_threads(n)
+      speed.setdefault(n, []).append(_timed(lambda: run(10))[0])
+  best = min(counts, key=lambda n: min(speed[n]))
+  torch.set_num_threads(best)
+  reset()
+  return {"run": run, "reset": reset, "accuracy": accuracy, "compile_seconds": compile_s,
+          "threads": best, "model": lambda: h["model"]}
 
 
-def bench_workload(name, rounds, steps, full):
-  config = _load_config(name)
-  exp, jr_run, jr_compile = _jrecipe_runner(config)
-  hand_run, hand_compile = _hand_runner(exp, config)
-  jr_run(20)
-  hand_run(20)  # warm both
-  jr, hd, ratio = [], [], []
-  for _ in range(rounds):
-    a = steps / jr_run(steps)
-    b = steps / hand_run(steps)
-    jr.append(a)
-    hd.append(b)
-    ratio.append(a / b)
-  out = {"workload": name, "batch_size": config.batch_size,
-         "jrecipe_steps_per_s": _stats(jr), "hand_steps_per_s": _stats(hd),
-         "ratio_jrecipe_over_hand": _stats(ratio),
-         "jrecipe_examples_per_s": statistics.median(jr) * config.batch_size,
-         "compile_seconds": {"jrecipe": round(jr_compile, 3), "hand": round(hand_compile, 3)}}
-  if full:
-    out["full_run"] = _full_run(_load_config(name))
+# ------------------------------------------------------------------------------------------
+# Worker: one workload, this process's device count, every runner; driven round by round by
+# the parent over stdin/stdout, so that workers with different device counts interleave.
+def _time_to_target(r, steps_per_epoch, target, max_epochs):
+  """Training seconds (evaluation excluded) until the test accuracy reaches `target`."""
+  r["reset"]()
+  seconds, acc = 0.0, 0.0
+  for epoch in range(1, max_epochs + 1):
+    seconds += _timed(lambda: r["run"](steps_per_epoch))[0]
+    acc = r["accuracy"]()
+    if acc >= target:
+      return {"seconds": seconds, "epochs": epoch, "accuracy": acc}
+  return {"seconds": None, "epochs": max_epochs, "accuracy": acc, "note": "target not reached"}
+
+
+class Worker:
+  """Every runner of one workload built in this process (its devices), ready to time."""
+
+  def __init__(self, name, runners, ema_decay):
+    import jax
+    self.name = name
+    self.config = config = _load_config(name, ema_decay)
+    self.info = {"workload": name, "devices": jax.device_count(),
+                 "batch_size": config.batch_size, "ema_decay": ema_decay, "runners": {},
+                 "notes": []}
+    from jrecipe import experiment
+    from jrecipe.train import parallel
+    placement = parallel.make_placement(config.parallel.mode, config.parallel.num_devices)
+    self.exp = experiment.build(config, bn_axis_name=placement.axis_name)
+    self.built = {}
+    for kind in runners:
+      if kind == "jrecipe":
+        self.built[kind] = _jrecipe_runner(config, self.exp)
+      elif kind == "hand":
+        self.built[kind] = _hand_runner(self.exp, config)
+      elif kind == "torch":
+        if not torch_available():
+          self.info["notes"].append("PyTorch runner skipped: torch is not installed "
+                                    "(pip install torch==2.13.0, or the 'bench' extra).")
+          continue
+        self.built[kind] = _torch_runner(self.exp, config)
+      else:
+        raise ValueError(f"unknown runner {kind!r}; valid: jrecipe, hand, torch")
+    for k, r in self.built.items():
+      r["run"](10)  # warm-up: caches, allocator, thread pools
+      self.info["runners"][k] = {x: r[x] for x in ("compile_seconds", "flops", "threads")
+                                 if r.get(x) is not None}
+    self.rounds = 0
+
+  def round(self, steps):
+    """One timed round: {runner: [steps/s (wall), CPU seconds per step]}, order rotated."""
+    order = list(self.built)
+    i = self.rounds % max(1, len(order))
+    self.rounds += 1
+    out = {}
+    for k in order[i:] + order[:i]:  # rotate: no runner always first after a pause
+      w, c = _timed(lambda: self.built[k]["run"](steps))
+      out[k] = [steps / w, c / steps]
+    return out
+
+  def time_to_target(self):
+    spec = WORKLOADS[self.name]
+    out = {"target": spec["target"]}
+    for k, r in self.built.items():
+      out[k] = _time_to_target(r, self.exp.steps_per_epoch, spec["target"], spec["max_epochs"])
+    return out
+
+
+def _worker_main():
+  """Protocol: prints 'READY {info}', then answers 'round N' / 'ttt' / 'exit' lines."""
+  from jrecipe import runtime
+  runtime.setup_processes(False)  # $JRECIPE_NUM_CPU_DEVICES from the parent
+  runtime.enable_compilation_cache()
+  w = Worker(FLAGS.worker, FLAGS.runners, FLAGS.ema_decay)
+  print("READY " + json.dumps(w.info), flush=True)
+  for line in sys.stdin:
+    cmd = line.split()
+    if not cmd or cmd[0] == "exit":
+      break
+    if cmd[0] == "round":
+      print("ROUND " + json.dumps(w.round(int(cmd[1]))), flush=True)
+    elif cmd[0] == "ttt":
+      print("TTT " + json.dumps(w.time_to_target()), flush=True)
+
+
+class _WorkerProcess:
+  """A worker subprocess with `devices` CPU devices, driven line by line."""
+
+  def __init__(self, name, devices):
+    env = dict(os.environ, JRECIPE_NUM_CPU_DEVICES=str(devices))
+    cmd = [sys.executable, "-m", "jrecipe.bench", f"--worker={name}",
+           f"--runners={','.join(FLAGS.runners)}", f"--ema_decay={FLAGS.ema_decay}"]
+    self.err = tempfile.TemporaryFile("w+")
+    self.p = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=self.err, text=True)
+    self.info = self._read("READY")
+
+  def _read(self, tag):
+    for line in self.p.stdout:
+      if line.startswith(tag + " "):
+        return json.loads(line[len(tag) + 1:])
+    self.err.seek(0)
+    lines = [ln for ln in self.err.read().splitlines()
+             if ln.strip() and not ln.startswith(("I1", "W1", "Extension modules"))]
+    fatal = [ln for ln in lines if ln.startswith(("F1", "E1", "Fatal", "jaxlib", "RuntimeError"))]
+    raise RuntimeError("bench worker died: " + " | ".join(fatal[:5] + lines[-8:])[-2000:])
+
+  def ask(self, cmd, tag):
+    self.p.stdin.write(cmd + "\n")
+    self.p.stdin.flush()
+    return self._read(tag)
+
+  def close(self):
+    if self.p.poll() is None:
+      try:
+        self.p.stdin.write("exit\n")
+        self.p.stdin.flush()
+        self.p.wait(timeout=30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.p.kill()
+        self.p.wait()
+    self.err.close()
+
+
+def bench_workload(name, counts, auto, rounds, steps, ttt):
+  """Workers for each device count, rounds alternating between them; figures per worker."""
+  workers, out = {}, []
+  try:
+    for n in counts:
+      workers[n] = _WorkerProcess(name, n)
+    per_round = {n: [] for n in counts}
+    for _ in range(rounds):
+      for n in counts:
+        per_round[n].append(workers[n].ask(f"round {steps}", "ROUND"))
+    for n in counts:
+      info = workers[n].info
+      info["auto_choice"] = n == auto
+      rs = per_round[n]
+      for k, fig in info["runners"].items():
+        sps = [r[k][0] for r in rs]
+        fig.update(steps_per_s=_stats(sps), examples_per_s=statistics.median(sps) *
+                   info["batch_size"], cpu_ms_per_step=_stats([r[k][1] * 1e3 for r in rs]))
+      ratios = {}
+      for a, b in (("jrecipe", "hand"), ("jrecipe", "torch"), ("hand", "torch")):
+        if a in info["runners"] and b in info["runners"]:
+          ratios[f"{a}/{b}"] = _stats([r[a][0] / r[b][0] for r in rs])
+          ratios[f"{a}/{b} cpu"] = _stats([r[b][1] / r[a][1] for r in rs])
+      info["ratios"] = ratios
+      if ttt and n == auto:
+        info["time_to_target"] = workers[n].ask("ttt", "TTT")
+      out.append(info)
+    if len(counts) > 1 and 1 in counts:
+      # Split over all cores against one device, paired round by round (same load).
+      top = max(counts)
+      for k in workers[top].info["runners"]:
+        if k == "torch":
+          continue
+        pairs = [a[k][0] / b[k][0] for a, b in zip(per_round[top], per_round[1])]
+        for info in out:
+          if info["devices"] == top:
+            info.setdefault("split_speedup", {})[k] = _stats(pairs)
+    # The product against PyTorch at its best: jrecipe at the auto-chosen device count over the
+    # fastest PyTorch of the same round (any worker; its thread count differs between them).
+    if "jrecipe" in workers[auto].info["runners"] and any(
+        "torch" in w.info["runners"] for w in workers.values()):
+      pairs = []
+      for i, mine in enumerate(per_round[auto]):
+        best = max(per_round[n][i]["torch"][0] for n in counts if "torch" in per_round[n][i])
+        pairs.append(mine["jrecipe"][0] / best)
+      for info in out:
+        if info["devices"] == auto:
+          info["ratios"]["jrecipe(auto devices)/best torch"] = _stats(pairs)
+  finally:
+    for w in workers.values():
+      w.close()
   return out
+
+
+# ------------------------------------------------------------------------------------------
+# Machine and process-level figures (run by the parent)
+def matmul_peak_gflops(n=1024, repeats=7) -> dict:
+  """This machine's float32 matmul throughput with numpy, GFLOP/s.
+
+  'wall': the best of `repeats` by the clock (what the machine gave just now); 'cpu': per
+  CPU-second, times the cores (what it gives when nothing else runs: robust to other load).
+  """
+  import numpy as np
+  from jrecipe import runtime
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  b = a.T.copy()
+  a @ b
+  times = [_timed(lambda: a @ b) for _ in range(repeats)]
+  flops = 2 * n ** 3 / 1e9
+  return {"wall": flops / min(w for w, _ in times),
+          "cpu": flops / min(c for _, c in times) * runtime.host_cores()}
+
+
+def startup_seconds(name, cache_dir, devices=None, timeout=600):
+  """Process start to the end of the first train step of the real CLI (`python -m jrecipe`).
+
+  The run logs every step (`log_every_steps=1`); the first 'train' record of metrics.jsonl is
+  written right after the first step's metrics reach the host. The process is then killed.
+  """
+  with tempfile.TemporaryDirectory() as wd:
+    metrics = os.path.join(wd, "metrics.jsonl")
+    config = os.path.join(REPO, WORKLOADS[name]["config"])
+    cmd = [sys.executable, "-m", "jrecipe", f"--config={config}",
+           f"--workdir={wd}", f"--compilation_cache={cache_dir}", "--config.log_every_steps=1"]
+    env = dict(os.environ)
+    if devices:
+      env["JRECIPE_NUM_CPU_DEVICES"] = str(devices)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+      while time.perf_counter() - t0 < timeout:
+        if p.poll() is not None:
+          return None, f"exit status {p.returncode}: {p.stderr.read()[-500:]}"
+        try:
+          with open(metrics) as f:
+            if any('"split": "train"' in line for line in f):
+              return time.perf_counter() - t0, None
+        except OSError:
+          pass
+        time.sleep(0.01)
+      return None, "timed out"
+    finally:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+
+
+def time_mode(mode, name="digits_mlp", timeout=1800):
+  """Wall seconds of `python -m jrecipe --mode=MODE` end to end, and its exit status."""
+  with tempfile.TemporaryDirectory() as wd:
+    config = os.path.join(REPO, WORKLOADS[name]["config"])
+    cmd = [sys.executable, "-m", "jrecipe", f"--config={config}",
+           f"--workdir={wd}", f"--mode={mode}"]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+  out = {"mode": mode, "config": WORKLOADS[name]["config"], "seconds": wall,
+         "exit_status": r.returncode}
+  if r.returncode not in (0, 1):  # 1 = the battery found a failing check: still timed
+    out["note"] = (f"--mode={mode} did not run (exit {r.returncode}); skipped: "
+                   + r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else "")
+  return out
+
+
+def _cores_value(v, cores):
+  return cores if v == "cores" else int(v)
+
+
+def run_bench():
+  """The whole benchmark; returns the figures (printed as it goes)."""
+  from jrecipe import runtime
+  cores = runtime.host_cores()
+  results = {"machine": {"cores": cores, "load_average_start": os.getloadavg(),
+                         "matmul_peak_gflops": matmul_peak_gflops(),
+                         "torch": torch_available()},
+             "workloads": [], "startup": [], "end_to_end": []}
+  peaks = results["machine"]["matmul_peak_gflops"]
+  peak = peaks["cpu"]
+  print(f"machine: {cores} cores, float32 matmul peak {peak:.0f} GFLOP/s (numpy, per "
+        f"CPU-second x cores; {peaks['wall']:.0f} by the clock now), load average "
+        f"{results['machine']['load_average_start'][0]:.1f}")
+  for name in FLAGS.workloads:
+    cfg = _load_config(name)
+    auto, why = runtime.choose_cpu_devices(cfg, "train", cpu_only=True)
+    counts = sorted({_cores_value(v, cores) for v in FLAGS.devices} | {auto})
+    try:
+      infos = bench_workload(name, counts, auto, FLAGS.rounds, FLAGS.steps,
+                             FLAGS.time_to_target)
+    except RuntimeError as e:
+      infos = [{"workload": name, "error": str(e)}]
+    for info in infos:
+      results["workloads"].append(info)
+      _print_worker(info, peak, cores)
+      split = info.get("split_speedup", {}).get("jrecipe")
+      if split:
+        line = (f"  {name}: {info['devices']} devices / 1 device = {_fmt(split, 1, 2)}x "
+                f"(jrecipe steps/s, paired rounds); auto choice: {auto} device(s) ({why})")
+        if FLAGS.record:
+          path = runtime.record_measurement(
+              FAMILY[name], info["devices"] if split["median"] > 1.05 else 1, split["median"],
+              {"workload": name, "batch_size": cfg.batch_size, "min": split["min"],
+               "max": split["max"]})
+          line += f"; recorded in {path}"
+        print(line)
+    sys.stdout.flush()
+  if FLAGS.startup_repeats:
+    for name in FLAGS.workloads:
+      with tempfile.TemporaryDirectory() as cache:
+        cold, err = startup_seconds(name, cache)
+        warm = []
+        for _ in range(FLAGS.startup_repeats):
+          s, err2 = startup_seconds(name, cache)
+          warm.append(s)
+          err = err or err2
+      rec = {"workload": name, "cold_seconds": cold, "warm_seconds": _stats(warm)}
+      if err:
+        rec["error"] = err
+      results["startup"].append(rec)
+      print(f"start-up {name} (process start to first train step, real CLI): cold "
+            f"{cold if cold is None else round(cold, 2)} s, warm "
+            f"{_fmt(rec['warm_seconds'], 1, 2)} s"
+            + (f" [{err}]" if err else ""))
+      sys.stdout.flush()
+  for mode in [m for m in FLAGS.end_to_end if m]:
+    rec = time_mode(mode)
+    results["end_to_end"].append(rec)
+    print(f"--mode={mode} on {rec['config']}: {rec['seconds']:.1f} s, exit {rec['exit_status']}"
+          + (f" [{rec['note']}]" if rec.get("note") else ""))
+    sys.stdout.flush()
+  results["machine"]["load_average_end"] = os.getloadavg()
+  return results
+
+
+def _print_worker(r, peak, cores):
+  if "error" in r:
+    print(f"{r['workload']}: worker failed: {r['error'][-600:]}")
+    return
+  flops = r["runners"].get("hand", {}).get("flops")
+  print(f"{r['workload']} on {r['devices']} CPU device(s), batch {r['batch_size']}"
+        f"{' (auto choice)' if r.get('auto_choice') else ''}:")
+  for k, f in r["runners"].items():
+    frac = ""
+    if flops:  # the same model and arithmetic in every runner: XLA's count stands for all
+      wall = flops * f["steps_per_s"]["median"] / 1e9 / peak
+      cpu = flops / (f["cpu_ms_per_step"]["median"] / 1e3) / 1e9 / (peak / cores)
+      f["fraction_of_peak"] = {"wall": wall, "per_cpu_second": cpu}
+      frac = f", {wall:.1%} of matmul peak ({cpu:.1%} per CPU-second)"
+    extra = f", {f['threads']} thread(s)" if f.get("threads") else ""
+    print(f"  {k:8s} {_fmt(f['steps_per_s'])} steps/s, {f['examples_per_s']:.0f} ex/s, "
+          f"{_fmt(f['cpu_ms_per_step'], 1, 2)} CPU ms/step, compile "
+          f"{f['compile_seconds']:.2f} s{frac}{extra}")
+  for k, s in r["ratios"].items():
+    print(f"  ratio {k:28s} {_fmt(s, 1, 3)}")
+  for k, t in r.get("time_to_target", {}).items():
+    if k != "target":
+      sec = "not reached" if t["seconds"] is None else f"{t['seconds']:.2f} s"
+      print(f"  time to {r['time_to_target']['target']:.0%} test accuracy, {k}: {sec} "
+            f"({t['epochs']} epochs, {t['accuracy']:.4f})")
+  for n in r.get("notes", []):
+    print(f"  note: {n}")
 
 
 def main(argv):
   del argv
-  from jrecipe import runtime
-  runtime.enable_compilation_cache()
-  results = []
-  for name in FLAGS.workloads:
-    r = bench_workload(name, FLAGS.rounds, FLAGS.steps, FLAGS.full)
-    results.append(r)
-    s = r["ratio_jrecipe_over_hand"]
-    print(f"{name}: jrecipe {r['jrecipe_steps_per_s']['median']:.0f} steps/s "
-          f"({r['jrecipe_examples_per_s']:.0f} ex/s), hand loop "
-          f"{r['hand_steps_per_s']['median']:.0f} steps/s; ratio {s['median']:.3f} "
-          f"(min {s['min']:.3f}, max {s['max']:.3f}); compile {r['compile_seconds']}")
-    if "full_run" in r:
-      print(f"  full run: {r['full_run']}")
-    sys.stdout.flush()
+  if FLAGS.worker:
+    _worker_main()
+    return
+  results = run_bench()
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(results, f, indent=2)
+    from jrecipe.train.writer import write_json_atomic
+    write_json_atomic(FLAGS.json, results)
+    print(f"figures written to {FLAGS.json}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
   mode_fn = getattr(importlib.import_module(module), fn)
   try:
     # First: nothing may create the JAX backend before jax.distributed.initialize().
-    runtime.setup_processes(distributed)
+    runtime.setup_processes(distributed, FLAGS.config, FLAGS.mode)
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
     kwargs = {"allow_config_change": FLAGS.allow_config_change} if FLAGS.mode == "train" else {}
     result = mode_fn(FLAGS.config, FLAGS.workdir, **kwargs)

@@ -7,7 +7,10 @@ and CPU dispatch mode are fixed when the backend is created.
 Environment variables read by `setup_processes` (all optional):
 
 - `JRECIPE_NUM_CPU_DEVICES=N`: this process's CPU platform has N devices
-  (`jax.config.update('jax_num_cpu_devices', N)`; for tests and CPU clusters).
+  (`jax.config.update('jax_num_cpu_devices', N)`; for tests and CPU clusters). Without it
+  (and without `--xla_force_host_platform_device_count` in XLA_FLAGS), a CPU-only host
+  chooses the count itself: `config.parallel.cpu_devices`, or by model family
+  (`choose_cpu_devices`).
 - `JRECIPE_COORDINATOR=HOST:PORT`, `JRECIPE_NUM_PROCESSES=P`, `JRECIPE_PROCESS_ID=I`: the
   arguments of `jax.distributed.initialize(coordinator_address, num_processes, process_id)`,
   read only with `--config.parallel.distributed=True`. Leave them unset where JAX finds its
@@ -15,8 +18,11 @@ Environment variables read by `setup_processes` (all optional):
   also works.
 """
 
+import importlib.util
+import json
 import logging
 import os
+import re
 
 DEFAULT_CACHE = os.path.expanduser(os.environ.get("JRECIPE_CACHE_DIR", "~/.cache/jrecipe"))
 
@@ -26,6 +32,21 @@ ENV_PROCESS_ID = "JRECIPE_PROCESS_ID"
 ENV_NUM_CPU_DEVICES = "JRECIPE_NUM_CPU_DEVICES"
 
 log = logging.getLogger("jrecipe")
+
+# The bench's measurements of one device per core against one device, per model family, on
+# this machine (`python -m jrecipe.bench` writes it); read by `choose_cpu_devices`.
+CPU_DEVICES_FILE = "cpu_devices.json"
+# Used where the bench has not run on this machine: its measurements on the project's 2-core
+# CPU (batch 128; docs/performance.md). XLA's CPU convolution backward barely uses a second
+# core, so splitting the batch over one device per core pays for convnets (mnist5k CNN 1.7-1.8x
+# the steps/s); a small MLP's step is too short for the split and its all-reduce (digits MLP
+# 0.6x). Unknown (user) models stay on one device.
+DEFAULT_SPLIT_FAMILIES = {"cnn": True, "resnet": True, "mlp": False, "linear": False,
+                          "nnx_mlp": False, "transformer": False}
+# Modes that train for long enough to gain from several devices. The others run many tiny
+# computations (the check battery, inspect, report...), fastest on one device, or share the
+# cores with their siblings (search workers, usually several at once).
+TRAINING_MODES = ("train",)
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
@@ -61,18 +82,145 @@ def _env_int(name: str, minimum: int) -> int | None:
   return value
 
 
-def setup_processes(distributed: bool) -> None:
+def host_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def cpu_only_host() -> bool:
+  """Whether JAX will run on the CPU alone, judged without creating the backend.
+
+  JAX_PLATFORMS names the platforms when set; otherwise an installed accelerator plugin
+  (CUDA, ROCm, TPU) means JAX will use it.
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", os.environ.get("JAX_PLATFORM_NAME", "")).strip()
+  if platforms:
+    return platforms.lower() == "cpu"
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  try:
+    from importlib.metadata import entry_points
+    if list(entry_points(group="jax_plugins")):
+      return False
+  except Exception:  # broken metadata: fall through to the namespace packages
+    pass
+  try:
+    import jax_plugins  # namespace package of the CUDA/ROCm plugins
+    return not list(getattr(jax_plugins, "__path__", []))
+  except ImportError:
+    return True
+
+
+def _forced_by_flags() -> bool:
+  return bool(re.search(r"--xla_force_host_platform_device_count=\d+",
+                        os.environ.get("XLA_FLAGS", "")))
+
+
+def measured_families(cache_dir: str | None = None) -> dict:
+  """{family: {'devices': n, 'speedup': x, ...}} measured by the bench on this machine, or {}.
+
+  Only measurements taken with this many cores and this JAX version count.
+  """
+  path = os.path.join(cache_dir or DEFAULT_CACHE, CPU_DEVICES_FILE)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  from importlib.metadata import version
+  if record.get("cores") != host_cores() or record.get("jax") != version("jax"):
+    return {}
+  return dict(record.get("families", {}))
+
+
+def record_measurement(family: str, devices: int, speedup: float, details: dict,
+                       cache_dir: str | None = None) -> str:
+  """Stores the bench's split/one-device speedup for a model family (read at the next start).
+
+  Returns the file's path. `devices` is what the family should get: one per core if the split
+  was faster (speedup > 1.05), else 1.
+  """
+  from importlib.metadata import version
+  from jrecipe.train.writer import write_json_atomic
+  cache_dir = cache_dir or DEFAULT_CACHE
+  os.makedirs(cache_dir, exist_ok=True)
+  path = os.path.join(cache_dir, CPU_DEVICES_FILE)
+  families = measured_families(cache_dir)
+  families[family] = {"devices": int(devices), "speedup": round(float(speedup), 3), **details}
+  write_json_atomic(path, {"cores": host_cores(), "jax": version("jax"), "families": families})
+  return path
+
+
+def choose_cpu_devices(config, mode: str = "train", *, cores: int | None = None,
+                       cpu_only: bool | None = None,
+                       measured: dict | None = None) -> tuple[int | None, str]:
+  """How many host devices a CPU-only process should create, and why (before JAX starts).
+
+  Order: `config.parallel.cpu_devices` > 0 wins; 0 (auto) gives one device per core to a
+  training mode whose model family ran faster split over the cores (this machine's bench
+  measurement if `python -m jrecipe.bench` recorded one, else DEFAULT_SPLIT_FAMILIES), when
+  the batch splits evenly; everything else gets one device. Returns (None, why) where the
+  count is not jrecipe's to choose (an accelerator host, a multi-host job).
+
+  Args:
+    config: the run's ConfigDict (parallel.cpu_devices, model.name, batch_size).
+    mode: the --mode being run.
+    cores, cpu_only, measured: the host's facts (defaults: read from this machine).
+  """
+  from jrecipe.errors import UserError
+  requested = int(config.parallel.get("cpu_devices", 0) or 0)
+  if requested < 0:
+    raise UserError(f"parallel.cpu_devices={requested} must be 0 (auto) or a device count.")
+  cpu_only = cpu_only_host() if cpu_only is None else cpu_only
+  if not cpu_only:
+    return None, "accelerator host: JAX uses its accelerators"
+  if requested:
+    return requested, f"parallel.cpu_devices={requested}"
+  if config.parallel.get("distributed"):
+    return None, "multi-host job: set parallel.cpu_devices or $JRECIPE_NUM_CPU_DEVICES"
+  cores = host_cores() if cores is None else cores
+  family = str(config.model.name)
+  if mode not in TRAINING_MODES or cores < 2 or config.parallel.mode == "single":
+    return 1, f"one device for --mode={mode}" if mode not in TRAINING_MODES else "one device"
+  measured = measured_families() if measured is None else measured
+  if family in measured:
+    split = measured[family].get("devices", 1) > 1
+    source = (f"this machine's bench measured {measured[family].get('speedup')}x with "
+              f"{cores} devices")
+  elif family in DEFAULT_SPLIT_FAMILIES:
+    split = DEFAULT_SPLIT_FAMILIES[family]
+    source = "the bench's measurements on a 2-core CPU (docs/performance.md)"
+  else:
+    return 1, f"model {family!r}: one device unless parallel.cpu_devices says otherwise"
+  if not split:
+    return 1, f"model {family!r}: one device is fastest ({source})"
+  if config.batch_size % cores:
+    return 1, f"batch_size={config.batch_size} does not split over {cores} cores"
+  return cores, f"model {family!r}: one device per core is faster ({source})"
+
+
+def setup_processes(distributed: bool, config=None, mode: str = "train") -> int | None:
   """Device count, CPU dispatch mode and multi-host initialisation, in the order JAX needs.
 
   Called once per process before anything creates the JAX backend. With `distributed`,
   every host of the job runs this with the same config and joins the job through
   `jax.distributed.initialize()`; without it, a set JRECIPE_COORDINATOR is an error, because
   each process would then believe it is process 0 and all of them would write the same files.
+  The CPU device count comes from $JRECIPE_NUM_CPU_DEVICES, else XLA_FLAGS, else
+  `choose_cpu_devices(config, mode)` (with a config). Returns the count set, or None.
   """
   import jax
   from jrecipe.errors import UserError
   from jrecipe.train import parallel
   n = _env_int(ENV_NUM_CPU_DEVICES, 1)
+  if n is None and config is not None and not _forced_by_flags():
+    n, why = choose_cpu_devices(config, mode)
+    if n is not None and n > 1:
+      log.info("CPU-only host: %d host devices, the batch split over them (%s; "
+               "--config.parallel.cpu_devices=1 for one).", n, why)
   if n is not None:
     jax.config.update("jax_num_cpu_devices", n)
   if distributed:
@@ -84,6 +232,7 @@ def setup_processes(distributed: bool) -> None:
         f"--config.parallel.distributed=True, or unset ${ENV_COORDINATOR}.")
   # Before the backend exists: the one moment the CPU dispatch mode can still be chosen.
   parallel.prefer_sync_cpu_dispatch()
+  return n
 
 
 def initialize_distributed() -> None:

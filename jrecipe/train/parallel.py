@@ -23,7 +23,6 @@ import re
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -73,14 +72,15 @@ def guard_cpu_collectives() -> bool:
 
   Asynchronously dispatched collectives on several forced host devices can hang in the
   rendezvous; synchronous dispatch on CPU avoids it at a negligible cost for these steps.
-  That must be chosen before the backend exists (`prefer_sync_cpu_dispatch`). Returns True
-  when it was too late (the CPU client may dispatch asynchronously): the compiled steps then
-  block on their results, which bounds the steps in flight to one and avoids the hang too.
+  That must be chosen before the backend exists (`prefer_sync_cpu_dispatch`). Synchronous
+  dispatch alone was not enough: a 2-device digits MLP bench (1,400+ steps per loop, loaded
+  machine) still aborted once in the rendezvous ("only 1 of them arrived on time"). So on
+  several CPU devices the compiled steps also block on their results, which bounds the steps
+  in flight to one (STACK.md's other remedy); the CNN steps this is used for take 50-200 ms,
+  next to which the wait costs nothing. Returns whether to block.
   """
   prefer_sync_cpu_dispatch()
-  if jax.default_backend() != "cpu" or jax.device_count() <= 1:
-    return False
-  return not _SYNC_CPU_CLIENT
+  return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
 def _blocking(fn: Callable) -> Callable:
@@ -131,21 +131,43 @@ class Placement:
   def _pmap(self, fn: Callable, **kw) -> Callable:
     return jax.pmap(fn, devices=self.pmap_devices or self.devices, **kw)
 
+  # --- shardings ---------------------------------------------------------------------------
+  def _sharding(self, replicated: bool):
+    """The sharding of a replicated value or of a batch split along the leading axis.
+
+    'pmap' arrays carry a leading device axis; `jax.pmap` (built on jit + shard_map) accepts
+    any NamedSharding that splits that axis over its devices, so both go through the same
+    explicit `jax.device_put`.
+    """
+    key = "_rep" if replicated else "_data"
+    cached = self.__dict__.get(key)
+    if cached is not None:
+      return cached
+    if self.mode == "single":
+      sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
+    elif self.mode == "pmap":
+      mesh = jax.sharding.Mesh(np.array(self.pmap_devices or self.devices), (AXIS,))
+      sharding = NamedSharding(mesh, P(AXIS))
+    else:
+      sharding = NamedSharding(self.mesh, P() if replicated else P(AXIS))
+    self.__dict__[key] = sharding
+    return sharding
+
   # --- state -------------------------------------------------------------------------------
   def put_state(self, state):
-    """Replicates a host state (the same on every process) onto the devices."""
+    """Replicates a host state (the same on every process) onto the devices (explicitly)."""
     if self.mode == "pmap":
       n = self.num_devices
       stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), state)
-      return self._pmap(lambda t: t)(stacked)
-    if self.mode == "mesh":
-      rep = NamedSharding(self.mesh, P())
-      if jax.process_count() > 1:
-        # Every process holds the whole (identical) value: its local part of a replicated array.
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(rep, np.asarray(x)), state)
-      return jax.device_put(state, rep)
-    return jax.device_put(state, self.devices[0])
+      return self._put(stacked, self._sharding(replicated=False))
+    return self._put(state, self._sharding(replicated=True))
+
+  def _put(self, tree, sharding):
+    if jax.process_count() > 1:
+      # Each process holds its part (replicated values: the whole, identical value).
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+    return device_put(tree, sharding)
 
   def host_state(self, state):
     """One host copy (numpy) of a replicated state: this process's first replica."""
@@ -155,17 +177,15 @@ class Placement:
 
   # --- batches ------------------------------------------------------------------------------
   def put_batch(self, batch: dict) -> dict:
-    """This host's part of a global batch, placed (split over devices along the batch axis)."""
+    """This host's part of a global batch, placed on the devices (split along the batch axis).
+
+    An explicit `jax.device_put` with the step's input sharding: nothing is copied to the
+    devices implicitly, so the loop runs under `jax.transfer_guard('disallow')`.
+    """
     if self.mode == "pmap":
       n = self.num_devices
-      return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
-    if self.mode == "mesh" and jax.process_count() > 1:
-      sharding = NamedSharding(self.mesh, P(AXIS))
-      return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-    # One process: hand the numpy batch to the jitted step, whose in_shardings place it.
-    # That transfer happens in jit's C++ dispatch path; an explicit jax.device_put of the
-    # batch dict costs about 0.24 ms per step on the 2-core CPU, more than a digits MLP step.
-    return batch
+      batch = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+    return self._put(batch, self._sharding(replicated=False))
 
   # --- compilation --------------------------------------------------------------------------
   def compile_train(self, step_fn: Callable) -> Callable:
@@ -198,20 +218,84 @@ class Placement:
     return jax.tree.map(_local_copy, metrics)
 
 
-def _local_copy(x) -> np.ndarray:
-  """A host copy of a replicated array, from this process's first device.
+def _fast_put(leaves: list, sharding) -> Optional[list]:
+  """The explicit host-to-device copy that `jax.device_put` makes, without its Python layers.
 
-  `np.asarray` (or `jax.device_get`) of an array that spans other processes' devices raises;
-  the local copy is the same value. On one process it is what `jax.device_get` returns.
+  `jax.device_put` of a two-array batch costs about 0.24 ms of CPU per step on the 2-core
+  machine (more than a tenth of a digits MLP step); the C++ transfer it ends in
+  (`batched_device_put`, inside JAX's explicit-transfer scope, so `jax.transfer_guard` sees
+  an explicit copy) costs about 0.03 ms. Only numpy arrays of JAX's canonical dtypes take
+  this path. Private API: returns None (the caller uses `jax.device_put`) if it moved.
+  """
+  global _FAST_PUT
+  if _FAST_PUT is False or not all(type(x) is np.ndarray for x in leaves):
+    return None
+  try:
+    from jax._src import config as jax_config
+    from jax._src import core, dtypes
+    from jax._src.lib import xla_client as xc
+    out = []
+    with jax_config.explicit_device_put_scope():
+      for x in leaves:
+        if dtypes.canonicalize_dtype(x.dtype) != x.dtype:
+          return None  # e.g. float64 without x64: jax.device_put converts it
+        index = _index_map(sharding, x.shape)
+        shards = [_shard(x, i) for i in index.values()]
+        out.append(xc.batched_device_put(core.ShapedArray(x.shape, x.dtype), sharding, shards,
+                                         list(index), True, True))
+    _FAST_PUT = True
+    return out
+  except (ImportError, AttributeError, TypeError):  # the private API moved: the public one
+    _FAST_PUT = False
+    return None
+  except RuntimeError:  # an input layout the C++ call refuses: this call takes the public path
+    return None
+
+
+_FAST_PUT = None  # None: not tried yet; False: unavailable in this JAX version
+_INDEX_MAPS: dict = {}
+
+
+def _shard(x: np.ndarray, index) -> np.ndarray:
+  """x[index] as a C-contiguous ndarray (a 0-d array stays 0-d: x[()] would be a scalar)."""
+  if x.ndim == 0:
+    return x
+  part = x[index]
+  return part if part.flags.c_contiguous else np.ascontiguousarray(part)
+
+
+def _index_map(sharding, shape) -> dict:
+  """{device: index of its shard} for this sharding and shape (cached: the same each step)."""
+  key = (sharding, shape)
+  m = _INDEX_MAPS.get(key)
+  if m is None:
+    m = _INDEX_MAPS[key] = dict(sharding.addressable_devices_indices_map(shape))
+  return m
+
+
+def device_put(tree, sharding):
+  """`jax.device_put(tree, sharding)` for host (numpy) pytrees: an explicit transfer, fast."""
+  leaves, treedef = jax.tree.flatten(tree)
+  out = _fast_put(leaves, sharding)
+  if out is None:
+    return jax.device_put(tree, sharding)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _local_copy(x) -> np.ndarray:
+  """A host copy of a replicated array, from this process's first device (explicit transfer).
+
+  `jax.device_get` of an array that spans other processes' devices raises; the local copy is
+  the same value. On one process it is what `jax.device_get` returns.
   """
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(x)
+    x = x.addressable_data(0)
+  return np.asarray(jax.device_get(x))
 
 
 def _first_replica(x) -> np.ndarray:
   """The first device's copy of a pmap output (replicated along a leading device axis)."""
-  return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+  return np.asarray(jax.device_get(x.addressable_data(0))).reshape(x.shape[1:])
 
 
 def make_placement(mode: str, num_devices: int = 0) -> Placement:

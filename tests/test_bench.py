@@ -1,0 +1,97 @@
+"""jrecipe.bench: a miniature of the benchmark (a few steps), its figures and its skips."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jrecipe import bench
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def worker():
+  """jrecipe's loop and the hand-written loop on the digits MLP, in this process."""
+  return bench.Worker("digits_mlp", ["jrecipe", "hand"], 0.0)
+
+
+def test_round_times_every_runner(worker):
+  r = worker.round(3)
+  assert set(r) == {"jrecipe", "hand"}
+  for steps_per_s, cpu_per_step in r.values():
+    assert steps_per_s > 0 and cpu_per_step > 0
+  info = worker.info
+  assert info["devices"] >= 1 and info["batch_size"] == 128
+  assert info["runners"]["hand"]["flops"] > 1e6  # XLA's count for one step
+
+
+@pytest.mark.slow
+def test_time_to_target_trains_from_scratch(worker):
+  """Both loops reach 97% test accuracy on digits within the epoch budget."""
+  out = worker.time_to_target()
+  for k in ("jrecipe", "hand"):
+    assert out[k]["seconds"] is not None and out[k]["seconds"] > 0, out
+    assert out[k]["accuracy"] >= 0.97
+  # A target that cannot be reached is reported as such, not as a time.
+  r = dict(worker.built["hand"])
+  miss = bench._time_to_target(r, worker.exp.steps_per_epoch, target=1.01, max_epochs=1)
+  assert miss["seconds"] is None and "not reached" in miss["note"]
+
+
+def test_torch_runner_skipped_with_a_note_when_absent(monkeypatch):
+  monkeypatch.setattr(bench, "torch_available", lambda: False)
+  w = bench.Worker("digits_mlp", ["torch"], 0.0)
+  assert not w.built
+  assert any("torch is not installed" in n for n in w.info["notes"])
+
+
+@pytest.mark.skipif(not bench.torch_available(), reason="PyTorch not installed (bench extra)")
+@pytest.mark.parametrize("name", ["digits_mlp", "mnist5k_cnn"])
+def test_torch_twin_has_the_same_parameters(name):
+  """The PyTorch model is the same network: the same parameter count as the Flax one."""
+  import jax
+  from jrecipe import experiment
+  from jrecipe.train.state import param_count
+  config = bench._load_config(name)
+  config.data.train_subset = 256
+  exp = experiment.build(config)
+  flax_n = param_count(exp.init_variables(jax.random.PRNGKey(0))["params"])
+  r = bench._torch_runner(exp, config, probe_threads=False)  # it runs one step itself
+  twin = sum(p.numel() for p in r["model"]().parameters())
+  assert twin == flax_n, (twin, flax_n)
+
+
+def test_matmul_peak_is_positive():
+  peak = bench.matmul_peak_gflops(n=256, repeats=2)
+  assert peak["wall"] > 0 and peak["cpu"] > 0
+
+
+@pytest.mark.slow
+def test_cli_writes_json(tmp_path):
+  """`python -m jrecipe.bench` end to end, miniature: two worker processes (1 and 2 devices)
+  alternating rounds, the paired split speedup, and a mode that fails skipped with a note."""
+  out = tmp_path / "bench.json"
+  r = subprocess.run(
+      [sys.executable, "-m", "jrecipe.bench", "--workloads=digits_mlp", "--devices=1,2",
+       "--rounds=2", "--steps=2", "--runners=jrecipe,hand", "--notime_to_target",
+       "--startup_repeats=0", "--end_to_end=no_such_mode", "--norecord", f"--json={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["machine"]["cores"] >= 1 and data["machine"]["matmul_peak_gflops"]["cpu"] > 0
+  by_devices = {w["devices"]: w for w in data["workloads"]}
+  assert set(by_devices) == {1, 2}, data["workloads"]
+  one = by_devices[1]
+  assert one["auto_choice"] is True  # the digits MLP stays on one device
+  for k in ("jrecipe", "hand"):
+    assert one["runners"][k]["steps_per_s"]["median"] > 0
+    assert one["runners"][k]["fraction_of_peak"]["wall"] > 0
+  assert np.isfinite(one["ratios"]["jrecipe/hand"]["median"])
+  assert by_devices[2]["split_speedup"]["jrecipe"]["median"] > 0
+  e2e = data["end_to_end"][0]
+  assert e2e["exit_status"] == 2 and "skipped" in e2e["note"]
+  assert "ratio jrecipe/hand" in r.stdout
