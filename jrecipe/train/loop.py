@@ -2,7 +2,10 @@
 
 Recipe stage 2 ('end-to-end skeleton'): fixed seed, the whole validation split evaluated
 every epoch as exact sums over exact counts, the loss at init printed beside its expected
-value, and a run that resumes exactly after a kill.
+value, and a run that resumes exactly after a kill. Babysitting (CS231n 'Learning'): when
+`config.monitor.enabled`, a `jrecipe.monitor.recorder.Monitor` records update/weight ratios,
+histograms, filters and prediction dynamics at its cadence, and writes diagnoses.json and
+report.html at the end.
 """
 
 import logging
@@ -20,7 +23,7 @@ import numpy as np
 from jrecipe import experiment as experiment_lib
 from jrecipe import optim
 from jrecipe.data import pipeline
-from jrecipe.errors import RunFailure, UserError
+from jrecipe.errors import RunFailure
 from jrecipe.train import parallel, step as step_lib, workdir as workdir_lib
 from jrecipe.train.checkpoint import Checkpointer
 from jrecipe.train.state import TrainState, create_state, param_count, variables_of
@@ -194,10 +197,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         resume_step=start_step if restored is not None else None)
   spe, total_steps = exp.steps_per_epoch, exp.total_steps
   state = placement.put_state(host_state)
-  train_step = placement.compile_train(step_lib.make_train_step(
-      exp.model, exp.loss, tx, l2=config.l2, ema_decay=config.ema_decay,
-      augment=exp.augment_fn(), axis_name=placement.axis_name,
-      needs_value_fn=optim.needs_value_fn(config.optimizer)))
+  step_kw = dict(l2=config.l2, ema_decay=config.ema_decay, augment=exp.augment_fn(),
+                 axis_name=placement.axis_name,
+                 needs_value_fn=optim.needs_value_fn(config.optimizer))
+  mon = None
+  if config.monitor.enabled:
+    from jrecipe.monitor.recorder import Monitor
+    mon = Monitor(exp, workdir, writer, placement, params=host_state.params, primary=primary,
+                  total_steps=total_steps,
+                  resume_step=start_step if restored is not None else None)
+    if mon.every:  # the same step, plus per-leaf norms on cadence steps (lax.cond)
+      step_kw.update(monitor=True, monitor_every=mon.every, monitor_last=total_steps)
+  train_step = placement.compile_train(step_lib.make_train_step(exp.model, exp.loss, tx,
+                                                                **step_kw))
+  watched = mon is not None and mon.every > 0
+  step_losses = config.monitor.enabled and config.monitor.step_losses
   evaluator = Evaluator(exp, placement)
   ema = config.ema_decay > 0
 
@@ -208,6 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "'verify the loss at init').", init_eval["loss"], chance)
     writer.write(0, {**init_eval, "expected_loss_at_init": chance}, split="validation",
                  epoch=0.0)
+    if mon is not None:
+      mon.at_init(host_state, state)
 
   batches = pipeline.train_batches(exp.data, batch_size=config.batch_size, seed=config.seed,
                                    start_step=start_step, process_index=jax.process_index(),
@@ -225,12 +241,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     nonlocal pending, epoch_n
     if not pending:
       return
-    stacked = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)
+    series = jax.tree.map(lambda *xs: jnp.stack(xs), *pending)
+    stacked = jax.tree.map(jnp.mean, series)
+    per_step = None
+    if step_losses and placement.mode == "pmap":  # [steps, devices]: first replica's copies
+      per_step = np.array([np.ravel(v)[0] for v in jax.device_get(
+          [m["loss"].addressable_data(0) for m in pending])])
+    elif step_losses:  # the stacked losses are already there: one more transfer
+      stacked["_steps"] = series["loss"]
     host = placement.metrics_to_host(stacked)
+    per_step = host.pop("_steps", per_step)
     for k, v in host.items():
       epoch_acc[k] = epoch_acc.get(k, 0.0) + float(v) * len(pending)
     epoch_n += len(pending)
     writer.write(step, host, split="train", epoch=step / spe)
+    if per_step is not None:  # 'training loss per step' (noise, hockey sticks) in one line
+      first = step - len(pending) + 1
+      writer.write(step, {"first_step": first, "loss": np.asarray(per_step).ravel().tolist()},
+                   split="train_steps", epoch=step / spe, tensorboard=False)
     pending = []
     bad = int(np.asarray(placement.host_state(state.bad_step)))
     if bad >= 0:
@@ -239,6 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if config.debug_nans:
         msg += " " + _debug_nans(exp, good, bad, config.batch_size)
       writer.write(step, {"nonfinite_step": bad}, split="events")
+      if mon is not None:
+        mon.finish()  # diagnoses ('exploding or NaN') and the report of the failed run
       writer.close()
       ckpt.close()
       raise RunFailure(msg)
@@ -247,6 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     step = start_step
     while step < total_steps:
       state, metrics = train_step(state, placement.put_batch(next(batches)))
+      if watched:
+        norms = metrics.pop("monitor")
+        if mon.due(step + 1):  # the only steps whose norms are read (and were computed)
+          mon.log_step(step + 1, norms, epoch=(step + 1) / spe)
       step += 1
       preempt.poll(step)
       if t_first is None:
@@ -258,6 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       epoch_end = step % spe == 0 or step == total_steps
       if step % config.log_every_steps == 0 or epoch_end:
         flush_pending(step)
+      if mon is not None and mon.probe_due(step):
+        mon.probe(step, state)
       if epoch_end or preempt.requested:
         epoch = step / spe
         record = {}
@@ -273,6 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if ema:
             writer.write(step, evaluator(variables_of(state, ema=True), "validation"),
                          split="validation_ema", epoch=epoch)
+          if mon is not None:
+            mon.after_eval(step, epoch, state, epoch_index=int(round(epoch)),
+                           last=step == total_steps)
           if progress is not None:
             progress.set_postfix(val_loss=f"{val['loss']:.4f}",
                                  val_acc=f"{val.get('accuracy', float('nan')):.4f}")
@@ -312,9 +351,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         summary[f"{split}_ema"] = evaluator(variables_of(state, ema=True), split)
       writer.write(step, summary[split], split=f"final_{split}", epoch=step / spe)
   ckpt.close()
-  writer.close()
   if primary:
     write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  if mon is not None and not preempt.requested:
+    t0 = time.perf_counter()
+    mon.finish()
+    log.debug("Diagnoses and report: %.2f s", time.perf_counter() - t0)
+  writer.close()
   return summary
 
 

@@ -2,8 +2,12 @@
 
 Nothing here knows about devices: the same functions are jitted on one device, jitted over a
 device mesh, or pmapped (then `axis_name` names the device axis and gradients are averaged
-with `lax.pmean`). The step returns what babysitting needs (loss, gradient, parameter and
-update norms, learning rate) so that watching training costs nothing extra.
+with `lax.pmean`). The plain step returns what every logged record needs (losses,
+accuracy, learning rate, finiteness) and nothing more, so it stays as lean as a hand-written
+loop. With `monitor=True` the same step also returns the per-leaf gradient, parameter and
+update norms (CS231n's update/weight ratios) as three stacked vectors; with `monitor_every`
+they are computed inside a `lax.cond` only on cadence steps (zeros otherwise), so one
+compiled step serves both and watching training costs nothing measurable between them.
 """
 
 from typing import Any, Callable, Optional
@@ -78,6 +82,38 @@ def _learning_rate(opt_state) -> jax.Array:
     return jnp.full((), jnp.nan, jnp.float32)
 
 
+def leaf_names(tree) -> list[str]:
+  """'dense_0/kernel'-style names of a pytree's leaves, in `jax.tree.leaves` order."""
+  out = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = []
+    for k in path:
+      parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    out.append("/".join(parts) or "value")
+  return out
+
+
+def leaf_norms(tree) -> jax.Array:
+  """The L2 norm of every leaf (float32), stacked in `jax.tree.leaves` order."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.stack([jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in leaves])
+
+
+MONITOR_KINDS = ("grad_norm", "param_norm", "update_norm")
+
+
+def expand_monitor(mon: dict, names: list[str]) -> dict[str, float]:
+  """Host values of `metrics['monitor']` -> {'grad_norm/<leaf>': ..., 'grad_norm': global}."""
+  out = {}
+  for kind in MONITOR_KINDS:
+    vec = [float(v) for v in list(getattr(mon[kind], "ravel", lambda: mon[kind])())]
+    out[kind] = float(sum(v * v for v in vec) ** 0.5)
+    out.update({f"{kind}/{n}": v for n, v in zip(names, vec)})
+  return out
+
+
 def _all_finite(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
@@ -85,7 +121,8 @@ def _all_finite(tree) -> jax.Array:
 
 def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, *,
                     l2: float = 0.0, ema_decay: float = 0.0, augment: Optional[Callable] = None,
-                    axis_name: Optional[str] = None, needs_value_fn: bool = False):
+                    axis_name: Optional[str] = None, needs_value_fn: bool = False,
+                    monitor: bool = False, monitor_every: int = 0, monitor_last: int = 0):
   """Builds the pure train step `(state, batch) -> (state, metrics)`.
 
   Args:
@@ -95,6 +132,12 @@ def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, 
     augment: `augment(x, rng) -> x` applied to the batch inside the step (train only).
     axis_name: the pmap axis to average gradients, metrics and batch statistics over.
     needs_value_fn: pass value/grad/value_fn to tx.update (L-BFGS's line search).
+    monitor: also return `metrics['monitor']` = {'grad_norm', 'param_norm', 'update_norm'}:
+      per-leaf norms stacked in `jax.tree.leaves(params)` order (parameters before the
+      update; the update as applied). `expand_monitor` names them on the host.
+    monitor_every, monitor_last: when monitor_every > 0 the norms are computed only when
+      the step count after this step is a multiple of it or equals monitor_last (a
+      `lax.cond`; zeros on other steps).
 
   Returns:
     A function to jit/pmap. A non-finite loss or gradient leaves the state unchanged and
@@ -138,12 +181,21 @@ def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, 
     metrics = dict(aux)
     metrics.update(
         total_loss=total,
-        grad_norm=_global_norm(grads),
-        param_norm=_global_norm(state.params),
-        update_norm=_global_norm(updates),
         learning_rate=_learning_rate(state.opt_state) * state.lr_scale,
         finite=finite.astype(jnp.float32),
     )
+    if monitor:
+      def norms(trees):
+        return {k: leaf_norms(t) for k, t in zip(MONITOR_KINDS, trees)}
+
+      trees = (grads, state.params, updates)
+      if monitor_every > 0:
+        count = state.step + 1
+        due = (count % monitor_every == 0) | (count == monitor_last)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(norms, trees))
+        metrics["monitor"] = jax.lax.cond(due, norms, lambda _: zeros, trees)
+      else:
+        metrics["monitor"] = norms(trees)
     return new_state, metrics
 
   return train_step

@@ -7,7 +7,7 @@ Only process 0 writes. TensorBoard event files are written with tensorboardX (no
 import json
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -20,6 +20,8 @@ def _jsonable(v):
     return int(v)
   if isinstance(v, np.ndarray):
     return _jsonable(v.item()) if v.size == 1 else [_jsonable(x) for x in v.tolist()]
+  if isinstance(v, (list, tuple)):
+    return [_jsonable(x) for x in v]
   return v
 
 
@@ -69,8 +71,13 @@ class MetricWriter:
                              purge_step=resume_step + 1 if resume_step is not None else None)
 
   def write(self, step: int, record: dict, *, split: str = "train",
-            epoch: Optional[float] = None) -> None:
-    """One record: {'step', 'epoch', 'split', metric: value, ...}; TensorBoard tag split/name."""
+            epoch: Optional[float] = None,
+            tensorboard: Union[bool, Callable[[str], bool]] = True) -> None:
+    """One record: {'step', 'epoch', 'split', metric: value, ...}; TensorBoard tag split/name.
+
+    `tensorboard=False` keeps the record out of TensorBoard (e.g. bookkeeping fields); a
+    function of the metric name chooses which scalars go there (each costs a write).
+    """
     if not self.enabled:
       return
     rec = {"step": int(step), "split": split}
@@ -78,7 +85,8 @@ class MetricWriter:
       rec["epoch"] = round(float(epoch), 6)
     for k, v in record.items():
       rec[k] = _jsonable(v)
-      if self._tb is not None and isinstance(rec[k], (int, float)):
+      to_tb = tensorboard(k) if callable(tensorboard) else tensorboard
+      if to_tb and self._tb is not None and isinstance(rec[k], (int, float)):
         self._tb.add_scalar(f"{split}/{k}", rec[k], int(step))
     self._file.write(json.dumps(rec) + "\n")
 
@@ -86,9 +94,26 @@ class MetricWriter:
     if self.enabled and self._tb is not None:
       self._tb.add_histogram(tag, np.asarray(values).ravel(), int(step))
 
+  def histogram_raw(self, tag: str, *, min: float, max: float, num: int, sum: float,
+                    sum_squares: float, edges, counts, step: int) -> None:
+    """A TensorBoard histogram from precomputed bins (`edges` has len(counts) + 1 values)."""
+    if self.enabled and self._tb is not None:
+      self._tb.add_histogram_raw(tag, min=min, max=max, num=num, sum=sum,
+                                 sum_squares=sum_squares, bucket_limits=list(edges)[1:],
+                                 bucket_counts=list(counts), global_step=int(step))
+
   def image(self, tag: str, image_hwc, step: int) -> None:
     if self.enabled and self._tb is not None:
       self._tb.add_image(tag, np.asarray(image_hwc), int(step), dataformats="HWC")
+
+  def image_png(self, tag: str, png: bytes, height: int, width: int, step: int) -> None:
+    """A TensorBoard image from already-encoded PNG bytes (RGB): no second encoding."""
+    if self.enabled and self._tb is not None:
+      from tensorboardX.proto.summary_pb2 import Summary
+      img = Summary.Image(height=int(height), width=int(width), colorspace=3,
+                          encoded_image_string=png)
+      self._tb._get_file_writer().add_summary(
+          Summary(value=[Summary.Value(tag=tag, image=img)]), int(step))
 
   def flush(self) -> None:
     if self.enabled:

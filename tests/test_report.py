@@ -1,0 +1,158 @@
+"""`--mode=report`: one self-contained page from whatever a work directory holds.
+
+The work directory here holds the files other modes write (checks.json with real check
+artifacts, inspect/, human.json, ablation.json, lr_find.json, search.json, ensemble.json),
+in shapes the report does not know field by field, plus a broken file: every section whose
+data exists is on the page, images are embedded, nothing crashes.
+"""
+
+import html.parser
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jrecipe.checks.base import CheckResult
+from jrecipe.checks.plots import heatmap
+from jrecipe.errors import UserError
+from jrecipe.monitor.images import save_png
+from jrecipe.report import html as report_html
+from jrecipe.report import mode as report_mode
+from jrecipe.report import svg
+from tests.helpers import run_cli
+from tests.test_monitor_rules import clean_losses, write_run
+
+
+def dump(path, obj):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+def png(path, seed=0):
+  return save_png(path, (np.random.default_rng(seed).random((8, 8, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture
+def full_workdir(tmp_path):
+  wd = write_run(tmp_path / "run", clean_losses(np.random.default_rng(0)),
+                 config={"model": {"name": "mlp", "hidden": [64]}, "monitor": {}})
+  dump(os.path.join(wd, "summary.json"),
+       {"step": 300, "epoch": 10.0, "test": {"accuracy": 0.9632, "loss": 0.12, "count": 270}})
+  os.makedirs(os.path.join(wd, "checks"))
+  heat = heatmap(os.path.join(wd, "checks", "batch_independence.png"), np.eye(4),
+                 title="dependencies")
+  grad = CheckResult("gradient_check", "pass", 3e-9, "< 1e-6", "analytic matches numeric",
+                     details={"table": [{"leaf": "['head']['kernel']", "shape": [64, 10],
+                                         "max_rel_error": 3.1e-9}]})
+  checks = [CheckResult("loss_at_init", "pass", 2.30, 2.3026, "loss at init matches chance"),
+            CheckResult("batch_independence", "fail", 0.5, 0.0, "example 0 leaks into 1",
+                        artifacts=[os.path.relpath(heat, wd)]), grad]
+  dump(os.path.join(wd, "checks.json"), {"checks": [c.to_json() for c in checks],
+                                         "summary": {"pass": 2, "fail": 1}})
+  dump(os.path.join(wd, "inspect", "summary.json"),
+       {"classes": {"0": 120, "1": 131}, "duplicates": [[3, 17]], "nested": {"a": {"b": [1, 2]}},
+        "plot": "inspect/counts.png"})
+  png(os.path.join(wd, "inspect", "counts.png"))
+  dump(os.path.join(wd, "inspect", "mistakes.json"), [{"id": 5, "label": 3, "pred": 8}])
+  with open(os.path.join(wd, "inspect", "broken.json"), "w") as f:
+    f.write("{not json")
+  dump(os.path.join(wd, "human.json"), {"accuracy": 0.9811, "ci95": [0.95, 0.99], "n": 53,
+                                        "split": "test"})
+  dump(os.path.join(wd, "ablation.json"), {"rows": [{"change": "no augmentation",
+                                                     "val_loss": 0.31}], "baseline": 0.29})
+  dump(os.path.join(wd, "lr_find.json"), {"suggested": 3e-3, "lrs": [1e-5, 1e-3, 1e-1]})
+  png(os.path.join(wd, "lr_find.png"), 1)
+  dump(os.path.join(wd, "search.json"), [{"trial": 0, "lr": 1e-3, "val_loss": 0.2}, 7, None])
+  png(os.path.join(wd, "search", "parallel.png"), 2)
+  dump(os.path.join(wd, "ensemble.json"), {"members": 3, "accuracy": 0.975})
+  return wd
+
+
+class Page(html.parser.HTMLParser):
+  def __init__(self):
+    super().__init__()
+    self.sections, self.images, self.svgs, self.external = [], [], 0, []
+
+  def handle_starttag(self, tag, attrs):
+    a = dict(attrs)
+    if tag == "section":
+      self.sections.append(a["id"])
+    if tag == "img":
+      self.images.append(a["src"])
+    if tag == "svg":
+      self.svgs += 1
+    for k in ("src", "href"):
+      if a.get(k, "").startswith(("http:", "https:", "//")):
+        self.external.append(a[k])
+
+
+def parse(path):
+  page = Page()
+  text = open(path, encoding="utf-8").read()
+  page.feed(text)
+  page.close()
+  return page, text
+
+
+def test_every_section_with_data_is_on_the_page(full_workdir):
+  assert report_mode.run_mode(None, full_workdir) == 0
+  page, text = parse(os.path.join(full_workdir, "report.html"))
+  assert page.sections == ["summary", "diagnoses", "curves", "checks", "inspect", "lr_find",
+                           "search", "ablation", "ensemble", "config"]
+  # checks/*.png, inspect/counts.png (twice: referenced from summary.json too), lr_find.png,
+  # search/parallel.png: all embedded, nothing fetched
+  assert len(page.images) >= 5 and not page.external
+  assert all(s.startswith("data:image/png;base64,") for s in page.images)
+  assert page.svgs >= 2  # loss (linear and log), accuracy
+  assert "0.9811" in text and "0.9632" in text  # human baseline beside the model
+  assert "max_rel_error" in text and "3.1e-09" in text  # the gradient-check table
+  assert "example 0 leaks into 1" in text and "class=fail" in text
+  assert "could not be rendered" in text and "JSONDecodeError" in text  # broken file, no crash
+  assert "no augmentation" in text and "duplicates" in text
+  assert os.path.exists(os.path.join(full_workdir, "diagnoses.json"))
+
+
+def test_loss_scale_option(full_workdir):
+  report_html.write_report(full_workdir, loss_scale="log")
+  _, text = parse(os.path.join(full_workdir, "report.html"))
+  assert "(log scale)" in text and "id=s-log" not in text
+  report_html.write_report(full_workdir)  # default 'both': a linear/log toggle, no script
+  _, text = parse(os.path.join(full_workdir, "report.html"))
+  assert "id=s-log" in text and "<script" not in text
+
+
+def test_generic_renderer_never_crashes_on_odd_shapes():
+  odd = {"a": [[1, 2], {"x": None}], "b": float("nan"), "c": [{"k": 1}, {"j": [1] * 50}],
+         "d": "<script>alert(1)</script>", "e": {"f": {"g": {"h": {"i": {"j": {"k": 1}}}}}}}
+  out = report_html.generic(odd)
+  assert "<script>" not in out and "&lt;script&gt;" in out
+  assert "nan" in out
+
+
+def test_svg_chart_handles_log_scale_and_empty_series():
+  assert svg.line_chart([{"label": "x", "x": [], "y": []}]) is None
+  chart = svg.line_chart([{"label": "loss", "x": [0, 1, 2], "y": [2.3, 0.1, 0.0]}], logy=True)
+  assert chart.startswith("<svg") and chart.count("<circle") == 2  # the zero is dropped
+  assert svg.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_bad_workdirs_are_user_errors(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    report_mode.run_mode(None, str(tmp_path / "missing"))
+  with pytest.raises(UserError, match="nothing to report"):
+    report_mode.run_mode(None, str(tmp_path))
+  assert not os.path.exists(tmp_path / "report.html")
+
+
+@pytest.mark.slow
+def test_cli_rebuilds_the_report_without_a_config(full_workdir, tmp_path):
+  os.remove(os.path.join(full_workdir, "checks.json"))
+  res = run_cli(["--mode=report", f"--workdir={full_workdir}"])
+  assert res.returncode == 0, res.stderr
+  assert "report.html" in res.stdout
+  page, _ = parse(os.path.join(full_workdir, "report.html"))
+  assert "checks" in page.sections  # checks/*.png alone still make the section
+  res = run_cli(["--mode=report", f"--workdir={tmp_path / 'nope'}"])
+  assert res.returncode == 2 and "does not exist" in res.stderr
