@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.monitor = ml_collections.ConfigDict()
   c.monitor.enabled = True  # babysitting instruments and diagnoses; False = the plain loop only
   c.monitor.every_steps = 100  # per-leaf grad/param/update norms and update ratios; 0 = never
-  c.monitor.probe_every_steps = 200  # activation/gradient histograms, dead/saturated units; 0 = init only
+  c.monitor.probe_every_steps = 200  # histograms, dead/saturated units; 0 = at init only
   c.monitor.probe_examples = 256  # fixed training examples the probe looks at
   c.monitor.images_every_epochs = 0  # filter grid and prediction PNG cadence; 0 = auto (~6 per run)
   c.monitor.prediction_examples = 16  # fixed test examples for prediction dynamics; 0 = off

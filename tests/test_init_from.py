@@ -6,6 +6,7 @@ widths), freeze it, and fine-tune it on another offline dataset with the same in
 classes (mnist5k downsampled 28 -> 4), where it must learn faster than from scratch.
 """
 
+import json
 import os
 
 import jax
@@ -151,6 +152,8 @@ def test_fine_tune_on_another_dataset_learns_faster(source_run, tmp_path):
   # Measured (seeds 1, 2): validation loss 2.15 / 2.19 from scratch, 1.95 / 1.98 fine-tuned.
   assert tuned["validation"]["loss"] < scratch["validation"]["loss"] - 0.08
   assert tuned["validation"]["accuracy"] > scratch["validation"]["accuracy"] + 0.05
+  report = json.load(open(tmp_path / "tuned" / "init_from.json"))  # the run says what it restored
+  assert report["restored"] and not (tmp_path / "scratch" / "init_from.json").exists()
 
 
 @pytest.mark.slow

@@ -172,10 +172,12 @@ print(jax.device_count(), p.block, parallel._SYNC_CPU_CLIENT)
 """
 
 
-@pytest.mark.parametrize("when, expected", [("early", "2 False True"), ("late", "2 True False")])
+@pytest.mark.parametrize("when, expected", [("early", "2 True True"), ("late", "2 True False")])
 def test_cpu_deadlock_guard_applies_before_or_after_the_backend(when, expected):
   """jax_cpu_enable_async_dispatch is read once, when the CPU client is created: set later it
-  does nothing, so a late guard must block on each step instead (shared/STACK.md deadlock)."""
+  does nothing. Early, synchronous dispatch is chosen; early or late, steps on several CPU
+  devices block on their results, since synchronous dispatch alone still deadlocked once
+  (shared/STACK.md deadlock; parallel.guard_cpu_collectives)."""
   r = subprocess.run([sys.executable, "-c", _GUARD, when], cwd=REPO, capture_output=True,
                      text=True, timeout=TIMEOUT,
                      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))

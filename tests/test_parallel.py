@@ -47,7 +47,7 @@ loop.init_train_state = init_unguarded
 def run(mode):
   cfg = tiny_config(num_epochs=1, ema_decay=0.9, log_every_steps=3,
                     **{{"parallel.mode": mode, "plateau.enabled": True,
-                       "monitor.enabled": False, "checkpoint.every_epochs": 1}})
+                       "checkpoint.every_epochs": 1}})
   with tempfile.TemporaryDirectory() as wd:
     try:
       with jax.transfer_guard("disallow"):
@@ -78,8 +78,8 @@ def _guarded() -> dict:
 @pytest.mark.slow
 def test_training_loop_runs_under_transfer_guard_disallow():
   """Every host -> device copy of the loop is explicit (Placement.put_batch / put_state),
-  split over two devices by mesh and pmap, and on one ('single'); the monitor (babysitting)
-  is off here: it is another module's code. Implicit numpy batches (planted) are refused."""
+  split over two devices by mesh and pmap, and on one ('single'), with the monitor
+  (babysitting) at its defaults. Implicit numpy batches (planted) are refused."""
   out = _guarded()
   assert out["devices"] == 2
   for mode, acc in out["runs"].items():

@@ -196,3 +196,28 @@ def test_early_stopping_and_reduce_on_plateau_follow_the_validation_loss(tmp_pat
   assert rates[0] == pytest.approx(1e-2) and min(rates) <= 0.5e-2 + 1e-9
   val = [r["loss"] for r in records if r["split"] == "validation" and r["step"] > 0]
   assert min(val) < val[-1], "stopped after the validation loss stopped improving"
+
+
+_NO_TORCH = """
+import sys
+from jrecipe.train.writer import MetricWriter
+w = MetricWriter(sys.argv[1], enabled=True)
+w.write(1, {"loss": 1.0})
+w.close()
+print("torch" in sys.modules)
+"""
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed (2 s of every start): a planted
+  `torch` package on the path must stay unimported by the metric writer."""
+  fake = tmp_path / "site" / "torch"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("Tensor = object\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), REPO])}
+  (tmp_path / "wd").mkdir()
+  r = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path / "wd")], cwd=REPO,
+                     capture_output=True, text=True, timeout=120, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["False"], r.stdout
+  assert list((tmp_path / "wd" / "tensorboard").iterdir())

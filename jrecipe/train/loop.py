@@ -185,6 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           "plateau": plateau.state_dict()}
   restored = ckpt.restore(host_state)
   start_step = 0
+  if restored is None and primary and getattr(exp, "init_from_report", None):
+    from jrecipe.train import init_from
+    init_from.write_report(workdir, exp.init_from_report)  # what was restored, skipped, fresh
   if restored is not None:
     host_state, meta, start_step = restored
     plateau.load_state_dict(meta["plateau"])

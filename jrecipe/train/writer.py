@@ -25,6 +25,25 @@ def _jsonable(v):
   return v
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch at module load whenever it is installed (it only uses it to
+  accept torch tensors), which added about 2 s to every jrecipe start once the `bench` extra
+  was installed. Unless the user's program already loaded torch, the import sees it as absent.
+  """
+  import sys
+  if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError inside this block only
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """All records of `workdir/metrics.jsonl` (a torn last line from a kill is ignored)."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -66,8 +85,7 @@ class MetricWriter:
     elif resume_step is None and os.path.exists(self.path):
       os.remove(self.path)
     self._file = open(self.path, "a", buffering=1)
-    from tensorboardX import SummaryWriter  # local: import cost only where used
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+    self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"),
                              purge_step=resume_step + 1 if resume_step is not None else None)
 
   def write(self, step: int, record: dict, *, split: str = "train",
