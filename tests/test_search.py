@@ -268,7 +268,8 @@ def _trials(url, name, k):
   if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
     return []
   try:
-    return optuna.load_study(study_name=f"{name}.stage{k}", storage=url).get_trials()
+    storage = study_lib.open_storage(url)  # retries a first contact racing the master's
+    return optuna.load_study(study_name=f"{name}.stage{k}", storage=storage).get_trials()
   except KeyError:  # the stage's study does not exist yet
     return []
 

@@ -224,6 +224,9 @@ class Worker:
     finally:
       watcher.stop.set()
       watcher.join()
+    if watcher.exploded is None:  # a run shorter than the watcher's poll: read what it missed
+      watcher.can_signal = False
+      watcher._check_explosion()
     if watcher.exploded:
       self.stop_requested = False  # that SIGTERM was ours (the loop's stop path), not a request
       return "diverged", None, watcher.exploded
