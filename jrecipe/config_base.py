@@ -7,6 +7,19 @@ locks the result so a mistyped override is an error, not a silently ignored valu
 import ml_collections
 
 
+def from_json(d: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict from its JSON form (config.json): JSON lists back to tuples (model.hidden)."""
+
+  def tuples(v):
+    if isinstance(v, dict):
+      return {k: tuples(x) for k, x in v.items()}
+    if isinstance(v, list):
+      return tuple(tuples(x) for x in v)
+    return v
+
+  return ml_collections.ConfigDict(tuples(d))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All fields jrecipe reads, with the recipe's defaults (fixed seed, constant Adam 3e-4)."""
   c = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jrecipe import config_base
 from jrecipe.errors import UserError
 from jrecipe.types import DataSpec, Loss, Model
 
@@ -53,15 +54,6 @@ class Member:
   ema: bool = False
 
 
-def _tuples(v):
-  """JSON lists back to tuples (config.json stores tuples such as model.hidden as lists)."""
-  if isinstance(v, dict):
-    return {k: _tuples(x) for k, x in v.items()}
-  if isinstance(v, list):
-    return tuple(_tuples(x) for x in v)
-  return v
-
-
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The ConfigDict a run was trained with, from `workdir/config.json`."""
   path = os.path.join(workdir, "config.json")
@@ -73,7 +65,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
       raw = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f"Cannot read {path}: {e}.") from e
-  return ml_collections.ConfigDict(_tuples(raw))
+  return config_base.from_json(raw)
 
 
 class _Run:

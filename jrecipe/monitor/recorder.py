@@ -26,6 +26,7 @@ import numpy as np
 
 from jrecipe.monitor import images, overview, probe as probe_lib
 from jrecipe.train.step import expand_monitor, leaf_names
+from jrecipe.train.writer import read_jsonl
 
 log = logging.getLogger("jrecipe")
 
@@ -50,20 +51,6 @@ def truncate_jsonl(path: str, max_step=None) -> None:
   with open(tmp, "w") as f:
     f.writelines(kept)
   os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list[dict]:
-  """Records of a JSON-lines file (a torn last line is ignored); [] when missing."""
-  out = []
-  if not os.path.exists(path):
-    return out
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        break
-  return out
 
 
 class Monitor:

@@ -24,7 +24,7 @@ import os
 from typing import Any, Callable, Optional
 
 from jrecipe.monitor import diagnose as diagnose_lib
-from jrecipe.monitor.recorder import read_jsonl
+from jrecipe.train.writer import read_jsonl
 from jrecipe.report import plots
 
 MAX_ROWS = 200

@@ -8,15 +8,9 @@ import json
 
 import ml_collections
 
-
-def _tuples(v):
-  if isinstance(v, dict):
-    return {k: _tuples(x) for k, x in v.items()}
-  if isinstance(v, list):
-    return tuple(_tuples(x) for x in v)
-  return v
+from jrecipe import config_base
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    return config_base.from_json(json.load(f))

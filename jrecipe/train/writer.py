@@ -44,12 +44,11 @@ def _summary_writer_class():
   return SummaryWriter
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All records of `workdir/metrics.jsonl` (a torn last line from a kill is ignored)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
+def read_jsonl(path: str) -> list[dict]:
+  """Records of a JSON-lines file (a torn last line from a kill is ignored); [] when missing."""
   out = []
+  if not os.path.exists(path):
+    return out
   with open(path) as f:
     for line in f:
       try:
@@ -57,6 +56,11 @@ def read_metrics(workdir: str) -> list[dict]:
       except json.JSONDecodeError:
         break
   return out
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of `workdir/metrics.jsonl`."""
+  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 class MetricWriter:
