@@ -12,7 +12,6 @@ test (1 seed, 1 epoch, 2 rates unless given), labelled as such in its section.
 """
 
 import copy
-import datetime
 import math
 import os
 import sys
@@ -21,9 +20,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from experiments.results import (RESULTS_HEADER, command_line, duration as _duration,  # noqa: F401
-                                 fresh_dir as _fresh_dir, machine, mean_std as _mean_std,
-                                 pm as _pm, write_section)
+# RESULTS_HEADER is re-exported (tests/test_experiments.py reads it from here).
+from experiments.results import (quick_values, run_meta, start, RESULTS_HEADER,
+                                 duration as _duration, fresh_dir as _fresh_dir,
+                                 mean_std as _mean_std, pm as _pm, write_section)  # noqa: F401
 
 SECTION = "lr_sweep"
 CLAIM_OPTIMIZER, CLAIM_RATE, CLAIM_MARGIN = "adam", 3e-4, 1.0  # margin in accuracy points
@@ -269,32 +269,22 @@ def define_flags():
 
 def main(argv: list[str]) -> None:
   """Runs the sweep from the flags and writes this experiment's section of --results."""
-  from absl import flags, logging as absl_logging
+  from absl import flags
   from ml_collections import config_flags
-  from jrecipe import runtime
   from jrecipe.errors import UserError
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"lr_sweep: error: unexpected arguments {argv[1:]}")
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  runtime.enable_compilation_cache()
-  seeds, epochs, rates = FLAGS.seeds, FLAGS.epochs, FLAGS.rates
-  if FLAGS.quick:
-    seeds = seeds if FLAGS["seeds"].present else 1
-    epochs = epochs if FLAGS["epochs"].present else 1
-    rates = rates if FLAGS["rates"].present else QUICK_RATES
+  start("lr_sweep", argv)
+  seeds, epochs, rates = quick_values(FLAGS, {"seeds": 1, "epochs": 1, "rates": QUICK_RATES})
   try:
     rates = [float(r) for r in rates]
   except ValueError:
     sys.exit(f"lr_sweep: error: --rates={','.join(rates)} must be numbers, e.g. 1e-4,3e-4.")
   config, config_file = FLAGS.config, config_flags.get_config_filename(FLAGS["config"])
-  meta = {"command": command_line(sys.argv), "quick": FLAGS.quick, "epochs": epochs,
-          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "machine": machine(),
-          "job": (f"`{config_file}` (data {config.data.name}, model "
-                  f"{config.model.name} {tuple(config.model.get('hidden', ()))}, batch "
-                  f"{config.batch_size}, schedule {config.schedule.name}, momentum "
-                  f"{config.optimizer.momentum:g} for SGD with momentum)")}
+  meta = run_meta(FLAGS, epochs, (
+      f"`{config_file}` (data {config.data.name}, model "
+      f"{config.model.name} {tuple(config.model.get('hidden', ()))}, batch "
+      f"{config.batch_size}, schedule {config.schedule.name}, momentum "
+      f"{config.optimizer.momentum:g} for SGD with momentum)"))
   t0 = time.perf_counter()
   try:
     records = sweep(config, FLAGS.optimizers, rates, seeds, epochs, FLAGS.workdir)

@@ -23,7 +23,6 @@ for the test (budget 4, 1 seed, 0.3 epochs), labelled as such.
 """
 
 import copy
-import datetime
 import math
 import os
 import sys
@@ -32,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from experiments.results import (command_line, duration as _duration, fresh_dir as _fresh_dir,
-                                 machine, mean_std as _mean_std, pm as _pm, write_section)
+from experiments.results import (quick_values, run_meta, start, duration as _duration,
+                                 fresh_dir as _fresh_dir, mean_std as _mean_std, pm as _pm,
+                                 write_section)
 
 SECTION = "random_vs_grid"
 IMPORTANT, UNIMPORTANT = "optimizer.learning_rate", "l2"
@@ -241,20 +241,12 @@ def define_flags():
 
 def main(argv: list[str]) -> None:
   """Runs the comparison from the flags and writes this experiment's section of --results."""
-  from absl import flags, logging as absl_logging
+  from absl import flags
   from ml_collections import config_flags
-  from jrecipe import runtime
   from jrecipe.errors import UserError
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"random_vs_grid: error: unexpected arguments {argv[1:]}")
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  runtime.enable_compilation_cache()
-  budget, seeds, epochs = FLAGS.budget, FLAGS.seeds, FLAGS.epochs
-  if FLAGS.quick:
-    budget = budget if FLAGS["budget"].present else 4
-    seeds = seeds if FLAGS["seeds"].present else 1
-    epochs = epochs if FLAGS["epochs"].present else 0.3
+  start("random_vs_grid", argv)
+  budget, seeds, epochs = quick_values(FLAGS, {"budget": 4, "seeds": 1, "epochs": 0.3})
   try:
     lr_range = tuple(float(v) for v in FLAGS.lr_range)
     l2_range = tuple(float(v) for v in FLAGS.l2_range)
@@ -264,13 +256,10 @@ def main(argv: list[str]) -> None:
   except (ValueError, AssertionError) as e:
     sys.exit(f"random_vs_grid: error: {e or 'ranges must be two positive numbers, low < high'}")
   config, config_file = FLAGS.config, config_flags.get_config_filename(FLAGS["config"])
-  meta = {"command": command_line(sys.argv), "quick": FLAGS.quick, "epochs": epochs,
-          "budget": budget, "lr_range": lr_range, "l2_range": l2_range,
-          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "machine": machine(),
-          "job": (f"`{config_file}` (data {config.data.name}, model {config.model.name} "
-                  f"{tuple(config.model.get('hidden', ()))}, optimizer {config.optimizer.name}, "
-                  f"batch {config.batch_size})")}
+  meta = run_meta(FLAGS, epochs, (
+      f"`{config_file}` (data {config.data.name}, model {config.model.name} "
+      f"{tuple(config.model.get('hidden', ()))}, optimizer {config.optimizer.name}, "
+      f"batch {config.batch_size})"), budget=budget, lr_range=lr_range, l2_range=l2_range)
   t0 = time.perf_counter()
   try:
     records = run(config, budget, seeds, epochs, FLAGS.workdir, lr_range, l2_range)

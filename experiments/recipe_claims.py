@@ -23,14 +23,14 @@ members unless given), labelled as such in every section.
 """
 
 import copy
-import datetime
 import os
 import sys
 import time
 from typing import Any, Optional
 
-from experiments.results import (command_line, duration as _duration, fresh_dir as _fresh_dir,
-                                 machine, mean_std as _mean_std, pm as _pm, write_section)
+from experiments.results import (quick_values, run_meta, start, duration as _duration,
+                                 fresh_dir as _fresh_dir, mean_std as _mean_std, pm as _pm,
+                                 write_section)
 
 CLAIMS = ("ensemble", "ema", "bigger_early_stopped")
 MEMBERS = 5
@@ -284,30 +284,21 @@ def define_flags():
 
 
 def main(argv: list[str]) -> None:
-  from absl import flags, logging as absl_logging
+  from absl import flags
   from ml_collections import config_flags
-  from jrecipe import runtime
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"recipe_claims: error: unexpected arguments {argv[1:]}")
+  start("recipe_claims", argv)
   unknown = [c for c in FLAGS.claims if c not in CLAIMS]
   if unknown:
     sys.exit(f"recipe_claims: error: unknown claims {unknown}; choose from {','.join(CLAIMS)}.")
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  runtime.enable_compilation_cache()
-  seeds, epochs, members = FLAGS.seeds, FLAGS.epochs, FLAGS.members
-  if FLAGS.quick:
-    seeds = seeds if FLAGS["seeds"].present else 1
-    epochs = epochs if FLAGS["epochs"].present else 1
-    members = members if FLAGS["members"].present else QUICK_MEMBERS
+  seeds, epochs, members = quick_values(FLAGS, {"seeds": 1, "epochs": 1,
+                                                "members": QUICK_MEMBERS})
   config, config_file = FLAGS.config, config_flags.get_config_filename(FLAGS["config"])
-  meta = {"command": command_line(sys.argv), "quick": FLAGS.quick, "epochs": epochs,
-          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "machine": machine(),
-          "job": (f"`{config_file}` (data {config.data.name}, model {config.model.name} "
-                  f"{tuple(config.model.get('hidden', ()))}, batch {config.batch_size}, "
-                  f"{config.optimizer.name} {config.optimizer.learning_rate:g}, schedule "
-                  f"{config.schedule.name}, ema_decay {config.ema_decay:g})")}
+  meta = run_meta(FLAGS, epochs, (
+      f"`{config_file}` (data {config.data.name}, model {config.model.name} "
+      f"{tuple(config.model.get('hidden', ()))}, batch {config.batch_size}, "
+      f"{config.optimizer.name} {config.optimizer.learning_rate:g}, schedule "
+      f"{config.schedule.name}, ema_decay {config.ema_decay:g})"))
   sections = []
   if "ensemble" in FLAGS.claims or "ema" in FLAGS.claims:
     t0 = time.perf_counter()

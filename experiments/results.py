@@ -61,6 +61,30 @@ def command_line(argv: list[str]) -> str:
   return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
 
 
+def start(name: str, argv: list[str]) -> None:
+  """A script's common start: no stray arguments, quiet absl, the persistent compile cache."""
+  from absl import logging as absl_logging
+  from jrecipe import runtime
+  if len(argv) > 1:
+    sys.exit(f"{name}: error: unexpected arguments {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  runtime.enable_compilation_cache()
+
+
+def quick_values(flags, quick_defaults: dict) -> list:
+  """Each flag's value; with --quick, the smoke default for every flag not given explicitly."""
+  return [flags[k].value if (not flags.quick or flags[k].present) else v
+          for k, v in quick_defaults.items()]
+
+
+def run_meta(flags, epochs, job: str, **extra) -> dict:
+  """The bookkeeping every section states: command, date, machine, job (and `extra`)."""
+  import datetime
+  return {"command": command_line(sys.argv), "quick": flags.quick, "epochs": epochs, **extra,
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "machine": machine(), "job": job}
+
+
 def duration(seconds: float) -> str:
   m, s = divmod(int(round(seconds)), 60)
   return f"{m} min {s} s" if m else f"{seconds:.1f} s"
