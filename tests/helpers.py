@@ -1,5 +1,6 @@
 """Small configs and subprocess helpers shared by the tests."""
 
+import html.parser
 import json
 import os
 import subprocess
@@ -59,3 +60,23 @@ def load_params(workdir, step=None):
 def read_json(path):
   with open(path) as f:
     return json.load(f)
+
+
+class ReportPage(html.parser.HTMLParser):
+  """What report.html contains: section ids, image sources, inline SVGs, external links."""
+
+  def __init__(self):
+    super().__init__()
+    self.sections, self.images, self.svgs, self.external = [], [], 0, []
+
+  def handle_starttag(self, tag, attrs):
+    a = dict(attrs)
+    if tag == "section":
+      self.sections.append(a["id"])
+    if tag == "img":
+      self.images.append(a["src"])
+    if tag == "svg":
+      self.svgs += 1
+    for k in ("src", "href"):
+      if a.get(k, "").startswith(("http:", "https:", "//")):
+        self.external.append(a[k])

@@ -6,7 +6,6 @@ checkpoints, TensorBoard files), shared by the tests through a module fixture.
 """
 
 import glob
-import html.parser
 import json
 import os
 import struct
@@ -16,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import read_json, tiny_config
+from tests.helpers import ReportPage, read_json, tiny_config
 from jrecipe import experiment as experiment_lib
 from jrecipe.monitor import diagnose
 from jrecipe.train import step as step_lib
@@ -182,28 +181,10 @@ def test_tensorboard_gets_scalars_histograms_and_images(runs):
   assert {"monitor/first_layer_weights", "monitor/predictions"} <= imgs
 
 
-class _Page(html.parser.HTMLParser):
-  def __init__(self):
-    super().__init__()
-    self.sections, self.images, self.svgs, self.external = [], [], 0, []
-
-  def handle_starttag(self, tag, attrs):
-    a = dict(attrs)
-    if tag == "section":
-      self.sections.append(a["id"])
-    if tag == "img":
-      self.images.append(a["src"])
-    if tag == "svg":
-      self.svgs += 1
-    for k in ("src", "href"):
-      if a.get(k, "").startswith(("http:", "https:", "//")):
-        self.external.append(a[k])
-
-
 @pytest.mark.slow
 def test_report_of_a_real_run(runs):
   wd, summary = runs("healthy")
-  page = _Page()
+  page = ReportPage()
   text = open(os.path.join(wd, "report.html"), encoding="utf-8").read()
   page.feed(text)
   page.close()

@@ -6,7 +6,6 @@ in shapes the report does not know field by field, plus a broken file: every sec
 data exists is on the page, images are embedded, nothing crashes.
 """
 
-import html.parser
 import json
 import os
 
@@ -20,7 +19,7 @@ from jrecipe.monitor.images import save_png
 from jrecipe.report import html as report_html
 from jrecipe.report import mode as report_mode
 from jrecipe.report import svg
-from tests.helpers import run_cli
+from tests.helpers import ReportPage, run_cli
 from tests.test_monitor_rules import clean_losses, write_run
 
 
@@ -70,26 +69,8 @@ def full_workdir(tmp_path):
   return wd
 
 
-class Page(html.parser.HTMLParser):
-  def __init__(self):
-    super().__init__()
-    self.sections, self.images, self.svgs, self.external = [], [], 0, []
-
-  def handle_starttag(self, tag, attrs):
-    a = dict(attrs)
-    if tag == "section":
-      self.sections.append(a["id"])
-    if tag == "img":
-      self.images.append(a["src"])
-    if tag == "svg":
-      self.svgs += 1
-    for k in ("src", "href"):
-      if a.get(k, "").startswith(("http:", "https:", "//")):
-        self.external.append(a[k])
-
-
 def parse(path):
-  page = Page()
+  page = ReportPage()
   text = open(path, encoding="utf-8").read()
   page.feed(text)
   page.close()
