@@ -6,10 +6,11 @@ an optional label at the start of each row; tiles are scaled with one value rang
 (the declared range of the data) so that blank, dark or saturated images look it.
 """
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
+
+from jrecipe.train.writer import save_figure_atomic
 
 
 def _tiles(images: np.ndarray) -> np.ndarray:
@@ -89,10 +90,7 @@ def save_grid(path: str, rows: Sequence[Sequence[Optional[np.ndarray]]],
     ax.axis("off")
   fig.suptitle(title, fontsize=9, wrap=True)
   fig.tight_layout()
-  tmp = f"{path}.tmp.{os.getpid()}.png"
-  fig.savefig(tmp, dpi=90)
-  os.replace(tmp, path)
-  return path
+  return save_figure_atomic(fig, path)
 
 
 def save_matrix(path: str, matrix: np.ndarray, *, title: str, labels: Sequence[str],
@@ -119,7 +117,4 @@ def save_matrix(path: str, matrix: np.ndarray, *, title: str, labels: Sequence[s
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  tmp = f"{path}.tmp.{os.getpid()}.png"
-  fig.savefig(tmp, dpi=90)
-  os.replace(tmp, path)
-  return path
+  return save_figure_atomic(fig, path)

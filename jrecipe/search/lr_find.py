@@ -35,7 +35,7 @@ from typing import Any, Optional
 import numpy as np
 
 from jrecipe.errors import UserError
-from jrecipe.train.writer import write_json_atomic
+from jrecipe.train.writer import save_figure_atomic, write_json_atomic
 
 log = logging.getLogger("jrecipe")
 MEDIAN_WINDOW = 7
@@ -199,10 +199,8 @@ def plot(path: str, rec: dict) -> None:
   ax.set_title("learning-rate range test")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = f"{path}.tmp.{os.getpid()}.png"
-  fig.savefig(tmp, dpi=90)
+  save_figure_atomic(fig, path)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def run_mode(config, workdir: str, exp: Optional[Any] = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import re
 from typing import Any, Optional
 
 from jrecipe.search import space as space_lib, study as study_lib
-from jrecipe.train.writer import write_json_atomic
+from jrecipe.train.writer import save_figure_atomic, write_json_atomic
 
 log = logging.getLogger("jrecipe")
 
@@ -109,10 +109,8 @@ def plot(path: str, param: space_lib.Param, rows: list[dict], metric: str) -> No
   ax.set_ylabel(f"validation {metric}")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  tmp = f"{path}.tmp.{os.getpid()}.png"
-  fig.savefig(tmp, dpi=90)
+  save_figure_atomic(fig, path)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def summarize(search, events: Optional[list] = None) -> dict[str, Any]:

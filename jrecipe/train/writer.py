@@ -25,6 +25,14 @@ def _jsonable(v):
   return v
 
 
+def save_figure_atomic(fig, path: str, dpi: int = 90) -> str:
+  """Saves a matplotlib figure to `path` via a temporary file: never a half-written PNG."""
+  tmp = f"{path}.tmp.{os.getpid()}.png"
+  fig.savefig(tmp, dpi=dpi)
+  os.replace(tmp, path)
+  return path
+
+
 def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without PyTorch.
 
