@@ -48,7 +48,6 @@ def test_torch_runner_skipped_with_a_note_when_absent(monkeypatch):
   assert any("torch is not installed" in n for n in w.info["notes"])
 
 
-@pytest.mark.skipif(not bench.torch_available(), reason="PyTorch not installed (bench extra)")
 @pytest.mark.parametrize("name", ["digits_mlp", "mnist5k_cnn"])
 def test_torch_twin_has_the_same_parameters(name):
   """The PyTorch model is the same network: the same parameter count as the Flax one."""
