@@ -62,6 +62,7 @@ def main():
   ap.add_argument("--cnn_epochs", type=float, default=2)
   args = ap.parse_args()
   from jrecipe import runtime
+  runtime.tune_cpu_xla()
   runtime.enable_compilation_cache(None)
   import logging
   logging.getLogger("jrecipe").setLevel(logging.WARNING)

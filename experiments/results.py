@@ -68,6 +68,7 @@ def start(name: str, argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f"{name}: error: unexpected arguments {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  runtime.tune_cpu_xla()
   runtime.enable_compilation_cache()
 
 

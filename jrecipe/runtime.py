@@ -11,6 +11,7 @@ Environment variables read by `setup_processes` (all optional):
   (and without `--xla_force_host_platform_device_count` in XLA_FLAGS), a CPU-only host
   chooses the count itself: `config.parallel.cpu_devices`, or by model family
   (`choose_cpu_devices`).
+- `JRECIPE_XLA_DEFAULTS=1`: leave XLA's CPU compiler at its own defaults (`tune_cpu_xla`).
 - `JRECIPE_COORDINATOR=HOST:PORT`, `JRECIPE_NUM_PROCESSES=P`, `JRECIPE_PROCESS_ID=I`: the
   arguments of `jax.distributed.initialize(coordinator_address, num_processes, process_id)`,
   read only with `--config.parallel.distributed=True`. Leave them unset where JAX finds its
@@ -48,6 +49,21 @@ DEFAULT_SPLIT_FAMILIES = {"cnn": True, "resnet": True, "mlp": False, "linear": F
 # cores with their siblings (search workers, usually several at once).
 TRAINING_MODES = ("train",)
 
+ENV_XLA_DEFAULTS = "JRECIPE_XLA_DEFAULTS"
+# XLA:CPU compiler flags jrecipe adds to XLA_FLAGS before the backend starts, per jaxlib
+# version: each was measured with that version (python -m jrecipe.bench, docs/performance.md)
+# and an unknown XLA flag aborts the process, so a new jaxlib gets none until it is measured.
+# - ynn_fusion_type=-individual_convolution,-reduce: jaxlib 0.10.2 hands large convolutions,
+#   and reductions such as an average pool with the ReLU before it, to YNNPACK library
+#   fusions by default. In a JAX profiler trace of the mnist5k CNN step the convolution
+#   fusions took 136 of its ~165 ms (conv_1's weight gradient alone 61 ms), and the pooling
+#   fusion materialised a 12.8 MB broadcast of 0.0 for its ReLU (7 ms). XLA's own (Eigen)
+#   convolution and loop fusions run the same step in 74-75 ms (83-84 ms with the pools still
+#   in YNNPACK). Dots and elementwise fusions stay with YNNPACK; the digits MLP is unchanged.
+CPU_XLA_FLAGS = {
+    "0.10.2": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce",),
+}
+
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
   """Turns on JAX's persistent compilation cache ('' or 'none' disables it).
@@ -65,6 +81,32 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return cache_dir
+
+
+def tune_cpu_xla() -> list[str]:
+  """Adds this jaxlib's measured XLA:CPU flags (`CPU_XLA_FLAGS`) to XLA_FLAGS; returns them.
+
+  Must run before the JAX backend starts (XLA reads XLA_FLAGS once, then). A flag the user
+  already set in XLA_FLAGS, by name, is left as the user set it; `$JRECIPE_XLA_DEFAULTS=1`
+  leaves XLA's defaults alone altogether (the bench's `--xla_defaults` uses it).
+  """
+  flags = cpu_xla_flags()
+  current = os.environ.get("XLA_FLAGS", "")
+  added = [f for f in flags if f.split("=", 1)[0] + "=" not in current]
+  if added:
+    os.environ["XLA_FLAGS"] = " ".join([current.strip()] + added).strip()
+  return added
+
+
+def cpu_xla_flags() -> tuple:
+  """The flags `tune_cpu_xla` adds in this environment (a bench record is valid only with them)."""
+  if os.environ.get(ENV_XLA_DEFAULTS, "").strip().lower() in ("1", "true", "yes"):
+    return ()
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return CPU_XLA_FLAGS.get(version("jaxlib"), ())
+  except PackageNotFoundError:
+    return ()
 
 
 def _env_int(name: str, minimum: int) -> int | None:
@@ -131,7 +173,8 @@ def measured_families(cache_dir: str | None = None) -> dict:
   except (OSError, ValueError):
     return {}
   from importlib.metadata import version
-  if record.get("cores") != host_cores() or record.get("jax") != version("jax"):
+  if (record.get("cores") != host_cores() or record.get("jax") != version("jax")
+      or record.get("xla_flags", []) != list(cpu_xla_flags())):
     return {}
   return dict(record.get("families", {}))
 
@@ -150,7 +193,8 @@ def record_measurement(family: str, devices: int, speedup: float, details: dict,
   path = os.path.join(cache_dir, CPU_DEVICES_FILE)
   families = measured_families(cache_dir)
   families[family] = {"devices": int(devices), "speedup": round(float(speedup), 3), **details}
-  write_json_atomic(path, {"cores": host_cores(), "jax": version("jax"), "families": families})
+  write_json_atomic(path, {"cores": host_cores(), "jax": version("jax"),
+                           "xla_flags": list(cpu_xla_flags()), "families": families})
   return path
 
 
@@ -203,7 +247,7 @@ def choose_cpu_devices(config, mode: str = "train", *, cores: int | None = None,
 
 
 def setup_processes(distributed: bool, config=None, mode: str = "train") -> int | None:
-  """Device count, CPU dispatch mode and multi-host initialisation, in the order JAX needs.
+  """XLA:CPU flags, device count, CPU dispatch mode and multi-host initialisation, in order.
 
   Called once per process before anything creates the JAX backend. With `distributed`,
   every host of the job runs this with the same config and joins the job through
@@ -215,6 +259,7 @@ def setup_processes(distributed: bool, config=None, mode: str = "train") -> int 
   import jax
   from jrecipe.errors import UserError
   from jrecipe.train import parallel
+  tune_cpu_xla()
   n = _env_int(ENV_NUM_CPU_DEVICES, 1)
   if n is None and config is not None and not _forced_by_flags():
     n, why = choose_cpu_devices(config, mode)

@@ -125,3 +125,75 @@ def test_setup_processes_creates_the_chosen_devices(tmp_path):
   assert out == {"set": runtime.host_cores(), "devices": runtime.host_cores(), "async": False}
   out = _probe("mlp", {**cache, "JRECIPE_NUM_CPU_DEVICES": "3"})
   assert out == {"set": 3, "devices": 3, "async": False}
+
+
+def test_tune_cpu_xla_adds_the_measured_flags_once(monkeypatch):
+  """This jaxlib's measured flags go into XLA_FLAGS; a flag the user set by name stays theirs;
+  $JRECIPE_XLA_DEFAULTS=1 and an unmeasured jaxlib leave XLA's defaults alone."""
+  from importlib.metadata import version
+  monkeypatch.setitem(runtime.CPU_XLA_FLAGS, version("jaxlib"),
+                      ("--xla_cpu_a=-x", "--xla_cpu_b=1"))
+  monkeypatch.delenv(runtime.ENV_XLA_DEFAULTS, raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_b=0")
+  assert runtime.tune_cpu_xla() == ["--xla_cpu_a=-x"]
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                     "--xla_cpu_b=0 --xla_cpu_a=-x")
+  assert runtime.tune_cpu_xla() == []  # idempotent
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv(runtime.ENV_XLA_DEFAULTS, "1")
+  assert runtime.tune_cpu_xla() == [] and os.environ["XLA_FLAGS"] == ""
+  monkeypatch.delenv(runtime.ENV_XLA_DEFAULTS)
+  monkeypatch.delitem(runtime.CPU_XLA_FLAGS, version("jaxlib"))
+  assert runtime.tune_cpu_xla() == [] and os.environ["XLA_FLAGS"] == ""
+
+
+def test_a_bench_record_taken_with_other_xla_flags_does_not_count(tmp_path, monkeypatch):
+  d = str(tmp_path)
+  monkeypatch.delenv(runtime.ENV_XLA_DEFAULTS, raising=False)
+  runtime.record_measurement("cnn", 1, 1.0, {}, cache_dir=d)
+  assert "cnn" in runtime.measured_families(d)
+  monkeypatch.setenv(runtime.ENV_XLA_DEFAULTS, "1")
+  assert runtime.cpu_xla_flags() == () and runtime.measured_families(d) == {}
+
+
+CONV_PROBE = r"""
+import re, sys
+sys.path.insert(0, sys.argv[1])
+from jrecipe import runtime
+runtime.setup_processes(False)
+import jax, jax.numpy as jnp
+from flax import linen as nn
+conv = nn.Conv(64, (3, 3))
+x = jnp.ones((128, 14, 14, 32))
+params = conv.init(jax.random.key(0), x)
+pool = lambda h: nn.avg_pool(jax.nn.relu(h), (2, 2), strides=(2, 2))
+grad = jax.jit(jax.grad(lambda p: jnp.sum(pool(conv.apply(p, x)) ** 2)))
+hlo = grad.lower(params).compile().as_text()
+computation = re.compile(r"^%(\S+) \(.*?\{\n(.*?)\n\}", re.M | re.S)
+bodies = {m.group(1): m.group(2) for m in computation.finditer(hlo)}
+ynn = [re.search(r"calls=%([^,\s]+)", ln).group(1) for ln in hlo.splitlines() if "__ynn_fusion" in ln]
+print(sum(" convolution(" in bodies.get(c, "") for c in ynn),
+      sum(bool(re.search(r" reduce(-window)?\(", bodies.get(c, ""))) for c in ynn),
+      hlo.count(" convolution("))
+"""
+
+
+@pytest.mark.skipif(not runtime.cpu_xla_flags(),
+                    reason="no measured XLA:CPU flags for this jaxlib (nothing to check)")
+def test_convolutions_leave_ynnpack_with_the_tuned_flags():
+  """The flags do what they were measured for: XLA's default hands a CNN layer's convolutions
+  and its ReLU + average pool to YNNPACK library fusions (together 2.2x slower on the mnist5k
+  CNN); after setup_processes XLA compiles them itself. Fails when a jaxlib stops honouring
+  the flags, or stops needing them."""
+  def probe(extra):
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e.update(extra)
+    r = subprocess.run([sys.executable, "-c", CONV_PROBE, REPO], cwd=REPO, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [int(v) for v in r.stdout.split()[-3:]]
+  convs_default, pools_default, convs = probe({runtime.ENV_XLA_DEFAULTS: "1"})
+  assert convs >= 2 and convs_default >= 1, "XLA's default no longer uses YNNPACK for convs"
+  assert pools_default >= 1, "XLA's default no longer uses YNNPACK for reductions"
+  convs_tuned, pools_tuned, convs = probe({})
+  assert convs >= 2 and convs_tuned == 0 and pools_tuned == 0
