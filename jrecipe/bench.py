@@ -44,6 +44,9 @@ flags.DEFINE_integer("startup_repeats", 2, "Warm-cache start-up measurements per
                      "(after one cold); 0 = skip start-up timing.")
 flags.DEFINE_list("end_to_end", ["check", "inspect"], "CLI modes timed end to end on the "
                   "digits MLP config ('' = none).")
+flags.DEFINE_bool("xla_defaults", False, "Run every process with XLA's own CPU compiler "
+                  "defaults instead of jrecipe's measured flags (runtime.CPU_XLA_FLAGS); "
+                  "nothing is recorded for the auto device rule then.")
 flags.DEFINE_bool("record", True, "Record each family's measured split speedup in the cache.")
 flags.DEFINE_string("json", "", "Write the figures to this JSON file.")
 flags.DEFINE_string("worker", "", "Internal: run one workload's timing in this process.")
@@ -402,10 +405,10 @@ def _worker_main():
 class _WorkerProcess:
   """A worker subprocess with `devices` CPU devices, driven line by line."""
 
-  def __init__(self, name, devices):
-    env = dict(os.environ, JRECIPE_NUM_CPU_DEVICES=str(devices))
+  def __init__(self, name, devices, runners):
+    env = dict(_child_env(), JRECIPE_NUM_CPU_DEVICES=str(devices))
     cmd = [sys.executable, "-m", "jrecipe.bench", f"--worker={name}",
-           f"--runners={','.join(FLAGS.runners)}", f"--ema_decay={FLAGS.ema_decay}"]
+           f"--runners={','.join(runners)}", f"--ema_decay={FLAGS.ema_decay}"]
     self.err = tempfile.TemporaryFile("w+")
     self.p = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=self.err, text=True)
@@ -438,20 +441,54 @@ class _WorkerProcess:
     self.err.close()
 
 
+def _child_env() -> dict:
+  """The environment of the bench's processes: `--xla_defaults` turns jrecipe's XLA flags off."""
+  from jrecipe import runtime
+  env = dict(os.environ)
+  if FLAGS.xla_defaults:
+    env[runtime.ENV_XLA_DEFAULTS] = "1"
+  return env
+
+
 def bench_workload(name, counts, auto, rounds, steps, ttt):
-  """Workers for each device count, rounds alternating between them; figures per worker."""
+  """Workers for each device count, plus PyTorch in its own process; figures per JAX worker.
+
+  The JAX loops of one device count share a process (the same devices, the same XLA thread
+  pools). PyTorch runs in a process of its own: its OpenMP threads and XLA's thread pools,
+  in one process, each slowed the other down and made PyTorch's thread probe pick 1 thread
+  where 2 ran 1.7x faster. Every round runs every process once, one at a time, in a rotated
+  order, and ratios pair each JAX figure with PyTorch's figure of the same round.
+  """
+  jax_runners = [k for k in FLAGS.runners if k != "torch"]
+  torch_on = "torch" in FLAGS.runners
   workers, out = {}, []
   try:
     for n in counts:
-      workers[n] = _WorkerProcess(name, n)
-    per_round = {n: [] for n in counts}
-    for _ in range(rounds):
-      for n in counts:
-        per_round[n].append(workers[n].ask(f"round {steps}", "ROUND"))
-    for n in counts:
+      if jax_runners:
+        workers[n] = _WorkerProcess(name, n, jax_runners)
+    if torch_on:
+      workers["torch"] = _WorkerProcess(name, 1, ["torch"])
+    order = list(workers)
+    per_round = {k: [] for k in order}
+    for i in range(rounds):
+      for k in order[i % len(order):] + order[:i % len(order)]:
+        per_round[k].append(workers[k].ask(f"round {steps}", "ROUND"))
+    torch_rounds = per_round.get("torch", [])
+    torch_fig = workers["torch"].info["runners"].get("torch") if torch_on else None
+    torch_notes = workers["torch"].info["notes"] if torch_on else []
+    one = workers.get(1)
+    flops = one.info["runners"].get("hand", {}).get("flops") if one else None
+    for n in [n for n in counts if n in workers]:
       info = workers[n].info
       info["auto_choice"] = n == auto
-      rs = per_round[n]
+      info["notes"] = info["notes"] + torch_notes
+      # One step's FLOPs on one device: a sharded step's cost analysis counts one shard.
+      if flops and "hand" in info["runners"]:
+        info["runners"]["hand"]["flops"] = flops
+      rs = [dict(r, **({"torch": t["torch"]} if "torch" in t else {}))
+            for r, t in zip(per_round[n], torch_rounds or [{}] * len(per_round[n]))]
+      if torch_fig is not None:
+        info["runners"]["torch"] = dict(torch_fig)
       for k, fig in info["runners"].items():
         sps = [r[k][0] for r in rs]
         fig.update(steps_per_s=_stats(sps), examples_per_s=statistics.median(sps) *
@@ -464,28 +501,18 @@ def bench_workload(name, counts, auto, rounds, steps, ttt):
       info["ratios"] = ratios
       if ttt and n == auto:
         info["time_to_target"] = workers[n].ask("ttt", "TTT")
+        if torch_fig is not None:
+          t = workers["torch"].ask("ttt", "TTT")
+          info["time_to_target"]["torch"] = t["torch"]
       out.append(info)
-    if len(counts) > 1 and 1 in counts:
+    if len(counts) > 1 and 1 in counts and jax_runners:
       # Split over all cores against one device, paired round by round (same load).
       top = max(counts)
-      for k in workers[top].info["runners"]:
-        if k == "torch":
-          continue
+      for k in jax_runners:
         pairs = [a[k][0] / b[k][0] for a, b in zip(per_round[top], per_round[1])]
         for info in out:
           if info["devices"] == top:
             info.setdefault("split_speedup", {})[k] = _stats(pairs)
-    # The product against PyTorch at its best: jrecipe at the auto-chosen device count over the
-    # fastest PyTorch of the same round (any worker; its thread count differs between them).
-    if "jrecipe" in workers[auto].info["runners"] and any(
-        "torch" in w.info["runners"] for w in workers.values()):
-      pairs = []
-      for i, mine in enumerate(per_round[auto]):
-        best = max(per_round[n][i]["torch"][0] for n in counts if "torch" in per_round[n][i])
-        pairs.append(mine["jrecipe"][0] / best)
-      for info in out:
-        if info["devices"] == auto:
-          info["ratios"]["jrecipe(auto devices)/best torch"] = _stats(pairs)
   finally:
     for w in workers.values():
       w.close()
@@ -522,7 +549,7 @@ def startup_seconds(name, cache_dir, devices=None, timeout=600):
     config = os.path.join(REPO, WORKLOADS[name]["config"])
     cmd = [sys.executable, "-m", "jrecipe", f"--config={config}",
            f"--workdir={wd}", f"--compilation_cache={cache_dir}", "--config.log_every_steps=1"]
-    env = dict(os.environ)
+    env = _child_env()
     if devices:
       env["JRECIPE_NUM_CPU_DEVICES"] = str(devices)
     t0 = time.perf_counter()
@@ -553,7 +580,8 @@ def time_mode(mode, name="digits_mlp", timeout=1800):
     cmd = [sys.executable, "-m", "jrecipe", f"--config={config}",
            f"--workdir={wd}", f"--mode={mode}"]
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True,
+                       timeout=timeout)
     wall = time.perf_counter() - t
   out = {"mode": mode, "config": WORKLOADS[name]["config"], "seconds": wall,
          "exit_status": r.returncode}
@@ -571,15 +599,18 @@ def run_bench():
   """The whole benchmark; returns the figures (printed as it goes)."""
   from jrecipe import runtime
   cores = runtime.host_cores()
+  xla = ("XLA's own defaults (--xla_defaults)" if FLAGS.xla_defaults else
+         " ".join(runtime.cpu_xla_flags()) or "none")
   results = {"machine": {"cores": cores, "load_average_start": os.getloadavg(),
                          "matmul_peak_gflops": matmul_peak_gflops(),
-                         "torch": torch_available()},
+                         "torch": torch_available(), "xla_cpu_flags": xla},
              "workloads": [], "startup": [], "end_to_end": []}
   peaks = results["machine"]["matmul_peak_gflops"]
   peak = peaks["cpu"]
   print(f"machine: {cores} cores, float32 matmul peak {peak:.0f} GFLOP/s (numpy, per "
         f"CPU-second x cores; {peaks['wall']:.0f} by the clock now), load average "
         f"{results['machine']['load_average_start'][0]:.1f}")
+  print(f"XLA:CPU flags jrecipe adds: {xla}")
   for name in FLAGS.workloads:
     cfg = _load_config(name)
     auto, why = runtime.choose_cpu_devices(cfg, "train", cpu_only=True)
@@ -596,7 +627,7 @@ def run_bench():
       if split:
         line = (f"  {name}: {info['devices']} devices / 1 device = {_fmt(split, 1, 2)}x "
                 f"(jrecipe steps/s, paired rounds); auto choice: {auto} device(s) ({why})")
-        if FLAGS.record:
+        if FLAGS.record and not FLAGS.xla_defaults:
           path = runtime.record_measurement(
               FAMILY[name], info["devices"] if split["median"] > 1.05 else 1, split["median"],
               {"workload": name, "batch_size": cfg.batch_size, "min": split["min"],

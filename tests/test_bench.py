@@ -70,12 +70,13 @@ def test_matmul_peak_is_positive():
 
 @pytest.mark.slow
 def test_cli_writes_json(tmp_path):
-  """`python -m jrecipe.bench` end to end, miniature: two worker processes (1 and 2 devices)
-  alternating rounds, the paired split speedup, and a mode that fails skipped with a note."""
+  """`python -m jrecipe.bench` end to end, miniature: two JAX worker processes (1 and 2
+  devices) and PyTorch in a third, alternating rounds; the paired split speedup; PyTorch's
+  figures paired with each JAX worker; a mode that fails skipped with a note."""
   out = tmp_path / "bench.json"
   r = subprocess.run(
       [sys.executable, "-m", "jrecipe.bench", "--workloads=digits_mlp", "--devices=1,2",
-       "--rounds=2", "--steps=2", "--runners=jrecipe,hand", "--notime_to_target",
+       "--rounds=2", "--steps=2", "--runners=jrecipe,hand,torch", "--notime_to_target",
        "--startup_repeats=0", "--end_to_end=no_such_mode", "--norecord", f"--json={out}"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
@@ -90,6 +91,15 @@ def test_cli_writes_json(tmp_path):
     assert one["runners"][k]["steps_per_s"]["median"] > 0
     assert one["runners"][k]["fraction_of_peak"]["wall"] > 0
   assert np.isfinite(one["ratios"]["jrecipe/hand"]["median"])
+  # PyTorch ran once per round in its own process: the same figures beside both workers,
+  # its best thread count probed there, and ratios against it in each.
+  two = by_devices[2]
+  assert one["runners"]["torch"]["steps_per_s"] == two["runners"]["torch"]["steps_per_s"]
+  assert one["runners"]["torch"]["threads"] in (1, data["machine"]["cores"])
+  for w in (one, two):
+    assert np.isfinite(w["ratios"]["jrecipe/torch"]["median"])
+  # The fraction of peak uses one step's FLOPs on one device for both workers.
+  assert one["runners"]["hand"]["flops"] == two["runners"]["hand"]["flops"]
   assert by_devices[2]["split_speedup"]["jrecipe"]["median"] > 0
   e2e = data["end_to_end"][0]
   assert e2e["exit_status"] == 2 and "skipped" in e2e["note"]
