@@ -197,3 +197,14 @@ def test_convolutions_leave_ynnpack_with_the_tuned_flags():
   assert pools_default >= 1, "XLA's default no longer uses YNNPACK for reductions"
   convs_tuned, pools_tuned, convs = probe({})
   assert convs >= 2 and convs_tuned == 0 and pools_tuned == 0
+
+
+def test_start_up_does_not_import_what_a_fresh_run_does_not_use():
+  """Warm start-up (issue 9): orbax (about 0.25 s) waits for the first checkpoint and flax.nnx
+  (about 0.2 s) for an NNX model; the training loop's imports pull in neither."""
+  code = ("import sys; import jrecipe.main, jrecipe.train.loop, jrecipe.experiment; "
+          "print(sorted(m for m in ('orbax.checkpoint', 'flax.nnx') if m in sys.modules))")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == "[]"

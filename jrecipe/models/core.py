@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import inspect
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -18,7 +19,6 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax import nnx
 
 from jrecipe.errors import UserError
 from jrecipe.registry import Registry
@@ -172,7 +172,7 @@ def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str
     model = out if out.name != "model" else dataclasses.replace(out, name=name)
   elif isinstance(out, nn.Module):
     model = from_linen(out, name, example_input=example_input(spec))
-  elif isinstance(out, nnx.Module):
+  elif _is_nnx_module(out):
     model = from_nnx(out, name)
   else:
     raise UserError(f"The model factory {name!r} returned {type(out).__name__}; expected a "
@@ -303,7 +303,14 @@ def from_linen(module: nn.Module, name: str, *, has_dropout: Optional[bool] = No
                module=module, has_dropout=has_dropout, has_batchnorm=has_batchnorm, widen=widen)
 
 
-def _nnx_has_dropout(module: nnx.Module) -> bool:
+def _is_nnx_module(obj) -> bool:
+  """isinstance(obj, flax.nnx.Module) without importing flax.nnx (an NNX object implies it)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(obj, nnx.Module)
+
+
+def _nnx_has_dropout(module) -> bool:
+  from flax import nnx
   for _, node in nnx.iter_graph(module):
     if isinstance(node, nnx.Dropout) and node.rate > 0:
       return True
@@ -354,6 +361,7 @@ def from_nnx(graphdef_and_state_or_module: Any, name: str, *,
   Returns:
     A `jrecipe.types.Model` with `module=None`.
   """
+  from flax import nnx
   obj = graphdef_and_state_or_module
   make = None
   if isinstance(obj, nnx.Module):
