@@ -38,10 +38,10 @@ log = logging.getLogger("jrecipe")
 # this machine (`python -m jrecipe.bench` writes it); read by `choose_cpu_devices`.
 CPU_DEVICES_FILE = "cpu_devices.json"
 # Used where the bench has not run on this machine: its measurements on the project's 2-core
-# CPU (batch 128; docs/performance.md). XLA's CPU convolution backward barely uses a second
-# core, so splitting the batch over one device per core pays for convnets (mnist5k CNN 1.7-1.8x
-# the steps/s); a small MLP's step is too short for the split and its all-reduce (digits MLP
-# 0.6x). Unknown (user) models stay on one device.
+# CPU (batch 128; docs/performance.md), with CPU_XLA_FLAGS applied. The mnist5k CNN ran 1.13x
+# (1.11-1.14) the steps/s on one device per core (1.9x with XLA's default YNNPACK
+# convolutions, which use one core); a small MLP's step is too short for the split and its
+# all-reduce (digits MLP 0.6-0.7x). Unknown (user) models stay on one device.
 DEFAULT_SPLIT_FAMILIES = {"cnn": True, "resnet": True, "mlp": False, "linear": False,
                           "nnx_mlp": False, "transformer": False}
 # Modes that train for long enough to gain from several devices. The others run many tiny
