@@ -119,6 +119,37 @@ def test_nonfinite_loss_stops_with_report(tmp_path):
   assert not Checkpointer(str(tmp_path / "nan"), read_only=True).steps()
 
 
+def test_a_nonfinite_step_keeps_the_whole_state_and_records_it():
+  """The step's finite guard: a NaN batch leaves parameters, Adam moments and the EMA exactly
+  as they were (the step count moves on, bad_step records the step, the applied update the
+  monitor sees is zero); the next finite batch trains again and bad_step keeps the first."""
+  from jrecipe.train import step as step_lib
+  cfg = tiny_config(ema_decay=0.9)
+  exp = experiment.build(cfg)
+  tx = exp.optimizer()
+  step = jax.jit(step_lib.make_train_step(exp.model, exp.loss, tx, ema_decay=0.9,
+                                          monitor=True))
+  x = np.asarray(exp.data.arrays["train"]["x"][:64])
+  y = np.asarray(exp.data.arrays["train"]["y"][:64])
+  state, _ = step(loop.init_train_state(exp, tx), {"x": x, "y": y})
+  before = jax.device_get(state)
+  bad = x.copy()
+  bad[3] = np.nan
+  after, m = step(state, {"x": bad, "y": y})
+  after = jax.device_get(after)
+  assert float(m["finite"]) == 0.0 and int(after.step) == 2 and int(after.bad_step) == 1
+  for name in ("params", "opt_state", "ema_params", "model_state"):
+    same = jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=True),
+                        getattr(before, name), getattr(after, name))
+    assert all(jax.tree.leaves(same)), name
+  assert not np.any(np.asarray(m["monitor"]["update_norm"]))
+  again, m = step(jax.device_put(after), {"x": x, "y": y})
+  again = jax.device_get(again)
+  assert float(m["finite"]) == 1.0 and int(again.bad_step) == 1
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), after.params, again.params)
+  assert all(jax.tree.leaves(moved))
+
+
 def test_nnx_model_trains_through_the_same_pure_step(tmp_path):
   cfg = tiny_config(**{"model": _nnx_model_config()})
   summary = loop.train_and_evaluate(cfg, str(tmp_path / "nnx"))
