@@ -388,6 +388,7 @@ class Worker:
 def _worker_main():
   """Protocol: prints 'READY {info}', then answers 'round N' / 'ttt' / 'exit' lines."""
   from jrecipe import runtime
+  runtime.tune_cpu_xla(FAMILY[FLAGS.worker])  # the flags a run of this model gets
   runtime.setup_processes(False)  # $JRECIPE_NUM_CPU_DEVICES from the parent
   runtime.enable_compilation_cache()
   w = Worker(FLAGS.worker, FLAGS.runners, FLAGS.ema_decay)
@@ -600,7 +601,8 @@ def run_bench():
   from jrecipe import runtime
   cores = runtime.host_cores()
   xla = ("XLA's own defaults (--xla_defaults)" if FLAGS.xla_defaults else
-         " ".join(runtime.cpu_xla_flags()) or "none")
+         "; ".join(f"{w}: {' '.join(runtime.cpu_xla_flags(FAMILY[w])) or 'none'}"
+                   for w in FLAGS.workloads))
   results = {"machine": {"cores": cores, "load_average_start": os.getloadavg(),
                          "matmul_peak_gflops": matmul_peak_gflops(),
                          "torch": torch_available(), "xla_cpu_flags": xla},

@@ -51,17 +51,23 @@ TRAINING_MODES = ("train",)
 
 ENV_XLA_DEFAULTS = "JRECIPE_XLA_DEFAULTS"
 # XLA:CPU compiler flags jrecipe adds to XLA_FLAGS before the backend starts, per jaxlib
-# version: each was measured with that version (python -m jrecipe.bench, docs/performance.md)
-# and an unknown XLA flag aborts the process, so a new jaxlib gets none until it is measured.
-# - ynn_fusion_type=-individual_convolution,-reduce: jaxlib 0.10.2 hands large convolutions,
-#   and reductions such as an average pool with the ReLU before it, to YNNPACK library
-#   fusions by default. In a JAX profiler trace of the mnist5k CNN step the convolution
-#   fusions took 136 of its ~165 ms (conv_1's weight gradient alone 61 ms), and the pooling
-#   fusion materialised a 12.8 MB broadcast of 0.0 for its ReLU (7 ms). XLA's own (Eigen)
-#   convolution and loop fusions run the same step in 74-75 ms (83-84 ms with the pools still
-#   in YNNPACK). Dots and elementwise fusions stay with YNNPACK; the digits MLP is unchanged.
+# version and model family ("*": every model; a family's entry replaces it). Each was measured
+# with that version (python -m jrecipe.bench, docs/performance.md); an unknown XLA flag aborts
+# the process, so a new jaxlib gets none until it is measured.
+# - ynn_fusion_type=-individual_convolution (every model): jaxlib 0.10.2 hands large
+#   convolutions to YNNPACK library fusions by default. In a JAX profiler trace of the
+#   mnist5k CNN step they took 136 of its ~165 ms (conv_1's weight gradient alone 61 ms);
+#   XLA's own (Eigen) convolution runs the step in 83-84 ms. Models without convolutions are
+#   unaffected.
+# - ...,-reduce (convnets): the CNN's ReLU + average-pool fusion in YNNPACK materialised a
+#   12.8 MB broadcast of 0.0 (7 ms); with reductions left to XLA the step takes 74-75 ms.
+#   Not for every model: the digits transformer's step ran 4-15% slower without YNNPACK's
+#   reductions (softmax, layer norm).
 CPU_XLA_FLAGS = {
-    "0.10.2": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce",),
+    "0.10.2": {
+        "*": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",),
+        "cnn": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-reduce",),
+    },
 }
 
 
@@ -83,14 +89,15 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
   return cache_dir
 
 
-def tune_cpu_xla() -> list[str]:
-  """Adds this jaxlib's measured XLA:CPU flags (`CPU_XLA_FLAGS`) to XLA_FLAGS; returns them.
+def tune_cpu_xla(family: str | None = None) -> list[str]:
+  """Adds this jaxlib's measured XLA:CPU flags for `family` to XLA_FLAGS; returns them.
 
-  Must run before the JAX backend starts (XLA reads XLA_FLAGS once, then). A flag the user
+  Must run before the JAX backend starts (XLA reads XLA_FLAGS once, then). `family` is the
+  config's model.name ('cnn', 'mlp', ...; None: the flags for every model). A flag the user
   already set in XLA_FLAGS, by name, is left as the user set it; `$JRECIPE_XLA_DEFAULTS=1`
   leaves XLA's defaults alone altogether (the bench's `--xla_defaults` uses it).
   """
-  flags = cpu_xla_flags()
+  flags = cpu_xla_flags(family)
   current = os.environ.get("XLA_FLAGS", "")
   added = [f for f in flags if f.split("=", 1)[0] + "=" not in current]
   if added:
@@ -98,15 +105,16 @@ def tune_cpu_xla() -> list[str]:
   return added
 
 
-def cpu_xla_flags() -> tuple:
-  """The flags `tune_cpu_xla` adds in this environment (a bench record is valid only with them)."""
+def cpu_xla_flags(family: str | None = None) -> tuple:
+  """The flags `tune_cpu_xla(family)` adds here (a bench record is valid only with them)."""
   if os.environ.get(ENV_XLA_DEFAULTS, "").strip().lower() in ("1", "true", "yes"):
     return ()
   from importlib.metadata import PackageNotFoundError, version
   try:
-    return CPU_XLA_FLAGS.get(version("jaxlib"), ())
+    table = CPU_XLA_FLAGS.get(version("jaxlib"), {})
   except PackageNotFoundError:
     return ()
+  return tuple(table.get(family, table.get("*", ())))
 
 
 def _env_int(name: str, minimum: int) -> int | None:
@@ -164,7 +172,8 @@ def _forced_by_flags() -> bool:
 def measured_families(cache_dir: str | None = None) -> dict:
   """{family: {'devices': n, 'speedup': x, ...}} measured by the bench on this machine, or {}.
 
-  Only measurements taken with this many cores and this JAX version count.
+  Only measurements taken with this many cores, this JAX version and the family's XLA flags
+  count.
   """
   path = os.path.join(cache_dir or DEFAULT_CACHE, CPU_DEVICES_FILE)
   try:
@@ -173,10 +182,10 @@ def measured_families(cache_dir: str | None = None) -> dict:
   except (OSError, ValueError):
     return {}
   from importlib.metadata import version
-  if (record.get("cores") != host_cores() or record.get("jax") != version("jax")
-      or record.get("xla_flags", []) != list(cpu_xla_flags())):
+  if record.get("cores") != host_cores() or record.get("jax") != version("jax"):
     return {}
-  return dict(record.get("families", {}))
+  return {family: m for family, m in dict(record.get("families", {})).items()
+          if m.get("xla_flags", []) == list(cpu_xla_flags(family))}
 
 
 def record_measurement(family: str, devices: int, speedup: float, details: dict,
@@ -192,9 +201,9 @@ def record_measurement(family: str, devices: int, speedup: float, details: dict,
   os.makedirs(cache_dir, exist_ok=True)
   path = os.path.join(cache_dir, CPU_DEVICES_FILE)
   families = measured_families(cache_dir)
-  families[family] = {"devices": int(devices), "speedup": round(float(speedup), 3), **details}
-  write_json_atomic(path, {"cores": host_cores(), "jax": version("jax"),
-                           "xla_flags": list(cpu_xla_flags()), "families": families})
+  families[family] = {"devices": int(devices), "speedup": round(float(speedup), 3),
+                      "xla_flags": list(cpu_xla_flags(family)), **details}
+  write_json_atomic(path, {"cores": host_cores(), "jax": version("jax"), "families": families})
   return path
 
 
@@ -259,7 +268,7 @@ def setup_processes(distributed: bool, config=None, mode: str = "train") -> int 
   import jax
   from jrecipe.errors import UserError
   from jrecipe.train import parallel
-  tune_cpu_xla()
+  tune_cpu_xla(str(config.model.name) if config is not None else None)
   n = _env_int(ENV_NUM_CPU_DEVICES, 1)
   if n is None and config is not None and not _forced_by_flags():
     n, why = choose_cpu_devices(config, mode)

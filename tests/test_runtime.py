@@ -101,8 +101,10 @@ cfg = tiny_config(**{{"model.name": {model!r}, "batch_size": 64}})
 n = runtime.setup_processes(False, cfg, "train")
 import jax
 from jrecipe.train import parallel
+import os
 print(json.dumps({{"set": n, "devices": jax.device_count(),
-                   "async": not parallel.prefer_sync_cpu_dispatch()}}))
+                   "async": not parallel.prefer_sync_cpu_dispatch(),
+                   "xla": os.environ.get("XLA_FLAGS", "")}}))
 """
 
 
@@ -122,23 +124,28 @@ def test_setup_processes_creates_the_chosen_devices(tmp_path):
   (the forced-device deadlock guard, shared/STACK.md); $JRECIPE_NUM_CPU_DEVICES overrides."""
   cache = {"JRECIPE_CACHE_DIR": str(tmp_path)}  # no measurement file: the built-in rule
   out = _probe("cnn", cache)
+  assert out.pop("xla") == " ".join(runtime.cpu_xla_flags("cnn"))  # the model's own flags
   assert out == {"set": runtime.host_cores(), "devices": runtime.host_cores(), "async": False}
   out = _probe("mlp", {**cache, "JRECIPE_NUM_CPU_DEVICES": "3"})
+  assert out.pop("xla") == " ".join(runtime.cpu_xla_flags("mlp"))
   assert out == {"set": 3, "devices": 3, "async": False}
 
 
 def test_tune_cpu_xla_adds_the_measured_flags_once(monkeypatch):
-  """This jaxlib's measured flags go into XLA_FLAGS; a flag the user set by name stays theirs;
-  $JRECIPE_XLA_DEFAULTS=1 and an unmeasured jaxlib leave XLA's defaults alone."""
+  """This jaxlib's measured flags go into XLA_FLAGS (a model family's own entry replacing the
+  common one); a flag the user set by name stays theirs; $JRECIPE_XLA_DEFAULTS=1 and an
+  unmeasured jaxlib leave XLA's defaults alone."""
   from importlib.metadata import version
   monkeypatch.setitem(runtime.CPU_XLA_FLAGS, version("jaxlib"),
-                      ("--xla_cpu_a=-x", "--xla_cpu_b=1"))
+                      {"*": ("--xla_cpu_a=-x", "--xla_cpu_b=1"), "cnn": ("--xla_cpu_a=-y",)})
   monkeypatch.delenv(runtime.ENV_XLA_DEFAULTS, raising=False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_b=0")
-  assert runtime.tune_cpu_xla() == ["--xla_cpu_a=-x"]
+  assert runtime.tune_cpu_xla("mlp") == ["--xla_cpu_a=-x"]
   assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
                                      "--xla_cpu_b=0 --xla_cpu_a=-x")
   assert runtime.tune_cpu_xla() == []  # idempotent
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert runtime.tune_cpu_xla("cnn") == ["--xla_cpu_a=-y"]
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv(runtime.ENV_XLA_DEFAULTS, "1")
   assert runtime.tune_cpu_xla() == [] and os.environ["XLA_FLAGS"] == ""
@@ -148,18 +155,25 @@ def test_tune_cpu_xla_adds_the_measured_flags_once(monkeypatch):
 
 
 def test_a_bench_record_taken_with_other_xla_flags_does_not_count(tmp_path, monkeypatch):
+  """Each family's record holds the XLA flags it was measured with; other flags void it."""
+  from importlib.metadata import version
   d = str(tmp_path)
   monkeypatch.delenv(runtime.ENV_XLA_DEFAULTS, raising=False)
   runtime.record_measurement("cnn", 1, 1.0, {}, cache_dir=d)
-  assert "cnn" in runtime.measured_families(d)
+  runtime.record_measurement("mlp", 1, 0.7, {}, cache_dir=d)
+  assert set(runtime.measured_families(d)) == {"cnn", "mlp"}
+  monkeypatch.setitem(runtime.CPU_XLA_FLAGS, version("jaxlib"),
+                      {**runtime.CPU_XLA_FLAGS.get(version("jaxlib"), {}), "cnn": ("--other=1",)})
+  assert set(runtime.measured_families(d)) == {"mlp"}
   monkeypatch.setenv(runtime.ENV_XLA_DEFAULTS, "1")
-  assert runtime.cpu_xla_flags() == () and runtime.measured_families(d) == {}
+  assert runtime.cpu_xla_flags("cnn") == () and runtime.measured_families(d) == {}
 
 
 CONV_PROBE = r"""
 import re, sys
 sys.path.insert(0, sys.argv[1])
 from jrecipe import runtime
+runtime.tune_cpu_xla(sys.argv[2] or None)  # what setup_processes does with a config
 runtime.setup_processes(False)
 import jax, jax.numpy as jnp
 from flax import linen as nn
@@ -178,25 +192,29 @@ print(sum(" convolution(" in bodies.get(c, "") for c in ynn),
 """
 
 
-@pytest.mark.skipif(not runtime.cpu_xla_flags(),
+@pytest.mark.skipif(not runtime.cpu_xla_flags("cnn"),
                     reason="no measured XLA:CPU flags for this jaxlib (nothing to check)")
 def test_convolutions_leave_ynnpack_with_the_tuned_flags():
-  """The flags do what they were measured for: XLA's default hands a CNN layer's convolutions
-  and its ReLU + average pool to YNNPACK library fusions (together 2.2x slower on the mnist5k
-  CNN); after setup_processes XLA compiles them itself. Fails when a jaxlib stops honouring
-  the flags, or stops needing them."""
-  def probe(extra):
+  """The flags do what they were measured for. XLA's default hands a conv layer's
+  convolutions and its ReLU + average pool to YNNPACK library fusions (together 2.2x slower
+  on the mnist5k CNN). With the flags for every model the convolutions go to XLA's own
+  kernels and reductions stay in YNNPACK (faster for the transformer); a convnet's flags
+  take the reductions out too. Fails when a jaxlib stops honouring the flags, or stops
+  needing them."""
+  def probe(family, extra):
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     e.update(extra)
-    r = subprocess.run([sys.executable, "-c", CONV_PROBE, REPO], cwd=REPO, env=e,
+    r = subprocess.run([sys.executable, "-c", CONV_PROBE, REPO, family], cwd=REPO, env=e,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return [int(v) for v in r.stdout.split()[-3:]]
-  convs_default, pools_default, convs = probe({runtime.ENV_XLA_DEFAULTS: "1"})
-  assert convs >= 2 and convs_default >= 1, "XLA's default no longer uses YNNPACK for convs"
-  assert pools_default >= 1, "XLA's default no longer uses YNNPACK for reductions"
-  convs_tuned, pools_tuned, convs = probe({})
-  assert convs >= 2 and convs_tuned == 0 and pools_tuned == 0
+  ynn_convs, ynn_reductions, convs = probe("", {runtime.ENV_XLA_DEFAULTS: "1"})
+  assert convs >= 2 and ynn_convs >= 1, "XLA's default no longer uses YNNPACK for convs"
+  assert ynn_reductions >= 1, "XLA's default no longer uses YNNPACK for reductions"
+  ynn_convs, ynn_reductions, convs = probe("", {})
+  assert convs >= 2 and ynn_convs == 0 and ynn_reductions >= 1
+  ynn_convs, ynn_reductions, convs = probe("cnn", {})
+  assert convs >= 2 and ynn_convs == 0 and ynn_reductions == 0
 
 
 def test_start_up_does_not_import_what_a_fresh_run_does_not_use():
