@@ -8,7 +8,8 @@ machine load:
     drives it, the batch split over the process's devices (mesh);
   - hand: a minimal hand-written `jax.jit` loop (the same Linen module, optax.adam, a numpy
     permutation per epoch, numpy batches handed to the step; sharded the same way);
-  - torch: the same model in plain PyTorch (when installed: `pip install torch==2.13.0`).
+  - torch: the same model in plain PyTorch (when installed: `pip install torch==2.13.0`), in
+    a process of its own (beside XLA's thread pools its OpenMP threads ran up to 1.7x slower).
 It prints steps/s (wall clock and CPU time per step), examples/s, compile time, time to a
 target test accuracy (training time, evaluation excluded), the fraction of this machine's
 float32 matmul peak (numpy) reached, and the ratios, as medians (min-max) over rounds; then
