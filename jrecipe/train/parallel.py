@@ -249,7 +249,7 @@ def _fast_put(leaves: list, sharding) -> Optional[list]:
         if plan is None:
           if api["dtypes"].canonicalize_dtype(x.dtype) != x.dtype:
             return None  # e.g. float64 without x64: jax.device_put converts it
-          index = _index_map(sharding, x.shape)
+          index = dict(sharding.addressable_devices_indices_map(x.shape))
           plan = _PUT_PLANS[key] = (api["core"].ShapedArray(x.shape, x.dtype), list(index),
                                     list(index.values()))
         aval, devices, indices = plan
@@ -267,7 +267,6 @@ def _fast_put(leaves: list, sharding) -> Optional[list]:
 _FAST_PUT = None  # None: not tried yet; False: unavailable in this JAX version
 _JAX_PRIVATE: dict = {}  # the private JAX functions _fast_put calls, looked up once
 _PUT_PLANS: dict = {}  # (sharding, shape, dtype) -> (aval, devices, shard indices)
-_INDEX_MAPS: dict = {}
 
 
 def _shard(x: np.ndarray, index) -> np.ndarray:
@@ -276,15 +275,6 @@ def _shard(x: np.ndarray, index) -> np.ndarray:
     return x
   part = x[index]
   return part if part.flags.c_contiguous else np.ascontiguousarray(part)
-
-
-def _index_map(sharding, shape) -> dict:
-  """{device: index of its shard} for this sharding and shape (cached: the same each step)."""
-  key = (sharding, shape)
-  m = _INDEX_MAPS.get(key)
-  if m is None:
-    m = _INDEX_MAPS[key] = dict(sharding.addressable_devices_indices_map(shape))
-  return m
 
 
 def device_put(tree, sharding):
