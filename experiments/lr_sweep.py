@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 # RESULTS_HEADER is re-exported (tests/test_experiments.py reads it from here).
-from experiments.results import (quick_values, run_meta, start, RESULTS_HEADER,
+from experiments.results import (close_section, quick_values, run_meta, start, RESULTS_HEADER,
                                  duration as _duration, fresh_dir as _fresh_dir,
                                  mean_std as _mean_std, pm as _pm, write_section)  # noqa: F401
 
@@ -242,10 +242,7 @@ def render_section(records: list[dict], meta: dict[str, Any]) -> str:
       "train loss: the mean data loss over the last epoch's steps (metrics.jsonl, split "
       "`train_epoch`). **best**: the highest mean validation accuracy of its optimizer; test "
       "accuracy is reported, never used to choose.", ""]
-  for sentence in verdict(rows):
-    lines += [sentence, ""]
-  lines.append(f"<!-- END {SECTION} -->")
-  return "\n".join(lines) + "\n"
+  return close_section(lines, verdict(rows), SECTION)
 
 
 def define_flags():

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from experiments.results import (quick_values, run_meta, start, duration as _duration,
-                                 fresh_dir as _fresh_dir, mean_std as _mean_std, pm as _pm,
-                                 write_section)
+from experiments.results import (close_section, quick_values, run_meta, start,
+                                 duration as _duration, fresh_dir as _fresh_dir,
+                                 mean_std as _mean_std, pm as _pm, write_section)
 
 SECTION = "random_vs_grid"
 IMPORTANT, UNIMPORTANT = "optimizer.learning_rate", "l2"
@@ -215,10 +215,7 @@ def render_section(records: list[dict], meta: dict[str, Any]) -> str:
             "trial by validation accuracy (test accuracy of that trial is reported, never used "
             "to choose). The grid tries the same points for every seed; random search draws "
             "new ones.", ""]
-  for sentence in verdict(records):
-    lines += [sentence, ""]
-  lines.append(f"<!-- END {SECTION} -->")
-  return "\n".join(lines) + "\n"
+  return close_section(lines, verdict(records), SECTION)
 
 
 def define_flags():

@@ -45,6 +45,14 @@ def write_section(path: str, name: str, body: str, header: str = RESULTS_HEADER)
   os.replace(tmp, path)
 
 
+def close_section(lines: list[str], verdicts, name: str) -> str:
+  """A section body from its lines: each verdict sentence as a paragraph, then the END marker."""
+  for sentence in verdicts:
+    lines += [sentence, ""]
+  lines.append(f"<!-- END {name} -->")
+  return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
   """nproc, load, jax version and backend: what the wall time was measured on."""
   import jax
