@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jrecipe.data import builders, pipeline
-from jrecipe.data.indexing import ShuffledIndexBatches
+from jrecipe.data.indexing import IndexBatches, ShuffledIndexBatches
 from jrecipe.errors import UserError
 import jrecipe.data as D
 
@@ -195,6 +195,26 @@ def test_new_epoch_reshuffles():
   assert np.array_equal(np.sort(index.permutation(1)), np.arange(100))
   assert not np.array_equal(ShuffledIndexBatches(100, 32, seed=1)[0], index[0])
   assert not np.array_equal(ShuffledIndexBatches(100, 32, seed=1)[0], index[3])  # not seed+epoch
+
+
+def test_grain_index_batches_are_the_loops_order():
+  """`ShuffledIndexBatches` is a grain MapDataset with the order of the loop's `IndexBatches`:
+  it composes with `.map` and resumes from a grain iterator state."""
+  import grain
+  plain = IndexBatches(100, 32, seed=4)
+  ds = ShuffledIndexBatches(100, 32, seed=4)
+  assert isinstance(ds, grain.MapDataset) and not isinstance(plain, grain.MapDataset)
+  for s in (0, 2, 3, 50):
+    assert np.array_equal(ds[s], plain[s])
+  assert np.array_equal(ds.map(lambda i: i + 1000)[5], plain[5] + 1000)
+  assert np.array_equal(ds[2:6][1], plain[3])
+  it = iter(ds.to_iter_dataset())
+  next(it)
+  state = it.get_state()
+  second, third = next(it), next(it)
+  it.set_state(state)
+  assert np.array_equal(next(it), second) and np.array_equal(second, plain[1])
+  assert np.array_equal(third, plain[2])
 
 
 def test_train_batches_host_slices(digits):

@@ -11,19 +11,22 @@ Why not `grain.MapDataset.range(N).seed(seed).shuffle().batch(B, drop_remainder=
 remainder of each epoch dropped) but grain shuffles one index at a time through a 16-bit Simon
 cipher with cycle walking (`index_shuffle`: measured 15 us per index for N=4,000) plus per-element
 bookkeeping: 4.4 ms per batch of 128 on this 2-core machine, 30x the 0.15 ms training step of a
-small MLP. This class is a `grain.MapDataset` too (it composes with `.map`, `.to_iter_dataset()`
-and grain checkpointing) but draws each epoch's permutation at once with numpy (about 40 us for
+small MLP. `IndexBatches` draws each epoch's permutation at once with numpy (about 40 us for
 N=4,000, once per epoch) and slices it per step (about 1 us).
+
+`ShuffledIndexBatches` is the same order as a `grain.MapDataset` (it composes with `.map`,
+`.to_iter_dataset()` and grain checkpointing). The training loop uses the plain class: importing
+grain costs 0.25-0.35 s of a warm start (it pulls in orbax.checkpoint), so grain is imported only
+when `ShuffledIndexBatches` is first named (issue 9, start-up).
 """
 
 import sys
 
-import grain
 import numpy as np
 
 
-class ShuffledIndexBatches(grain.MapDataset):
-  """Infinite random-access dataset: element s is the int64 index batch of global step s.
+class IndexBatches:
+  """Random access to the int64 index batch of global step s (numpy only).
 
   Args:
     num_examples: N, the size of the training split.
@@ -35,7 +38,6 @@ class ShuffledIndexBatches(grain.MapDataset):
   """
 
   def __init__(self, num_examples: int, batch_size: int, seed: int):
-    super().__init__()
     if not 0 < batch_size <= num_examples:
       raise ValueError(f"need 0 < batch_size={batch_size} <= num_examples={num_examples}")
     self._n = int(num_examples)
@@ -49,7 +51,7 @@ class ShuffledIndexBatches(grain.MapDataset):
     return sys.maxsize
 
   def __str__(self) -> str:
-    return f"ShuffledIndexBatches(n={self._n}, batch_size={self._b}, seed={self._seed})"
+    return f"{type(self).__name__}(n={self._n}, batch_size={self._b}, seed={self._seed})"
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order of epoch `epoch`: a permutation of [0, N) determined by (seed, epoch)."""
@@ -60,7 +62,32 @@ class ShuffledIndexBatches(grain.MapDataset):
     return self._perm
 
   def __getitem__(self, step):
-    if isinstance(step, slice):
-      return self.slice(step)
     epoch, j = divmod(int(step), self.steps_per_epoch)
     return self.permutation(epoch)[j * self._b:(j + 1) * self._b]
+
+
+def _grain_class():
+  import grain
+
+  class ShuffledIndexBatches(IndexBatches, grain.MapDataset):
+    """`IndexBatches` as an infinite grain.MapDataset: element s is the index batch of step s."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+      grain.MapDataset.__init__(self)
+      IndexBatches.__init__(self, num_examples, batch_size, seed)
+
+    def __getitem__(self, step):
+      if isinstance(step, slice):
+        return self.slice(step)
+      return IndexBatches.__getitem__(self, step)
+
+  ShuffledIndexBatches.__module__ = __name__
+  return ShuffledIndexBatches
+
+
+def __getattr__(name):
+  if name == "ShuffledIndexBatches":  # grain is imported here, at first use
+    cls = _grain_class()
+    globals()[name] = cls
+    return cls
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -460,7 +460,8 @@ def train_batches(ds: Dataset, *, batch_size: int, seed: int, start_step: int = 
   68-100 us at load average 4, other processes competing). Of that, the index batch is about
   5 us; the rest is the gather, bound by memory bandwidth (mnist5k reads 128 random rows of
   3 KB: 400 KB per batch). grain's own `range().seed().shuffle().batch().repeat()` took 4.4 ms
-  per batch (see jrecipe/data/indexing.py). tests/test_data.py guards against regressions.
+  per batch (see jrecipe/data/indexing.py; the loop uses its numpy `IndexBatches`, not grain).
+  tests/test_data.py guards against regressions.
 
   Args:
     ds: the Dataset (its 'train' arrays).
@@ -472,7 +473,7 @@ def train_batches(ds: Dataset, *, batch_size: int, seed: int, start_step: int = 
   Returns:
     An iterator of {'x': [B/P, ...], 'y': [B/P] (or [B/P, T])} numpy arrays, forever.
   """
-  from jrecipe.data.indexing import ShuffledIndexBatches
+  from jrecipe.data.indexing import IndexBatches
   local = _check_processes(batch_size, process_index, process_count)
   steps_per_epoch(ds, batch_size)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -481,7 +482,7 @@ def train_batches(ds: Dataset, *, batch_size: int, seed: int, start_step: int = 
       or start_step < 0:
     raise UserError(f"start_step={start_step!r} must be a non-negative integer.")
   x, y = ds.arrays["train"]["x"], ds.arrays["train"]["y"]
-  index_batches = ShuffledIndexBatches(len(x), batch_size, int(seed))
+  index_batches = IndexBatches(len(x), batch_size, int(seed))
   lo, hi = process_index * local, (process_index + 1) * local
 
   def generate():
