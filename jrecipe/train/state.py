@@ -3,6 +3,7 @@
 Checkpointed whole, so a resumed run continues bit-identically.
 """
 
+import functools
 from typing import Any
 
 import flax
@@ -40,7 +41,25 @@ class TrainState:
 
 
 def create_state(variables: dict, tx, rng: jax.Array, *, ema: bool) -> TrainState:
-  """A fresh TrainState from model variables ({'params': ..., 'batch_stats': ...})."""
+  """A fresh TrainState from model variables ({'params': ..., 'batch_stats': ...}).
+
+  One jitted function: run eagerly, the optimizer's init compiles (or, warm, loads from the
+  persistent cache) one small executable per distinct leaf shape and operation, about 0.1 s
+  of a warm start (issue 9).
+  """
+  try:
+    fn = _create_fn(tx, bool(ema))
+  except TypeError:  # an unhashable optimizer object: jit it uncached
+    fn = _create_fn.__wrapped__(tx, bool(ema))
+  return fn(variables, rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _create_fn(tx, ema: bool):
+  return jax.jit(lambda variables, rng: _create(variables, tx, rng, ema=ema))
+
+
+def _create(variables: dict, tx, rng: jax.Array, *, ema: bool) -> TrainState:
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"}
   return TrainState(
