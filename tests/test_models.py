@@ -267,3 +267,18 @@ def test_import_path_factory_and_linen_detection():
   assert model.module.rate == 0.25
   assert not build_model({"name": f"{__name__}:tiny_factory", "rate": 0.0}, IMG).has_dropout
   assert from_linen(_UserLinen(), "u").has_dropout  # guessed from the field without an example
+
+
+@pytest.mark.parametrize("shape,n", [((3, 28, 28, 5), 2), ((3, 14, 14, 4), 2), ((2, 7, 7, 3), 2),
+                                     ((2, 6, 9, 3), 2), ((4, 40, 6), 1), ((4, 9, 2), 1)])
+def test_cnn_pool_equals_flax_avg_pool(shape, n):
+  """The CNN's reshape-and-mean pool (a cheaper gradient on XLA:CPU, issue 9) is nn.avg_pool:
+  the same values and the same input gradient, even and odd (padded) spatial sizes."""
+  from jrecipe.models.cnn import avg_pool2
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ref = lambda a: nn.avg_pool(a, (2,) * n, strides=(2,) * n, padding="SAME")
+  ours = lambda a: avg_pool2(a, n)
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-7)
+  g = jax.random.normal(jax.random.PRNGKey(1), ref(x).shape)
+  grad = lambda f: jax.grad(lambda a: jnp.sum(f(a) * g))(x)
+  np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-6, atol=1e-7)
