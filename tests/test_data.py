@@ -1,6 +1,10 @@
 """Tests of jrecipe.data: fixed splits, loading, batches, eval coverage, augmentation."""
 
 import functools
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -339,3 +343,59 @@ def test_input_pipeline_is_cheap(digits):
   _take(it, 500)
   per_batch = (time.perf_counter() - t) / 500
   assert per_batch < 5e-4, f"{per_batch * 1e6:.0f} us per batch: per-example Python work?"
+
+
+def test_store_copy_equals_tfds_read_and_needs_no_tfds(data_dir, digits):
+  """Warm start-up (issue 9): after one read through TFDS, a new process reads the numpy copy
+  of the same splits and meta, without importing tensorflow_datasets."""
+  from jrecipe.data import store
+  for name in ("digits", "digits_seq"):
+    D.load_dataset(_cfg(data_dir, name))  # a read through TFDS leaves the copy
+    copy = store.load(name, data_dir)
+    assert copy is not None
+    os.environ[store.ENV] = "0"
+    try:
+      meta, splits = pipeline._read_builtin(name, data_dir)  # through TFDS
+    finally:
+      del os.environ[store.ENV]
+    assert copy[0] == meta
+    for s in pipeline.SPLITS:
+      for k in ("x", "y", "id"):
+        assert copy[1][s][k].dtype == splits[s][k].dtype
+        assert np.array_equal(copy[1][s][k], splits[s][k])
+  code = ("import sys; from jrecipe.data import pipeline; "
+          f"ds = pipeline.load_dataset({{'name': 'digits', 'data_dir': {data_dir!r}}}); "
+          "print(ds.spec.splits['train'], 'tensorflow_datasets' in sys.modules)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["1257", "False"]
+
+
+def test_store_copy_is_dropped_when_tfds_files_change_or_it_is_damaged(data_dir, digits,
+                                                                       tmp_path):
+  from jrecipe.data import store
+  mine = str(tmp_path / "data")
+  shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(mine, "digits"))
+  first = pipeline._read_builtin("digits", mine)
+  assert store.load("digits", mine) is not None
+  # the TFDS files changed (a rebuild): the copy no longer matches and is not used
+  record = next(p for p in (tmp_path / "data" / "digits" / store.BUILDER_VERSION).iterdir()
+                if "train" in p.name)
+  os.utime(record, ns=(record.stat().st_atime_ns, record.stat().st_mtime_ns + 10**9))
+  assert store.load("digits", mine) is None
+  again = pipeline._read_builtin("digits", mine)  # read through TFDS, copy rewritten
+  assert np.array_equal(again[1]["train"]["x"], first[1]["train"]["x"])
+  assert store.load("digits", mine) is not None
+  # a damaged copy is ignored, and TFDS is read instead
+  with open(store.path("digits", mine), "wb") as f:
+    f.write(b"not an npz file")
+  assert store.load("digits", mine) is None
+  D.clear_cache()
+  ds = D.load_dataset(_cfg(mine))
+  assert np.array_equal(ds.arrays["test"]["y"], digits.arrays["test"]["y"])
+  # a data_dir where the copy cannot be written: no error, no temporary file left
+  shutil.rmtree(os.path.join(mine, store.DIRNAME))
+  open(os.path.join(mine, store.DIRNAME), "w").close()  # a file where the directory goes
+  store.save("digits", mine, first[0], first[1])
+  assert store.load("digits", mine) is None
+  assert sorted(os.listdir(mine)) == sorted([store.DIRNAME, "digits"])

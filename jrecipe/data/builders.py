@@ -34,25 +34,19 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jrecipe.data import store
 from jrecipe.errors import UserError
 
 # The seed of the fixed splits. Changing it changes every split: bump the builders' VERSION.
 SPLIT_SEED = 20240601
-DEFAULT_DATA_DIR = "~/.cache/jrecipe/tfds"
-_VERSION = tfds.core.Version("1.0.0")
+# Where data lives and the builders' version are in jrecipe/data/store.py (it imports no TFDS).
+DEFAULT_DATA_DIR = store.DEFAULT_DATA_DIR
+default_data_dir = store.default_data_dir
+resolve_data_dir = store.resolve_data_dir
+_VERSION = tfds.core.Version(store.BUILDER_VERSION)
 _RELEASE_NOTES = {"1.0.0": "Initial release: fixed stratified splits, ArrayRecord format."}
 # Tensors are stored as raw bytes (one bytes value per example): decoding is a np.frombuffer.
 _BYTES = tfds.features.Encoding.BYTES
-
-
-def default_data_dir() -> str:
-  """The data_dir used when a config leaves it empty: $JRECIPE_DATA_DIR or ~/.cache/jrecipe/tfds."""
-  return os.path.expanduser(os.environ.get("JRECIPE_DATA_DIR", DEFAULT_DATA_DIR))
-
-
-def resolve_data_dir(data_dir: str | None) -> str:
-  """Absolute data_dir: the given one (with ~ expanded), or `default_data_dir()` when empty."""
-  return os.path.abspath(os.path.expanduser(data_dir)) if data_dir else default_data_dir()
 
 
 def stratified_split(labels: np.ndarray, held_out: dict, seed: int = SPLIT_SEED) -> dict:

@@ -144,7 +144,15 @@ def _read_split(source, features, keys) -> dict:
 
 
 def _read_builtin(name: str, data_dir: str) -> tuple[dict, dict]:
-  """(meta, splits) of a jrecipe dataset, building it into data_dir on first use."""
+  """(meta, splits) of a jrecipe dataset, building it into data_dir on first use.
+
+  After the first read through TFDS, later processes read a numpy copy of the same arrays
+  (`jrecipe.data.store`: valid only while the TFDS files are unchanged).
+  """
+  from jrecipe.data import store
+  cached = store.load(name, data_dir)
+  if cached is not None:
+    return cached
   from jrecipe.data import builders
   builder = builders.prepare(name, data_dir)
   sources = builder.as_data_source()
@@ -163,6 +171,7 @@ def _read_builtin(name: str, data_dir: str) -> tuple[dict, dict]:
     label = features["label"]
     meta = dict(task="classification", num_classes=label.num_classes,
                 class_names=tuple(label.names), time_axis=None, sees_current=True)
+  store.save(name, data_dir, meta, splits)
   return meta, splits
 
 
@@ -372,7 +381,7 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
       prepared (the message says how to prepare it), or an invalid field.
   """
   del seed
-  from jrecipe.data import builders
+  from jrecipe.data import store
   name = _get(data_config, "name", None)
   if not isinstance(name, str) or not name:
     raise UserError(f"data.name={name!r} is not a dataset name. Valid names: {_valid_names()}.")
@@ -381,7 +390,7 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   data_dir = _get(data_config, "data_dir", "") or ""
   if not isinstance(data_dir, str):
     raise UserError(f"data.data_dir={data_dir!r} must be a path string ('' for the default).")
-  data_dir = builders.resolve_data_dir(data_dir)
+  data_dir = store.resolve_data_dir(data_dir)
   normalize = _get(data_config, "normalize", True)
   if not isinstance(normalize, (bool, np.bool_)):
     raise UserError(f"data.normalize={normalize!r} must be true or false.")

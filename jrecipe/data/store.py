@@ -1,0 +1,117 @@
+"""Where the built-in datasets live, and a numpy copy of their decoded splits (a read cache).
+
+Imports no TFDS: a warm run finds its data through this module alone.
+
+Issue 9, warm start-up: reading mnist5k through TFDS costs about 0.45 s of every run (importing
+tensorflow_datasets 0.16-0.27 s, parsing 5,000 records 0.18 s); reading the same arrays from
+one .npz file takes about 0.01 s and imports nothing. TFDS stays the dataset layer: the
+builders write and version the data, the first read goes through TFDS, and the copy it leaves
+is only ever used while the TFDS files it was made from are unchanged.
+
+Layout: `<data_dir>/<name>/<version>/` is the TFDS dataset; the copy is
+`<data_dir>/.jrecipe_arrays/<name>-<version>.npz`. It holds the splits' arrays, the dataset's
+meta (task, classes) and a fingerprint of the TFDS directory (every file's name, size and
+modification time) and of this format. A copy whose fingerprint differs, or that cannot be
+read, is ignored (and replaced after the next TFDS read); it is written to a temporary file
+and renamed, so a reader never sees half a file; a data_dir that cannot be written just gets
+no copy. `JRECIPE_DATA_SNAPSHOT=0` turns it off.
+"""
+
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# The builders' TFDS version (jrecipe/data/builders.py reads it from here, so a version bump
+# changes the directory the fingerprint looks at).
+BUILDER_VERSION = "1.0.0"
+DEFAULT_DATA_DIR = "~/.cache/jrecipe/tfds"
+FORMAT = 1
+ENV = "JRECIPE_DATA_SNAPSHOT"
+DIRNAME = ".jrecipe_arrays"
+
+
+def default_data_dir() -> str:
+  """The data_dir used when a config leaves it empty: $JRECIPE_DATA_DIR or ~/.cache/jrecipe/tfds."""
+  return os.path.expanduser(os.environ.get("JRECIPE_DATA_DIR", DEFAULT_DATA_DIR))
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+  """Absolute data_dir: the given one (with ~ expanded), or `default_data_dir()` when empty."""
+  return os.path.abspath(os.path.expanduser(data_dir)) if data_dir else default_data_dir()
+
+
+def enabled() -> bool:
+  return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def path(name: str, data_dir: str) -> str:
+  return os.path.join(data_dir, DIRNAME, f"{name}-{BUILDER_VERSION}.npz")
+
+
+def fingerprint(name: str, data_dir: str) -> str | None:
+  """The TFDS directory's files (name, size, mtime) and the format, or None if not built."""
+  root = os.path.join(data_dir, name, BUILDER_VERSION)
+  if not os.path.isfile(os.path.join(root, "dataset_info.json")):
+    return None
+  files = []
+  for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    if entry.is_file():
+      st = entry.stat()
+      files.append([entry.name, st.st_size, st.st_mtime_ns])
+  return json.dumps({"format": FORMAT, "version": BUILDER_VERSION, "files": files})
+
+
+def load(name: str, data_dir: str) -> tuple[dict, dict] | None:
+  """(meta, splits) from the copy, or None when there is none valid for the TFDS files."""
+  if not enabled():
+    return None
+  fp = fingerprint(name, data_dir)
+  p = path(name, data_dir)
+  if fp is None or not os.path.isfile(p):
+    return None
+  try:
+    with np.load(p, allow_pickle=False) as z:
+      if str(z["fingerprint"]) != fp:
+        return None
+      meta = json.loads(str(z["meta"]))
+      splits = {}
+      for key in z.files:
+        if "/" in key:
+          split, col = key.split("/", 1)
+          splits.setdefault(split, {})[col] = z[key]
+  except Exception as e:  # a damaged or foreign file: read TFDS instead
+    log.warning("Ignoring the dataset copy %s (%s); reading TFDS.", p, e)
+    return None
+  if "class_names" in meta:
+    meta["class_names"] = tuple(meta["class_names"])
+  return meta, splits
+
+
+def save(name: str, data_dir: str, meta: dict, splits: dict) -> None:
+  """Writes the copy atomically; any failure (a read-only data_dir, ...) only logs."""
+  if not enabled():
+    return
+  fp = fingerprint(name, data_dir)
+  if fp is None:
+    return
+  p = path(name, data_dir)
+  arrays = {f"{split}/{col}": np.asarray(a) for split, cols in splits.items()
+            for col, a in cols.items()}
+  tmp = None
+  try:
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=f".{name}-", suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, fingerprint=np.array(fp), meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp, p)
+    tmp = None
+  except OSError as e:
+    log.info("No dataset copy written for %s in %s: %s", name, data_dir, e)
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
