@@ -219,6 +219,8 @@ def test_grain_index_batches_are_the_loops_order():
   it.set_state(state)
   assert np.array_equal(next(it), second) and np.array_equal(second, plain[1])
   assert np.array_equal(third, plain[2])
+  import pickle  # grain's worker processes pickle their dataset
+  assert np.array_equal(pickle.loads(pickle.dumps(ds))[7], plain[7])
 
 
 def test_train_batches_host_slices(digits):

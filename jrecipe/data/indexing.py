@@ -81,7 +81,9 @@ def _grain_class():
         return self.slice(step)
       return IndexBatches.__getitem__(self, step)
 
+  # importable by name (pickle, grain's worker processes): jrecipe.data.indexing.ShuffledIndexBatches
   ShuffledIndexBatches.__module__ = __name__
+  ShuffledIndexBatches.__qualname__ = "ShuffledIndexBatches"
   return ShuffledIndexBatches
 
 
