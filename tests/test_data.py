@@ -380,6 +380,7 @@ def test_store_copy_is_dropped_when_tfds_files_change_or_it_is_damaged(data_dir,
   shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(mine, "digits"))
   first = pipeline._read_builtin("digits", mine)
   assert store.load("digits", mine) is not None
+  assert os.stat(store.path("digits", mine)).st_mode & 0o777 == 0o644  # readable by others
   # the TFDS files changed (a rebuild): the copy no longer matches and is not used
   record = next(p for p in (tmp_path / "data" / "digits" / store.BUILDER_VERSION).iterdir()
                 if "train" in p.name)

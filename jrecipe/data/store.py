@@ -108,6 +108,7 @@ def save(name: str, data_dir: str, meta: dict, splits: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=f".{name}-", suffix=".npz.tmp")
     with os.fdopen(fd, "wb") as f:
       np.savez(f, fingerprint=np.array(fp), meta=np.array(json.dumps(meta)), **arrays)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from others sharing the data_dir
     os.replace(tmp, p)
     tmp = None
   except OSError as e:
