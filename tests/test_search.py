@@ -406,3 +406,36 @@ def test_a_diverging_trial_is_recorded_as_diverged(tmp_path):
   assert t.state.name == "PRUNED" and t.user_attrs["status"] == "diverged", t.user_attrs
   assert os.listdir(tmp_path / "search" / "trials") == ["diverged_stage1_trial0000"]
   assert w.search.current() is None  # a diverged trial counts towards the stage's budget
+
+
+@pytest.mark.parametrize("on_disk", ["running", "scored"])
+def test_a_worker_killed_while_recording_its_result_leaves_a_killed_directory(tmp_path,
+                                                                              on_disk):
+  """A worker killed after naming its trial's result (user attr 'dir' = the scored name,
+  status 'complete') but before telling Optuna: the master fails and requeues the trial, and its
+  directory, scored or still 'running_', becomes 'killed_...' (a scored name would claim a
+  result the study does not hold)."""
+  import socket
+  from jrecipe.search.mode import Master
+  c = _config()
+  c.search.space = "optimizer.learning_rate=loguniform(1e-4,1e-1)"
+  c.search.stages = "2x1"
+  c.search.workers = 1
+  master = Master(c, str(tmp_path / "search"))
+  study = master.search.study(0)
+  trial = study.ask()
+  trials = tmp_path / "search" / "trials"
+  scored = trials / f"0.7148_stage1_trial{trial.number:04d}"
+  running = trials / f"running_stage1_trial{trial.number:04d}"
+  (scored if on_disk == "scored" else running).mkdir(parents=True)
+  pid = 4_000_000  # no such process: only the study's record names it
+  for key, value in (("worker", f"{socket.gethostname()}:{pid}"), ("stage", 1),
+                     ("dir", str(scored)), ("status", "complete")):
+    trial.set_user_attr(key, value)
+  master._requeue_worker(pid, "worker killed")
+  assert sorted(os.listdir(trials)) == [f"killed_stage1_trial{trial.number:04d}"]
+  now = study.get_trials()
+  assert now[trial.number].state.name == "FAIL"
+  assert now[trial.number].user_attrs["status"] == "killed"
+  assert [t.user_attrs.get("retry_of") for t in now if t.state.name == "WAITING"] == [
+      trial.number]

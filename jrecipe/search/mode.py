@@ -91,16 +91,32 @@ class Master:
   def _requeue_worker(self, pid: int, reason: str) -> None:
     for study, t in self._running_of(pid):
       retry = study_lib.fail_and_requeue(study, t.number, reason)
-      d = t.user_attrs.get("dir")
-      if d and os.path.isdir(d):
-        failed = d.replace("running_", "killed_")
-        if not os.path.exists(failed):
-          os.replace(d, failed)
+      now = study._storage.get_trial(t._trial_id)
+      if now.state.name == "FAIL" and now.user_attrs.get("status") == "killed":
+        self._mark_killed(now.user_attrs.get("dir"))
       event = {"time": time.time(), "trial": t.number, "study": study.study_name,
                "event": reason, "requeued_as": retry}
       self.events.append(event)
       with open(os.path.join(self.logs, "events.jsonl"), "a") as f:  # kept across masters
         f.write(json.dumps(event) + "\n")
+
+  @staticmethod
+  def _mark_killed(d: Optional[str]) -> None:
+    """Renames a killed trial's directory to 'killed_stageS_trialNNNN'.
+
+    The worker names it 'running_...' and, once trained, with its score; a worker killed
+    between naming its result and recording it leaves the scored name (or, a moment earlier,
+    still 'running_...') on a trial that is failed and rerun: either is marked killed.
+    """
+    if not d:
+      return
+    parent, name = os.path.split(d)
+    tag = name[name.index("_stage") + 1:] if "_stage" in name else name
+    killed = os.path.join(parent, f"killed_{tag}")
+    for candidate in (d, os.path.join(parent, f"running_{tag}")):
+      if os.path.isdir(candidate) and not os.path.exists(killed):
+        os.replace(candidate, killed)
+        return
 
   def _stuck(self, pid: int) -> Optional[str]:
     limit = float(self.config.search.stuck_seconds)
