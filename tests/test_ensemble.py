@@ -135,9 +135,12 @@ def test_from_search_takes_the_best_trials(runs, tmp_path):
   trials.mkdir(parents=True)
   for i, d in enumerate(runs.dirs):
     os.symlink(d, trials / f"t{i}")
+  # a trial whose worker was killed after it wrote its result: rerun, so not counted twice
+  os.symlink(runs.dirs[0], trials / "killed_stage1_trial0009")
   ranked = ensemble.rank_trials(str(tmp_path / "search"))
   accs = [a for _, a in ranked]
   assert accs == sorted(accs, reverse=True) and len(ranked) == 2
+  assert not [d for d, _ in ranked if "killed_" in d]
   top = ensemble.from_search(str(tmp_path / "search"), k=1)
   assert len(top) == 1
   assert os.path.realpath(top[0].workdir) == os.path.realpath(ranked[0][0])

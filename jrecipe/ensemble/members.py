@@ -208,12 +208,24 @@ def with_ema(workdir: str, step: Optional[int] = None) -> list[Member]:
   return members
 
 
+# Search trial directories the study does not count (jrecipe.search.worker.trial_dir_name):
+# a completed trial is named with its score, '0.9815_stage1_trial0007'. A 'killed_' trial's
+# worker died and the trial was rerun (possibly after it wrote a full result: counting it
+# would count that point twice).
+UNCOUNTED_TRIAL_PREFIXES = ("running_", "killed_", "dropped_", "diverged_", "error_")
+
+
 def _search_trials(directory: str) -> list[str]:
-  """Run directories (summary.json + checkpoints/) under `directory` (trials/* preferred)."""
+  """Run directories (summary.json + checkpoints/) under `directory` (trials/* preferred;
+  there, not the trials the search did not count)."""
   found = sorted(os.path.dirname(p) for p in glob.glob(
-      os.path.join(directory, "trials", "*", "summary.json")))
+      os.path.join(directory, "trials", "*", "summary.json"))
+      if not os.path.basename(os.path.dirname(p)).startswith(UNCOUNTED_TRIAL_PREFIXES))
   if not found:
     for root, dirs, files in os.walk(directory):
+      if os.path.basename(root).startswith(UNCOUNTED_TRIAL_PREFIXES):
+        dirs[:] = []
+        continue
       if "summary.json" in files and "checkpoints" in dirs:
         found.append(root)
         dirs[:] = []  # a run's own subdirectories hold no other run
