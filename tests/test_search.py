@@ -289,7 +289,8 @@ def _wait(cond, timeout, what, proc=None):
 def test_master_workers_kill_and_resume(tmp_path):
   d = tmp_path / "srch"
   url = f"sqlite:///{d}/study.db"
-  stages = "5x0.5,2x0.5"
+  # stage-1 trials long enough (a few seconds each), and enough of them, to be caught running
+  stages = "8x10,2x0.5"
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   log = open(tmp_path / "master1.log", "w")
   master = subprocess.Popen(_master(d, stages), cwd=REPO, env=env, stdout=log,
@@ -331,7 +332,7 @@ def test_master_workers_kill_and_resume(tmp_path):
                      timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   s1, s2 = _trials(url, "srch", 1), _trials(url, "srch", 2)
-  for ts, budget in ((s1, 5), (s2, 2)):
+  for ts, budget in ((s1, 8), (s2, 2)):
     done = [t for t in ts if study_lib.trial_status(t) in study_lib.DONE_STATUSES]
     assert len(done) == budget, [(t.number, study_lib.trial_status(t)) for t in ts]
     assert not [t for t in ts if t.state.name in ("RUNNING", "WAITING")]
@@ -343,10 +344,17 @@ def test_master_workers_kill_and_resume(tmp_path):
   assert len(set(points)) == len(points)
   assert s1[victim.number].user_attrs["status"] == "killed"
   assert s1[retry.number].state.name == "COMPLETE" and s1[retry.number].params == victim.params
-  # Two workers ran concurrently on the one SQLite study.
-  spans = sorted((t.datetime_start, t.datetime_complete, t.user_attrs["worker"])
-                 for t in complete)
-  assert any(a[2] != b[2] and b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+  # Two workers ran concurrently on the one SQLite study: their active periods (first trial's
+  # start to last trial's end, the killed trial included) overlap. (Completed trials of two
+  # workers need not overlap: a replacement worker's start-up can outlast a short trial.)
+  periods: dict = {}
+  for t in s1 + s2:
+    if not (t.datetime_start and t.datetime_complete and "worker" in t.user_attrs):
+      continue
+    a, b = periods.get(t.user_attrs["worker"], (t.datetime_start, t.datetime_complete))
+    periods[t.user_attrs["worker"]] = (min(a, t.datetime_start), max(b, t.datetime_complete))
+  spans = sorted(periods.values())
+  assert len(spans) >= 2 and any(b[0] < a[1] for a, b in zip(spans, spans[1:])), periods
   # Trial directories: the metric in the name, `ls` sorts them; the killed one is marked.
   names = sorted(os.listdir(d / "trials"))
   for t in complete:
@@ -366,7 +374,7 @@ def test_master_workers_kill_and_resume(tmp_path):
   # The ensemble reads the search directory (source=search) as before.
   from jrecipe.ensemble import members
   ranked = members.rank_trials(str(d))
-  assert len(ranked) == 7 and ranked[0][1] == max(t.value for t in complete + [
+  assert len(ranked) == 10 and ranked[0][1] == max(t.value for t in complete + [
       t for t in s2 if t.state.name == "COMPLETE"])
 
 
