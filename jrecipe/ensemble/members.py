@@ -208,22 +208,17 @@ def with_ema(workdir: str, step: Optional[int] = None) -> list[Member]:
   return members
 
 
-# Search trial directories the study does not count (jrecipe.search.worker.trial_dir_name):
-# a completed trial is named with its score, '0.9815_stage1_trial0007'. A 'killed_' trial's
-# worker died and the trial was rerun (possibly after it wrote a full result: counting it
-# would count that point twice).
-UNCOUNTED_TRIAL_PREFIXES = ("running_", "killed_", "dropped_", "diverged_", "error_")
-
-
 def _search_trials(directory: str) -> list[str]:
-  """Run directories (summary.json + checkpoints/) under `directory` (trials/* preferred;
-  there, not the trials the search did not count)."""
+  """Run directories (summary.json + checkpoints/) under `directory` (trials/* preferred),
+  without the trial directories the search did not count (a killed trial that wrote a full
+  result is the same point as its retry)."""
+  from jrecipe.search.worker import is_counted_trial_dir
   found = sorted(os.path.dirname(p) for p in glob.glob(
       os.path.join(directory, "trials", "*", "summary.json"))
-      if not os.path.basename(os.path.dirname(p)).startswith(UNCOUNTED_TRIAL_PREFIXES))
+      if is_counted_trial_dir(os.path.basename(os.path.dirname(p))))
   if not found:
     for root, dirs, files in os.walk(directory):
-      if os.path.basename(root).startswith(UNCOUNTED_TRIAL_PREFIXES):
+      if not is_counted_trial_dir(os.path.basename(root)):
         dirs[:] = []
         continue
       if "summary.json" in files and "checkpoints" in dirs:

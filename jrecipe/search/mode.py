@@ -93,28 +93,26 @@ class Master:
       retry = study_lib.fail_and_requeue(study, t.number, reason)
       now = study._storage.get_trial(t._trial_id)
       if now.state.name == "FAIL" and now.user_attrs.get("status") == "killed":
-        self._mark_killed(now.user_attrs.get("dir"))
+        self._mark_killed(now)
       event = {"time": time.time(), "trial": t.number, "study": study.study_name,
                "event": reason, "requeued_as": retry}
       self.events.append(event)
       with open(os.path.join(self.logs, "events.jsonl"), "a") as f:  # kept across masters
         f.write(json.dumps(event) + "\n")
 
-  @staticmethod
-  def _mark_killed(d: Optional[str]) -> None:
+  def _mark_killed(self, trial) -> None:
     """Renames a killed trial's directory to 'killed_stageS_trialNNNN'.
 
     The worker names it 'running_...' and, once trained, with its score; a worker killed
     between naming its result and recording it leaves the scored name (or, a moment earlier,
     still 'running_...') on a trial that is failed and rerun: either is marked killed.
     """
-    if not d:
-      return
-    parent, name = os.path.split(d)
-    tag = name[name.index("_stage") + 1:] if "_stage" in name else name
-    killed = os.path.join(parent, f"killed_{tag}")
-    for candidate in (d, os.path.join(parent, f"running_{tag}")):
-      if os.path.isdir(candidate) and not os.path.exists(killed):
+    stage = int(trial.user_attrs.get("stage", 1)) - 1
+    trials_dir = os.path.join(self.workdir, "trials")
+    killed = os.path.join(trials_dir, worker_lib.trial_dir_name("killed", stage, trial.number))
+    running = os.path.join(trials_dir, worker_lib.trial_dir_name("running", stage, trial.number))
+    for candidate in (trial.user_attrs.get("dir"), running):
+      if candidate and os.path.isdir(candidate) and not os.path.exists(killed):
         os.replace(candidate, killed)
         return
 

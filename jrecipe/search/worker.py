@@ -39,6 +39,17 @@ ENV_MASTER = "JRECIPE_SEARCH_MASTER_PID"
 POLL_SECONDS = 0.5
 
 
+# Trial directories the study does not count: the worker was killed (the trial was rerun,
+# possibly after it wrote a full result), its result dropped, the run diverged or failed, or it
+# is still running. A completed trial's directory is named with its score.
+UNCOUNTED_STATUSES = ("running", "killed", "dropped", "diverged", "error")
+
+
+def is_counted_trial_dir(name: str) -> bool:
+  """Whether a trials/ directory name is one the study counts (not `UNCOUNTED_STATUSES`)."""
+  return not name.startswith(tuple(f"{s}_" for s in UNCOUNTED_STATUSES))
+
+
 def trial_dir_name(status: str, stage: int, number: int, value: Optional[float] = None) -> str:
   """'0.9815_stage1_trial0007' for a finished trial, else '<status>_stage1_trial0007'."""
   tag = f"stage{stage + 1}_trial{number:04d}"
