@@ -50,7 +50,7 @@ def main():
   from flax import linen as nn
   from jax import lax
 
-  from jrecipe.bench import matmul_peak_gflops
+  from bench.framework import matmul_peak_gflops
   from jrecipe.models.cnn import CNN, avg_pool2
 
   b = args.batch

@@ -1,38 +1,24 @@
 """`jrecipe --config=configs/<name>.py --workdir=DIR [--mode=train] [--config.x=y ...]`.
 
 The entry point parses flags, turns a person's mistakes into one paragraph and exit
-status 2, and hands the resolved config to one mode. The work is in importable functions.
+status 2, and hands the resolved config to one mode (jrecipe/modes.py). The work is in
+importable functions.
 """
 
-import importlib
 import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from jrecipe import modes
 from jrecipe.errors import RunFailure, UserError
-
-MODES = {
-    "train": "jrecipe.train.loop:train_and_evaluate",
-    "check": "jrecipe.checks.runner:run_mode",
-    "inspect": "jrecipe.inspect.mode:run_mode",
-    "report": "jrecipe.report.mode:run_mode",
-    "lr_find": "jrecipe.search.lr_find:run_mode",
-    "search": "jrecipe.search.mode:run_mode",
-    "search_worker": "jrecipe.search.worker:run_mode",
-    "ablate": "jrecipe.ablate.mode:run_mode",
-    "label": "jrecipe.label.mode:run_mode",
-    "ensemble": "jrecipe.ensemble.mode:run_mode",
-}
-# Modes that can rebuild everything from a work directory alone (its config.json).
-CONFIG_OPTIONAL = {"report"}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: a Python file with get_config().",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory of the run (created if missing).")
-flags.DEFINE_string("mode", "train", f"What to do: one of {', '.join(MODES)}.")
+flags.DEFINE_string("mode", "train", f"What to do. {modes.describe()}.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a work directory whose config.json differs from --config.")
 flags.DEFINE_string("compilation_cache", None,
@@ -76,24 +62,24 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: every option is a --flag (e.g. --config.seed=1).")
-  if FLAGS.workdir is None or (FLAGS.config is None and FLAGS.mode not in CONFIG_OPTIONAL):
+  mode = modes.MODES.get(FLAGS.mode)
+  if mode is None:
+    _fail(f"unknown --mode={FLAGS.mode!r}. Valid modes: {', '.join(modes.user_modes())}.")
+  if FLAGS.workdir is None or (FLAGS.config is None and mode.needs_config):
     _fail("--config and --workdir are required, e.g. "
           "`jrecipe --config=configs/digits_mlp.py --workdir=/tmp/digits`.")
-  if FLAGS.mode not in MODES:
-    _fail(f"unknown --mode={FLAGS.mode!r}. Valid modes: {', '.join(MODES)}.")
   distributed = FLAGS.config is not None and FLAGS.config.parallel.distributed
-  if FLAGS.mode != "train" and distributed:
-    _fail(f"--mode={FLAGS.mode} runs on one host: drop --config.parallel.distributed.")
+  if distributed and not mode.multihost:
+    _fail(f"--mode={mode.name} runs on one host: drop --config.parallel.distributed.")
   _setup_logging()
   from jrecipe import runtime
-  module, _, fn = MODES[FLAGS.mode].partition(":")
-  mode_fn = getattr(importlib.import_module(module), fn)
+  run_mode = mode.load()
   try:
     # First: nothing may create the JAX backend before jax.distributed.initialize().
-    runtime.setup_processes(distributed, FLAGS.config, FLAGS.mode)
+    runtime.setup_processes(distributed, FLAGS.config, mode.name)
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
-    kwargs = {"allow_config_change": FLAGS.allow_config_change} if FLAGS.mode == "train" else {}
-    result = mode_fn(FLAGS.config, FLAGS.workdir, **kwargs)
+    options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change)
+    result = run_mode(FLAGS.config, FLAGS.workdir, options)
   except UserError as e:
     _fail(str(e), 2)
   except RunFailure as e:

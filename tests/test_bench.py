@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from jrecipe import bench
+from bench import framework as bench
+from bench import runners
 from tests.helpers import REPO
 
 
@@ -37,7 +38,7 @@ def test_time_to_target_trains_from_scratch(worker):
     assert out[k]["accuracy"] >= 0.97
   # A target that cannot be reached is reported as such, not as a time.
   r = dict(worker.built["hand"])
-  miss = bench._time_to_target(r, worker.exp.steps_per_epoch, target=1.01, max_epochs=1)
+  miss = runners.time_to_target(r, worker.exp.steps_per_epoch, target=1.01, max_epochs=1)
   assert miss["seconds"] is None and "not reached" in miss["note"]
 
 
@@ -54,11 +55,11 @@ def test_torch_twin_has_the_same_parameters(name):
   import jax
   from jrecipe import experiment
   from jrecipe.train.state import param_count
-  config = bench._load_config(name)
+  config = runners.load_config(name)
   config.data.train_subset = 256
   exp = experiment.build(config)
   flax_n = param_count(exp.init_variables(jax.random.PRNGKey(0))["params"])
-  r = bench._torch_runner(exp, config, probe_threads=False)  # it runs one step itself
+  r = runners.torch_runner(exp, config, probe_threads=False)  # it runs one step itself
   twin = sum(p.numel() for p in r["model"]().parameters())
   assert twin == flax_n, (twin, flax_n)
 

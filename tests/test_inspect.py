@@ -8,10 +8,10 @@ import pytest
 
 from jrecipe.data import pipeline
 from jrecipe.errors import UserError
-from jrecipe.inspect import (evaluate_filter, find_mistakes, inspect_splits, likely_label_errors,
+from jrecipe.data_inspect import (evaluate_filter, find_mistakes, inspect_splits, likely_label_errors,
                              read_csv, select, write_csv)
-from jrecipe.inspect import duplicates as dup_lib
-from jrecipe.inspect import mode as mode_lib
+from jrecipe.data_inspect import duplicates as dup_lib
+from jrecipe.data_inspect import mode as mode_lib
 from tests.helpers import read_json, run_cli, tiny_config
 
 # What the clean digits data truly contains (see docs/inspect.md): no exact duplicates, no

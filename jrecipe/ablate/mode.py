@@ -354,8 +354,9 @@ def run_ablation(config, workdir: str) -> dict:
   return result
 
 
-def run_mode(config, workdir: str) -> int:
+def run_mode(config, workdir: str, options=None) -> int:
   """The `--mode=ablate` entry: trains, writes DIR/ablation.json and .md, prints the table."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   result = run_ablation(config, workdir)
   print(markdown(result), flush=True)
   for v in result["variants"]:

@@ -290,8 +290,9 @@ def human_baseline(workdir: str) -> Optional[dict]:
   return out
 
 
-def run_mode(config: ml_collections.ConfigDict, workdir: str) -> int:
+def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> int:
   """The `--mode=check` entry: table on stdout, `workdir/checks.json`, exit 1 on a fail."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   only = parse_names(config.checks.only, "only")
   skip = parse_names(config.checks.skip, "skip")
   exp = experiment_lib.build(config)

@@ -97,8 +97,9 @@ def load_members(s: dict) -> list:
   return members_lib.from_search(first, k)
 
 
-def run_mode(config, workdir: str) -> int:
+def run_mode(config, workdir: str, options=None) -> int:
   """Evaluates the ensemble the config names; writes workdir/ensemble.json; returns 0."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   s = ensemble_settings(config)
   members = load_members(s)
   result = evaluate.evaluate_ensemble(members, split=s["split"], combine=s["combine"])

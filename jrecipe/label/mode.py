@@ -346,8 +346,9 @@ def _print_summary(result: dict, workdir: str, out) -> None:
   out.flush()
 
 
-def run_mode(config, workdir: str) -> int:
+def run_mode(config, workdir: str, options=None) -> int:
   """The `--mode=label` entry: label, save after each answer, write DIR/human.json."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   from jrecipe.data import pipeline
   s = settings(config)
   data = pipeline.load_dataset(config.data, seed=config.seed)

@@ -13,7 +13,7 @@ log = logging.getLogger("jrecipe")
 LOSS_SCALES = ("linear", "log", "both")
 
 
-def run_mode(config, workdir: str) -> int:
+def run_mode(config, workdir: str, options=None) -> int:
   """Writes DIR/diagnoses.json and DIR/report.html; prints the report's path.
 
   Args:
@@ -24,6 +24,7 @@ def run_mode(config, workdir: str) -> int:
   Returns:
     0. Raises UserError when DIR does not exist or holds nothing to report.
   """
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   if not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir!r} does not exist: --mode=report needs the work "
                     "directory of a run (train, check, inspect, search ...).")

@@ -203,8 +203,10 @@ def plot(path: str, rec: dict) -> None:
   plt.close(fig)
 
 
-def run_mode(config, workdir: str, exp: Optional[Any] = None) -> dict[str, Any]:
+def run_mode(config, workdir: str, options=None, *,
+             exp: Optional[Any] = None) -> dict[str, Any]:
   """Entry point of `--mode=lr_find`: writes DIR/lr_find.json and DIR/lr_find.png."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   rec = range_test(config, exp)
   os.makedirs(workdir, exist_ok=True)
   write_json_atomic(os.path.join(workdir, "lr_find.json"), rec)

@@ -207,8 +207,9 @@ def _tail(path: str, n: int = 15) -> str:
     return ""
 
 
-def run_mode(config: ml_collections.ConfigDict, workdir: str) -> int:
+def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> int:
   """Entry point of `--mode=search`: runs (or resumes) the search and writes its summary."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   master = Master(config, workdir)
   before = {k: master.search.status(k).done for k in range(len(master.search.stages))}
   if any(before.values()):

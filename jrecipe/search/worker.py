@@ -252,8 +252,9 @@ class Worker:
     return "complete", float(value), ""
 
 
-def run_mode(config: ml_collections.ConfigDict, workdir: str) -> int:
+def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> int:
   """Entry point of `--mode=search_worker`: runs trials until the search is finished."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   worker = Worker(config, workdir)
   n = worker.run()
   log.info("search worker %s: ran %d trial(s); exiting.", worker.id, n)

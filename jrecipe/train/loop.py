@@ -370,3 +370,10 @@ def _progress(config, total, start, primary):
   from tqdm import tqdm
   return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=True,
               mininterval=0.5)
+
+
+def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> int:
+  """`--mode=train`: `train_and_evaluate`, with the command line's --allow_config_change."""
+  allow = bool(options and options.allow_config_change)
+  train_and_evaluate(config, workdir, allow_config_change=allow)
+  return 0

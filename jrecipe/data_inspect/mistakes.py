@@ -34,7 +34,7 @@ def pca_features(x_train: np.ndarray, others: list, *, standardize: bool,
   pixels); other data are standardised per feature first. The components come from the
   eigenvectors of the covariance of at most MAX_PCA_FIT training examples.
   """
-  from jrecipe.inspect.duplicates import _unit
+  from jrecipe.data_inspect.duplicates import _unit
 
   def flat(v):
     return np.nan_to_num(np.asarray(v, np.float32).reshape(len(v), -1),
@@ -90,7 +90,7 @@ def knn_probs(x: np.ndarray, y: np.ndarray, num_classes: int, *, k: int = KNN,
   Returns:
     (probabilities [N, C] for x, {split: probabilities} for held_out).
   """
-  from jrecipe.inspect.duplicates import neighbours
+  from jrecipe.data_inspect.duplicates import neighbours
   y = np.asarray(y).astype(np.int64)
   held_out = held_out or {}
   names = list(held_out)

@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 from jrecipe.errors import UserError
-from jrecipe.inspect import grids
-from jrecipe.inspect import mistakes as mistakes_lib
+from jrecipe.data_inspect import grids
+from jrecipe.data_inspect import mistakes as mistakes_lib
 from jrecipe.train.writer import write_json_atomic
 
 HELD_OUT = ("validation", "test")

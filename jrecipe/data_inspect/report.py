@@ -10,8 +10,8 @@ from typing import Optional
 
 import numpy as np
 
-from jrecipe.inspect import grids
-from jrecipe.inspect import table as table_lib
+from jrecipe.data_inspect import grids
+from jrecipe.data_inspect import table as table_lib
 from jrecipe.train.writer import write_json_atomic
 
 # Axes whose two ends are drawn in outliers.png (those present in the table).

@@ -8,7 +8,7 @@ near duplicates within and across splits, corrupt records, statistics, likely la
 examples.csv (one row per example: split, id, label, statistics, flags), PNG grids (images
 only) and, with a filter or sort_by, selection.csv and selection.png. When DIR holds a
 trained run's checkpoint (or with inspect.mistakes=on): mistakes.json, confusion.png and the
-mistake grids (see `jrecipe.inspect.after_training`). Prints a few lines, numbers first.
+mistake grids (see `jrecipe.data_inspect.after_training`). Prints a few lines, numbers first.
 
 The dataset is loaded through the dataset layer (`jrecipe.data.pipeline.load_dataset`), not
 through `experiment.build`: build refuses labels outside the declared classes, and finding
@@ -75,18 +75,19 @@ def inspect_settings(config) -> dict:
     try:  # fail before any data is loaded; column names are checked once the table exists
       ast.parse(s["filter"].strip(), mode="eval")
     except SyntaxError as e:
-      from jrecipe.inspect.table import EXAMPLES
+      from jrecipe.data_inspect.table import EXAMPLES
       raise UserError(
           f"The inspect filter {s['filter']!r} does not parse ({e.msg}): it must be a Python "
           f"expression over the columns of examples.csv, e.g. {EXAMPLES}.") from e
   return s
 
 
-def run_mode(config, workdir: str) -> int:
+def run_mode(config, workdir: str, options=None) -> int:
   """Inspects the config's dataset (and DIR's trained model) and writes DIR/inspect/."""
+  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
   from jrecipe import validate
   from jrecipe.data import pipeline
-  from jrecipe.inspect import after_training, core, report
+  from jrecipe.data_inspect import after_training, core, report
   s = inspect_settings(config)
   validate.validate_config(config)
   data = pipeline.load_dataset(config.data, seed=int(config.seed))
@@ -99,7 +100,7 @@ def run_mode(config, workdir: str) -> int:
   if want_mistakes and not after_training.has_checkpoint(workdir):
     raise UserError(f"--config.inspect.mistakes=on, but {workdir} holds no checkpoint: train "
                     "it first (jrecipe --mode=train) or use mistakes=auto/off.")
-  from jrecipe.inspect.table import check_names
+  from jrecipe.data_inspect.table import check_names
   image = core.stats_lib.is_image(data.raw["train"]["x"].shape[1:], spec.task)
   check_names(s["filter"], s["sort_by"], core.table_columns(
       spec.task, image, spec.num_classes, core.will_rank_label_errors(

@@ -4,7 +4,7 @@ Recipe stage 1, 'become one with the data': class counts and imbalance, labels o
 declared classes, exact duplicates within and across splits (train/test leakage), near
 duplicates, corrupt records, per-example statistics to sort and filter by, and (with a cheap
 cross-validated model) likely label errors. The function takes arrays, so a test can plant a
-problem into a copy of a real dataset; `jrecipe.inspect.mode` is the thin command-line
+problem into a copy of a real dataset; `jrecipe.data_inspect.mode` is the thin command-line
 wrapper that loads a config's dataset and writes the files (`write_findings`).
 """
 
@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from jrecipe.inspect import duplicates as dup_lib
-from jrecipe.inspect import mistakes as mistakes_lib
-from jrecipe.inspect import stats as stats_lib
+from jrecipe.data_inspect import duplicates as dup_lib
+from jrecipe.data_inspect import mistakes as mistakes_lib
+from jrecipe.data_inspect import stats as stats_lib
 
 DEFAULT_THRESHOLD = 0.985
 CORRUPT_KINDS = ("non_finite", "constant", "out_of_range", "wrong_shape")
@@ -106,7 +106,7 @@ def inspect_splits(splits: dict, *, task: str = "classification",
       the other splits can be out of range).
     expected_shape: the shape one example must have; None: the most common one.
     near_dup_threshold: verified similarity at or above which two examples are near
-      duplicates (see `jrecipe.inspect.duplicates`).
+      duplicates (see `jrecipe.data_inspect.duplicates`).
     neighbors: candidate neighbours per example for the near-duplicate search.
     max_shift: translation (pixels) the image similarity tolerates.
     label_neighbors: k of the leave-one-out nearest-neighbour vote that ranks likely label
