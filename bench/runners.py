@@ -66,35 +66,31 @@ def permutation_batches(n, bs, seed=0):
 # Runners: each is a dict with run(n) -> None (n steps, blocking at the end), reset(),
 # accuracy() -> test accuracy, compile_seconds, flops (one step, XLA's count) if known.
 def jrecipe_runner(config, exp=None):
-  """The training loop's own path (jrecipe.train.loop), steps indexed by the pipeline."""
+  """jrecipe's own loop: `Trainer.run` (step-indexed batches, explicit transfers, the jitted
+  pure step with state donation), with no hooks, as every mode drives it."""
   import jax
-  from jrecipe import experiment, optim
-  from jrecipe.data import pipeline
-  from jrecipe.train import loop, parallel, step as step_lib
+  from jrecipe import experiment
+  from jrecipe.train import parallel
+  from jrecipe.train.evaluate import Evaluator
+  from jrecipe.train.state import variables_of
+  from jrecipe.train.trainer import Trainer
   placement = parallel.make_placement(config.parallel.mode, config.parallel.num_devices)
   exp = exp or experiment.build(config, bn_axis_name=placement.axis_name)
-  tx = exp.optimizer()
-  fn = placement.compile_train(step_lib.make_train_step(
-      exp.model, exp.loss, tx, l2=config.l2, ema_decay=config.ema_decay,
-      augment=exp.augment_fn(), axis_name=placement.axis_name,
-      needs_value_fn=optim.needs_value_fn(config.optimizer)))
-  evaluator = loop.Evaluator(exp, placement)
+  trainer = Trainer.from_experiment(exp, placement)
+  evaluator = Evaluator(exp, placement)
   h = {}
 
   def reset():
-    h["state"] = placement.put_state(loop.init_train_state(exp, tx))
-    h["batches"] = pipeline.train_batches(exp.data, batch_size=config.batch_size,
-                                          seed=config.seed)
+    h["state"] = trainer.to_device(trainer.initial_state())
+    h["step"] = 0
 
   def run(n):
-    st, m = h["state"], None
-    for _ in range(n):
-      st, m = fn(st, placement.put_batch(next(h["batches"])))
-    jax.block_until_ready((st, m))
-    h["state"] = st
+    loop = trainer.run(h["state"], start_step=h["step"], num_steps=n)
+    jax.block_until_ready(loop.state)
+    h["state"], h["step"] = loop.state, loop.step
 
   def accuracy():
-    return evaluator(loop.variables_of(h["state"]), "test")["accuracy"]
+    return evaluator(variables_of(h["state"]), "test")["accuracy"]
 
   reset()
   compile_s = timed(lambda: run(1))[0]

@@ -1,7 +1,9 @@
 """config -> Experiment: the dataset, model, loss and optimizer every mode shares.
 
-A mode (train, check, inspect, ...) never builds its own model or data pipeline; it asks
-`build(config)` for them, so a check runs on exactly the model, data and loss it trains.
+A mode (train, check, ...) never builds its own model or data pipeline; it asks `build(config)`
+for them, so a check runs on exactly the model, data and loss it trains. Modes that need only
+the data (inspect, label) ask `build_data(config)`. An Experiment is frozen: built once, never
+changed afterwards (a variant is `dataclasses.replace(exp, ...)`).
 """
 
 import contextlib
@@ -23,7 +25,7 @@ from jrecipe.errors import UserError
 from jrecipe.types import DataSpec, Loss, Model
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   """Everything built from a config, and nothing run yet.
 
@@ -34,6 +36,8 @@ class Experiment:
     model: the model as pure functions (`jrecipe.types.Model`).
     loss: the data loss (`jrecipe.types.Loss`).
     steps_per_epoch, total_steps: durations in steps (epochs are converted here, once).
+    init_from_report: with `config.init_from`, what the source restores, skips and leaves
+      fresh (checked at build time, before anything is written); else None.
   """
 
   config: ml_collections.ConfigDict
@@ -43,6 +47,7 @@ class Experiment:
   loss: Loss
   steps_per_epoch: int
   total_steps: int
+  init_from_report: Optional[dict] = None
 
   def optimizer(self, config: Optional[ml_collections.ConfigDict] = None):
     """The optax transformation for `config` (default: this experiment's).
@@ -55,14 +60,9 @@ class Experiment:
     tx = optim.make_optimizer(c.optimizer, c.schedule, c.momentum_schedule,
                               steps_per_epoch=self.steps_per_epoch,
                               total_steps=self.total_steps)
-    if not c.get("init_from"):
+    if not (c.get("init_from") and c.get("init_from_freeze", False)):
       return tx
     from jrecipe.train import init_from
-    if not getattr(self, "_init_from_checked", False):  # once: build() calls this first,
-      init_from.check(self, c)  # so a bad source fails before any file is written
-      self._init_from_checked = True
-    if not c.get("init_from_freeze", False):
-      return tx
     if optim.needs_value_fn(c.optimizer):
       raise UserError(f"init_from_freeze does not work with optimizer {c.optimizer.name!r}: its "
                       "line search would move the frozen parameters. Use adam or sgd to "
@@ -172,9 +172,22 @@ def build(config: ml_collections.ConfigDict, *, bn_axis_name: Optional[str] = No
   exp = Experiment(config=config, data=data, spec=spec, model=model, loss=loss,
                    steps_per_epoch=spe, total_steps=total)
   validate_experiment(exp)
+  if config.get("init_from"):  # a bad source fails here, before any file is written
+    from jrecipe.train import init_from
+    exp = dataclasses.replace(exp, init_from_report=init_from.check(exp, config))
   with _bad_input("optimizer", None):
     exp.optimizer()  # validates optimizer/schedule fields now, before anything is written
   return exp
+
+
+def build_data(config: ml_collections.ConfigDict):
+  """The dataset a config names, for modes that need only the data (inspect, label).
+
+  The same validation of the config's fields as `build`, then the same loader, so the data a
+  person inspects or labels is exactly the data the model trains on.
+  """
+  validate.validate_config(config)
+  return pipeline.load_dataset(config.data, seed=config.seed)
 
 
 def validate_experiment(exp: Experiment) -> None:

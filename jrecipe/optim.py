@@ -10,7 +10,8 @@ Two recipe points shape this module:
 * CS231n, 'updates, annealing, second order': SGD, momentum (heavy ball), Nesterov, Adagrad,
   RMSProp, Adam (the default), AdamW, and L-BFGS for full-batch problems; step, exponential
   and 1/t annealing, plus cosine, linear and warm-up; momentum can be annealed 0.5 -> 0.99;
-  `PlateauScaler` cuts the rate 'when the validation error plateaus'.
+  reduce-on-plateau (`jrecipe.train.patience.PlateauScaler`) cuts the rate 'when the
+  validation error plateaus'.
 
 Every optimizer is built with `optax.inject_hyperparams`, so the learning rate (and the
 momentum coefficient) of each step is in the optimizer state: `current_learning_rate` reads
@@ -453,68 +454,3 @@ def schedule_table(sched_fn, total_steps: int, n: int = 200):
   if values is None or values.shape != steps.shape:
     values = np.array([float(sched_fn(int(s))) for s in steps])
   return steps, values.astype(np.float64)
-
-
-class PlateauScaler:
-  """Reduce-on-plateau: a learning-rate scale driven by the validation loss, on the host.
-
-  CS231n step decay 'reduce the learning rate ... whenever the validation error stops
-  improving', and Karpathy's 'tune decay at the very end'. Call `update(val_loss)` once per
-  epoch; the returned scale multiplies the optimizer's updates, which equals multiplying the
-  learning rate for every optimizer here (their updates are linear in the rate; the state
-  does not depend on it). For 'lbfgs' the line search already chooses the step, so a scale
-  below 1 only shortens the accepted step.
-
-  An epoch improves when val_loss < best - threshold * |best|. After `patience` epochs in a
-  row without improvement the scale is multiplied by `factor` (never below `min_scale`) and
-  the count restarts. A non-finite loss never improves.
-
-  Args:
-    factor: multiplier in (0, 1) applied at each reduction.
-    patience: epochs without improvement before a reduction (>= 1).
-    min_scale: the smallest scale, in (0, 1].
-    threshold: relative improvement that counts (>= 0).
-  """
-
-  def __init__(self, factor: float = 0.5, patience: int = 2, min_scale: float = 1e-3,
-               threshold: float = 1e-4):
-    if not 0 < factor < 1:
-      raise UserError(f"config.plateau.factor is {factor}; it must lie in (0, 1) (0.5 halves "
-                      "the learning rate at each plateau).")
-    if int(patience) != patience or patience < 1:
-      raise UserError(f"config.plateau.patience is {patience}; it must be a whole number of "
-                      "epochs >= 1.")
-    if not 0 < min_scale <= 1:
-      raise UserError(f"config.plateau.min_scale is {min_scale}; it must lie in (0, 1].")
-    if not threshold >= 0:
-      raise UserError(f"The plateau threshold is {threshold}; it must be >= 0.")
-    self.factor, self.patience = float(factor), int(patience)
-    self.min_scale, self.threshold = float(min_scale), float(threshold)
-    self.scale, self.best, self.bad_epochs, self.num_reductions = 1.0, None, 0, 0
-
-  def update(self, val_loss: float) -> float:
-    """Records one epoch's validation loss and returns the scale for the next epoch."""
-    val_loss = float(val_loss)
-    if math.isfinite(val_loss) and (
-        self.best is None or val_loss < self.best - self.threshold * abs(self.best)):
-      self.best, self.bad_epochs = val_loss, 0
-    else:
-      self.bad_epochs += 1
-      if self.bad_epochs >= self.patience:
-        new_scale = max(self.scale * self.factor, self.min_scale)
-        if new_scale < self.scale:
-          self.scale, self.num_reductions = new_scale, self.num_reductions + 1
-        self.bad_epochs = 0
-    return self.scale
-
-  def state_dict(self) -> dict:
-    """The state as JSON-serialisable Python values (saved with the checkpoint)."""
-    return {'scale': self.scale, 'best': self.best, 'bad_epochs': self.bad_epochs,
-            'num_reductions': self.num_reductions}
-
-  def load_state_dict(self, d: dict) -> None:
-    """Restores a `state_dict()`, so a resumed run continues exactly."""
-    self.scale = float(d['scale'])
-    self.best = None if d['best'] is None else float(d['best'])
-    self.bad_epochs = int(d['bad_epochs'])
-    self.num_reductions = int(d['num_reductions'])

@@ -36,6 +36,12 @@ def tiny_config(**overrides):
   return c
 
 
+def initial_state(exp, tx=None):
+  """The run's initial host TrainState, as training builds it (optionally another optimizer)."""
+  from jrecipe.train.trainer import Trainer
+  return Trainer.from_experiment(exp, **({"tx": tx} if tx is not None else {})).initial_state()
+
+
 def run_cli(args, env=None, timeout=300, **kw):
   """Runs `python -m jrecipe args...` and returns the CompletedProcess."""
   e = dict(os.environ)

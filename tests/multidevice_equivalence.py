@@ -14,28 +14,33 @@ sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
     __import__("os").path.abspath(__file__))))
 
 from jrecipe import experiment  # noqa: E402
-from jrecipe.data import pipeline  # noqa: E402
-from jrecipe.train import loop, parallel, step as step_lib  # noqa: E402
+from jrecipe.train import parallel  # noqa: E402
+from jrecipe.train.trainer import Hook, Trainer  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 STEPS = 5
 
 
+class _Losses(Hook):
+  """Every step's loss on the host (the test compares them across placements)."""
+
+  def __init__(self):
+    self.losses = []
+
+  def after_step(self, loop, metrics):
+    self.losses.append(float(loop.trainer.placement.metrics_to_host(metrics)["loss"]))
+
+
 def run(mode: str, n: int):
+  """STEPS steps of the Trainer on `n` devices placed by `mode`: (host state, losses)."""
   cfg = tiny_config(batch_size=64, ema_decay=0.9)
   placement = parallel.make_placement(mode, n)
   exp = experiment.build(cfg, bn_axis_name=placement.axis_name)
-  tx = exp.optimizer()
-  state = placement.put_state(loop.init_train_state(exp, tx))
-  fn = placement.compile_train(step_lib.make_train_step(
-      exp.model, exp.loss, tx, ema_decay=cfg.ema_decay, axis_name=placement.axis_name))
-  batches = pipeline.train_batches(exp.data, batch_size=cfg.batch_size, seed=0)
-  losses = []
-  for _ in range(STEPS):
-    state, metrics = fn(state, placement.put_batch(next(batches)))
-    losses.append(float(placement.metrics_to_host(metrics)["loss"]))
-  host = placement.host_state(state)
-  return host, losses
+  trainer = Trainer.from_experiment(exp, placement)
+  losses = _Losses()
+  loop = trainer.run(trainer.to_device(trainer.initial_state()), num_steps=STEPS,
+                     hooks=[losses])
+  return trainer.to_host(loop.state), losses.losses
 
 
 def main():

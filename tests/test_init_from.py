@@ -16,7 +16,7 @@ import pytest
 from jrecipe import experiment as experiment_lib
 from jrecipe.errors import UserError
 from jrecipe.train import init_from, loop
-from tests.helpers import load_params, read_json, tiny_config
+from tests.helpers import initial_state, load_params, read_json, tiny_config
 
 
 HIDDEN = (64,)
@@ -54,14 +54,14 @@ def test_restore_matches_source_and_starts_lower(source_run):
   src, summary = source_run
   cfg = _cfg(init_from=src, seed=7)
   exp = experiment_lib.build(cfg)
-  state = loop.init_train_state(exp, exp.optimizer())
+  state = initial_state(exp)
   restored = _flat_params(state)
   want = load_params(src)
   assert set(restored) == set(want)
   for k in want:
     np.testing.assert_array_equal(restored[k], want[k])
   scratch_exp = experiment_lib.build(_cfg(seed=7))
-  scratch = loop.init_train_state(scratch_exp, scratch_exp.optimizer())
+  scratch = initial_state(scratch_exp)
   from jrecipe.train.state import variables_of
   loss_restored = _val_loss(exp, variables_of(state))
   loss_scratch = _val_loss(exp, variables_of(scratch))
@@ -77,9 +77,9 @@ def test_restore_matches_source_and_starts_lower(source_run):
 def test_skip_pattern_leaves_head_fresh(source_run):
   src, _ = source_run
   exp = experiment_lib.build(_cfg(init_from=src, init_from_skip="head", seed=7))
-  state = loop.init_train_state(exp, exp.optimizer())
+  state = initial_state(exp)
   fresh_exp = experiment_lib.build(_cfg(seed=7))
-  fresh = _flat_params(loop.init_train_state(fresh_exp, fresh_exp.optimizer()))
+  fresh = _flat_params(initial_state(fresh_exp))
   got, want = _flat_params(state), load_params(src)
   np.testing.assert_array_equal(got["['head']['kernel']"], fresh["['head']['kernel']"])
   np.testing.assert_array_equal(got["['dense_0']['kernel']"], want["['dense_0']['kernel']"])
@@ -97,14 +97,14 @@ def test_mostly_mismatched_is_an_error_unless_allowed(source_run, tmp_path):
   assert not os.path.exists(wd)  # refused before anything was written
   exp = experiment_lib.build(_cfg(init_from=src, init_from_allow_partial=True,
                                   **{"model.hidden": (48,)}))
-  loop.init_train_state(exp, exp.optimizer())
+  initial_state(exp)
   report = exp.init_from_report
   assert report["restored"] == ["params/head/bias"]
   assert report["leaves"]["params/dense_0/kernel"]["source_shape"] == [16, 64]
   assert report["leaves"]["params/dense_0/kernel"]["shape"] == [16, 48]
   exp = experiment_lib.build(_cfg(init_from=src, init_from_allow_partial=True,
                                   **{"model.hidden": (64, 64)}))
-  loop.init_train_state(exp, exp.optimizer())
+  initial_state(exp)
   assert exp.init_from_report["skipped"]["missing"] == ["params/dense_1/bias",
                                                         "params/dense_1/kernel"]
 
@@ -129,7 +129,7 @@ def test_checkpoint_dir_and_best(source_run):
   for value, which, step in ((os.path.join(src, "checkpoints", str(steps[0])), "latest",
                               steps[0]), (src, "best", None), (src, str(steps[0]), steps[0])):
     exp = experiment_lib.build(_cfg(init_from=value, init_from_checkpoint=which))
-    state = loop.init_train_state(exp, exp.optimizer())
+    state = initial_state(exp)
     got_step = exp.init_from_report["step"]
     if step is not None:
       assert got_step == step
@@ -162,7 +162,7 @@ def test_freeze_keeps_restored_params_and_trains_the_rest(source_run, tmp_path):
   cfg = _cfg(init_from=src, init_from_skip="head", init_from_freeze=True, num_epochs=0.5,
              ema_decay=0.0)
   exp = experiment_lib.build(cfg)
-  init = _flat_params(loop.init_train_state(exp, exp.optimizer()))
+  init = _flat_params(initial_state(exp))
   loop.train_and_evaluate(cfg, str(tmp_path / "frozen"), exp=exp)
   got, want = load_params(str(tmp_path / "frozen")), load_params(src)
   np.testing.assert_array_equal(got["['dense_0']['kernel']"], want["['dense_0']['kernel']"])

@@ -15,11 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import ReportPage, read_json, tiny_config
+from tests.helpers import ReportPage, initial_state, read_json, tiny_config
 from jrecipe import experiment as experiment_lib
 from jrecipe.monitor import diagnose
 from jrecipe.train import step as step_lib
-from jrecipe.train.loop import init_train_state, train_and_evaluate
+from jrecipe.train.loop import train_and_evaluate
 from jrecipe.train.writer import read_metrics
 
 # SGD (the optimiser CS231n's ~1e-3 update/weight heuristic is stated for) on digits:
@@ -208,11 +208,11 @@ def test_monitored_step_updates_exactly_like_the_plain_step():
   config = tiny_config(**{"model.hidden": (8,)})
   exp = experiment_lib.build(config)
   tx = optax.adam(1e-2)
-  state = init_train_state(exp, tx)
+  state = initial_state(exp, tx)
   batch = {k: exp.data.arrays["train"][k][:16] for k in ("x", "y")}
-  plain = jax.jit(step_lib.make_train_step(exp.model, exp.loss, tx))
-  watched = jax.jit(step_lib.make_train_step(exp.model, exp.loss, tx, monitor=True,
-                                             monitor_every=2, monitor_last=7))
+  parts = step_lib.StepParts(exp.model, exp.loss, tx)
+  plain = jax.jit(step_lib.make_train_step(parts))
+  watched = jax.jit(step_lib.make_train_step(parts, extra_metrics=step_lib.monitor_norms(2, 7)))
   s1, m1 = plain(state, batch)
   s2, m2 = watched(state, batch)  # step count 1: not due, zeros
   for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):

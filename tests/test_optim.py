@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from jrecipe import optim
+from jrecipe.train import patience
 from jrecipe.errors import UserError
 
 SPE = 10  # steps per epoch in these tests
@@ -259,24 +260,24 @@ def test_base_config_defaults_build():
 
 
 def test_plateau_scaler_reduces_after_patience_and_round_trips():
-  s = optim.PlateauScaler(factor=0.5, patience=2, min_scale=0.2)
+  s = patience.PlateauScaler(factor=0.5, patience=2, min_scale=0.2)
   assert [s.update(x) for x in (1.0, 0.9, 0.95, 0.92)] == [1.0, 1.0, 1.0, 0.5]
   assert s.update(0.8) == 0.5  # an improvement resets the count
   assert [s.update(x) for x in (0.8, float('nan'))] == [0.5, 0.25]
   assert [s.update(0.9) for _ in range(4)] == [0.25, 0.2, 0.2, 0.2]  # floor at min_scale
   # 0.8 * (1 - 1e-4) is the bar: a tiny improvement does not count.
-  t = optim.PlateauScaler(patience=1)
+  t = patience.PlateauScaler(patience=1)
   assert [t.update(x) for x in (0.8, 0.79999)] == [1.0, 0.5]
 
-  a = optim.PlateauScaler(factor=0.5, patience=3)
+  a = patience.PlateauScaler(factor=0.5, patience=3)
   for x in (1.0, 0.9, 0.95, 0.96):
     a.update(x)
-  b = optim.PlateauScaler(factor=0.5, patience=3)
+  b = patience.PlateauScaler(factor=0.5, patience=3)
   b.load_state_dict(json.loads(json.dumps(a.state_dict())))
   more = (0.97, 0.85, 0.9, 0.9, 0.9, 0.7)
   assert [a.update(x) for x in more] == [b.update(x) for x in more]
   assert a.state_dict() == b.state_dict() and a.num_reductions == 2
-  json.dumps(optim.PlateauScaler().state_dict())  # fresh state (no best yet) is JSON too
+  json.dumps(patience.PlateauScaler().state_dict())  # fresh state (no best yet) is JSON too
 
 
 def test_decay_that_misfits_the_run_is_logged(caplog):
@@ -326,5 +327,5 @@ def test_bad_run_lengths_and_plateau_arguments():
     optim.make_schedule({}, 1.0, steps_per_epoch=0, total_steps=10)
   for kw in ({'factor': 1.5}, {'patience': 0}, {'min_scale': 0.0}, {'threshold': -1.0}):
     with pytest.raises(UserError):
-      optim.PlateauScaler(**kw)
-  assert math.isclose(optim.PlateauScaler().update(1.0), 1.0)
+      patience.PlateauScaler(**kw)
+  assert math.isclose(patience.PlateauScaler().update(1.0), 1.0)

@@ -34,16 +34,17 @@ import json, sys, tempfile
 sys.path.insert(0, {repo!r})
 import jax
 from jrecipe.train import loop, parallel
+from jrecipe.train.trainer import Trainer
 from tests.helpers import tiny_config
 
 # Setup before the loop (PRNG keys from the seed, parameter init) makes its own small
 # transfers; the guard covers everything from there on: placement, every step, metrics,
 # evaluation, checkpoints, the final test evaluation.
-_init = loop.init_train_state
+_init = Trainer.initial_state
 def init_unguarded(*a, **k):
   with jax.transfer_guard("allow"):
     return _init(*a, **k)
-loop.init_train_state = init_unguarded
+Trainer.initial_state = init_unguarded
 def run(mode):
   cfg = tiny_config(num_epochs=1, ema_decay=0.9, log_every_steps=3,
                     **{{"parallel.mode": mode, "plateau.enabled": True,

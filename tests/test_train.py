@@ -14,7 +14,8 @@ import pytest
 from jrecipe import experiment
 from jrecipe.train import loop
 from jrecipe.train.checkpoint import Checkpointer
-from tests.helpers import REPO, load_params, read_json, tiny_config
+from jrecipe.train.evaluate import Evaluator
+from tests.helpers import REPO, initial_state, load_params, read_json, tiny_config
 
 
 def _params_equal(a, b):
@@ -77,9 +78,8 @@ def test_continuing_with_more_epochs_equals_one_longer_run(run_a, tmp_path):
 def test_evaluation_counts_every_example_once():
   exp = experiment.build(tiny_config(eval_batch_size=37))
   from jrecipe.train import parallel
-  ev = loop.Evaluator(exp, parallel.make_placement("single"))
-  tx = exp.optimizer()
-  state = loop.init_train_state(exp, tx)
+  ev = Evaluator(exp, parallel.make_placement("single"))
+  state = initial_state(exp)
   for split in ("validation", "test"):
     out = ev({"params": state.params}, split)
     assert out["count"] == len(exp.data.arrays[split]["y"])
@@ -103,7 +103,7 @@ def test_corrupt_latest_checkpoint_falls_back(run_a, tmp_path, caplog):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"\0garbage")
   exp = experiment.build(tiny_config())
-  template = loop.init_train_state(exp, exp.optimizer())
+  template = initial_state(exp)
   with caplog.at_level("WARNING", logger="jrecipe"):
     state, meta, step = Checkpointer(wd, read_only=True).restore(template)
   assert step == steps[-2]
@@ -127,11 +127,12 @@ def test_a_nonfinite_step_keeps_the_whole_state_and_records_it():
   cfg = tiny_config(ema_decay=0.9)
   exp = experiment.build(cfg)
   tx = exp.optimizer()
-  step = jax.jit(step_lib.make_train_step(exp.model, exp.loss, tx, ema_decay=0.9,
-                                          monitor=True))
+  step = jax.jit(step_lib.make_train_step(step_lib.StepParts(exp.model, exp.loss, tx,
+                                                             ema_decay=0.9),
+                                          extra_metrics=step_lib.monitor_norms()))
   x = np.asarray(exp.data.arrays["train"]["x"][:64])
   y = np.asarray(exp.data.arrays["train"]["y"][:64])
-  state, _ = step(loop.init_train_state(exp, tx), {"x": x, "y": y})
+  state, _ = step(initial_state(exp, tx), {"x": x, "y": y})
   before = jax.device_get(state)
   bad = x.copy()
   bad[3] = np.nan

@@ -23,7 +23,8 @@ from jrecipe.checks import dependencies, gradcheck, outputs, schedule, training
 from jrecipe.checks.base import CHECK_NAMES, CheckResult
 from jrecipe.data import pipeline
 from jrecipe.errors import UserError
-from jrecipe.train import loop, state as state_lib, step as step_lib
+from jrecipe.train import step as step_lib
+from jrecipe.train.trainer import Trainer, seeds
 from jrecipe.train.writer import write_json_atomic
 
 log = logging.getLogger("jrecipe")
@@ -61,7 +62,7 @@ class Battery:
     self.c = exp.config
     self.artifacts_dir = artifacts_dir
     self.model, self.loss, self.spec = exp.model, exp.loss, exp.spec
-    self.rngs = loop.seeds(self.c.seed)
+    self.rngs = seeds(self.c.seed)
     self.variables = exp.init_variables(self.rngs["init"])
     self.variables_plain = exp.init_variables(self.rngs["init"], init_bias=False)
     self.tx = _constant_rate_tx(exp)
@@ -90,19 +91,13 @@ class Battery:
 
   def seed_determinism(self):
     exp, c = self.exp, self.c
-    tx = exp.optimizer()
-    step_fn = jax.jit(step_lib.make_train_step(exp.model, exp.loss, tx, l2=c.l2,
-                                               ema_decay=0.0, augment=self.augment))
+    trainer = Trainer.from_experiment(exp, ema_decay=0.0)
     n_steps = min(5, exp.total_steps)
 
     def train_fn(seed):
-      rngs = loop.seeds(seed)
-      st = state_lib.create_state(exp.init_variables(rngs["init"]), tx, rngs["train"],
-                                  ema=False)
-      batches = pipeline.train_batches(exp.data, batch_size=c.batch_size, seed=seed)
-      for _ in range(n_steps):
-        st, _ = step_fn(st, next(batches))
-      return jax.device_get(st.params)
+      state = trainer.to_device(trainer.initial_state(seed))
+      loop = trainer.run(state, num_steps=n_steps, batches=trainer.batches(0, seed=seed))
+      return trainer.to_host(loop.state).params
 
     return training.seed_determinism(train_fn, seed=c.seed)
 

@@ -36,7 +36,7 @@ import optax
 from jrecipe import optim
 from jrecipe.checks.base import CheckResult, artifact_path
 from jrecipe.train.state import create_state, variables_of
-from jrecipe.train.step import l2_penalty, make_train_step
+from jrecipe.train.step import StepParts, l2_penalty, make_train_step
 from jrecipe.types import Loss, Model
 
 # Tolerances, with the reasoning in each check's docstring.
@@ -116,7 +116,7 @@ def _train_step_fn(model: Model, loss: Loss, tx, l2: float, augment, batch_size,
 
   def build():
     tx_used = tx if _has_lr(tx, params) else _with_lr_slot(tx)
-    step = make_train_step(model, loss, tx_used, l2=l2, augment=augment)
+    step = make_train_step(StepParts(model, loss, tx_used, augment=augment, l2=l2))
 
     def run(state, x, y, data_key):
       n = x.shape[0]

@@ -85,12 +85,10 @@ def inspect_settings(config) -> dict:
 def run_mode(config, workdir: str, options=None) -> int:
   """Inspects the config's dataset (and DIR's trained model) and writes DIR/inspect/."""
   del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
-  from jrecipe import validate
-  from jrecipe.data import pipeline
+  from jrecipe import experiment
   from jrecipe.data_inspect import after_training, core, report
   s = inspect_settings(config)
-  validate.validate_config(config)
-  data = pipeline.load_dataset(config.data, seed=int(config.seed))
+  data = experiment.build_data(config)
   spec = data.spec
   if s["split"] not in data.raw:
     raise UserError(f"config.inspect.split={s['split']!r} is not a split of {spec.name!r}. "

@@ -8,10 +8,13 @@ The teacher is the ensemble's averaged class probabilities on the train split, p
 
   alpha * T^2 * KL(softmax(log p_T / T) || softmax(z / T)) + (1 - alpha) * CE(z, hard labels)
 
-(the T^2 keeps the soft term's gradient scale independent of T), with optax Adam in one
-jitted step, on shuffled mini-batches of the train split.
+(the T^2 keeps the soft term's gradient scale independent of T), with optax Adam, through the
+same Trainer and step as training (the objective is a `Loss` on (label, teacher) pairs), on
+the train split in jrecipe's batch order (a fresh permutation per epoch from the seed).
 """
 
+import dataclasses
+import itertools
 from typing import Any, Optional
 
 import jax
@@ -19,7 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jrecipe.data.indexing import IndexBatches
 from jrecipe.errors import UserError
+from jrecipe.train.state import variables_of
+from jrecipe.train.step import StepParts
+from jrecipe.train.trainer import Hook, Trainer
+from jrecipe.types import Loss
 
 
 def _softened_kl(teacher_logp: jax.Array, student_out: jax.Array, temperature: float):
@@ -43,6 +51,35 @@ def distill_loss(student_out, teacher_logp, labels, *, temperature: float, alpha
   kl = _softened_kl(teacher_logp, student_out, temperature).mean()
   ce = _hard_ce(student_out, labels).mean()
   return alpha * temperature ** 2 * kl + (1.0 - alpha) * ce, (kl, ce)
+
+
+def _distill_loss(loss: Loss, temperature: float, alpha: float) -> Loss:
+  """The distillation objective as a `Loss` on labels (hard labels, teacher log-probabilities).
+
+  So the student trains through the same Trainer and step as every other run.
+  """
+
+  def per_example(outputs, labels):
+    y, t_logp = labels
+    out = outputs.astype(jnp.float32)
+    kl = _softened_kl(t_logp, out, temperature)
+    return alpha * temperature ** 2 * kl + (1.0 - alpha) * _hard_ce(out, y)
+
+  def correct(outputs, labels):
+    return loss.correct(outputs, labels[0])
+
+  return dataclasses.replace(loss, name=f"distill({loss.name})", per_example=per_example,
+                             correct=correct if loss.correct is not None else None)
+
+
+class _LastLoss(Hook):
+  """Keeps the last step's training loss (read once, at the end)."""
+
+  loss = float("nan")
+
+  def after_step(self, loop, metrics: dict) -> None:
+    if loop.last_step:
+      self.loss = float(loop.trainer.placement.metrics_to_host(metrics["loss"]))
 
 
 def teacher_kl(student_exp, variables, teacher_probs: np.ndarray, *, temperature: float,
@@ -101,46 +138,25 @@ def distill(student_exp, teacher_probs_train: np.ndarray, *, temperature: float 
                     f"{tuple(y.shape) + (c,)} (examples in train order, {c} classes).")
   n = len(x)
   bs = int(min(batch_size or student_exp.config.batch_size, n))
-  model = student_exp.model
   key = jax.random.PRNGKey(seed)
   variables = init_variables if init_variables is not None else student_exp.init_variables(
       jax.random.fold_in(key, 0))
-  params = variables["params"]
-  model_state = {k: v for k, v in variables.items() if k != "params"}
-  tx = optax.adam(lr)
-  opt_state = tx.init(params)
-
-  def loss_fn(p, ms, xb, tb, yb, rng):
-    rngs = {"dropout": rng} if model.has_dropout else None
-    out, new_state = model.apply_with_state({"params": p, **ms}, xb, True, rngs)
-    loss, aux = distill_loss(out.astype(jnp.float32), tb, yb, temperature=temperature,
-                             alpha=alpha)
-    return loss, (aux, new_state)
-
-  @jax.jit
-  def step(p, ms, o, xb, tb, yb, rng):
-    (loss, (_, new_state)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, ms, xb, tb, yb, rng)
-    updates, o = tx.update(g, o, p)
-    p = optax.apply_updates(p, updates)
-    ms = {**ms, **new_state} if new_state else ms
-    return p, ms, o, loss
-
+  trainer = Trainer(StepParts(student_exp.model, _distill_loss(student_exp.loss, temperature,
+                                                               alpha), optax.adam(lr)),
+                    experiment=student_exp)
   kl_init = teacher_kl(student_exp, variables, teacher_probs_train, temperature=temperature)
-  rng_np = np.random.default_rng(seed)
-  order = rng_np.permutation(n)
-  pos = 0
-  loss = float("nan")
-  for i in range(int(steps)):
-    if pos + bs > n:
-      order, pos = rng_np.permutation(n), 0
-    idx = np.sort(order[pos:pos + bs])
-    pos += bs
-    params, model_state, opt_state, loss = step(
-        params, model_state, opt_state, x[idx], t_logp[idx], y[idx], jax.random.fold_in(key, i + 1))
-  variables = {"params": params, **model_state}
+  order = IndexBatches(n, bs, seed)
+  batches = ({"x": x[idx], "y": (y[idx], t_logp[idx])} for idx in map(np.sort, map(
+      order.__getitem__, itertools.count())))
+  state = trainer.to_device(trainer.state_from(variables, jax.random.fold_in(key, 1)))
+  metrics = _LastLoss()
+  loop = trainer.run(state, num_steps=int(steps), batches=batches, hooks=[metrics])
+  variables = variables_of(trainer.to_host(loop.state))
+  loss = metrics.loss
   kl_final = teacher_kl(student_exp, variables, teacher_probs_train, temperature=temperature)
 
-  student = Member(name="student", model=model, variables=variables, spec=student_exp.spec,
+  student = Member(name="student", model=student_exp.model, variables=variables,
+                   spec=student_exp.spec,
                    data=student_exp.data, loss=student_exp.loss)
   out = member_outputs(student, student_exp.data.arrays[eval_split]["x"],
                        outputs="logp").astype(np.float64)

@@ -73,11 +73,11 @@ class _Run:
 
   def __init__(self, workdir: str):
     from jrecipe import experiment
-    from jrecipe.train import loop
+    from jrecipe.train.trainer import Trainer
     self.workdir = os.path.abspath(workdir)
     self.config = load_run_config(self.workdir)
     self.exp = experiment.build(self.config)
-    self.template = loop.init_train_state(self.exp, self.exp.optimizer())
+    self.template = Trainer.from_experiment(self.exp).initial_state()
     self._ckpt = None
 
   def _checkpointer(self):

@@ -349,9 +349,9 @@ def _print_summary(result: dict, workdir: str, out) -> None:
 def run_mode(config, workdir: str, options=None) -> int:
   """The `--mode=label` entry: label, save after each answer, write DIR/human.json."""
   del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
-  from jrecipe.data import pipeline
+  from jrecipe import experiment
   s = settings(config)
-  data = pipeline.load_dataset(config.data, seed=config.seed)
+  data = experiment.build_data(config)
   spec = data.spec
   if spec.task != "classification":
     raise UserError(f"--mode=label asks you for class labels, but dataset {spec.name!r} is a "

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 
 from jrecipe.errors import UserError
+from jrecipe.train.trainer import Hook
 from jrecipe.train.writer import save_figure_atomic, write_json_atomic
 
 log = logging.getLogger("jrecipe")
@@ -129,12 +130,49 @@ def _settings(config) -> dict:
   return s
 
 
+class _RangeTest(Hook):
+  """The range test as a Trainer hook: the rate of each step, its loss, and when to stop.
+
+  Before step i the update scale (`state.lr_scale`, with the optimizer's own rate at 1) is
+  lrs[i]; after it the loss is read back (the test needs every step's loss on the host) and
+  the run stops once the loss is not finite or the smoothed loss is far above its minimum.
+  """
+
+  def __init__(self, lrs: np.ndarray, smoothing: float, stop_factor: float):
+    self.lrs, self.beta, self.stop_factor = lrs, 1.0 - smoothing, stop_factor
+    self.losses: list[float] = []
+    self.best, self.avg = math.inf, 0.0
+
+  def _scale(self, loop, i: int) -> None:
+    loop.state = loop.state.replace(
+        lr_scale=loop.trainer.placement.put_state(np.float32(self.lrs[i])))
+
+  def begin(self, loop) -> None:
+    self._scale(loop, 0)
+
+  def after_step(self, loop, metrics: dict) -> None:
+    i = len(self.losses)
+    loss = float(loop.trainer.placement.metrics_to_host(metrics["total_loss"]))
+    self.losses.append(loss)
+    if not math.isfinite(loss):
+      return loop.stop("the loss is not finite")
+    self.avg = self.beta * self.avg + (1 - self.beta) * loss
+    sm = self.avg / (1 - self.beta ** (i + 1))
+    self.best = min(self.best, sm)
+    if i >= MEDIAN_WINDOW and sm > 2 * self.stop_factor * self.best:  # far gone: stop early
+      return loop.stop("the loss exploded")
+    if i + 1 < len(self.lrs):
+      self._scale(loop, i + 1)
+
+
 def range_test(config, exp=None) -> dict[str, Any]:
-  """Runs the range test on a throwaway copy of the initial state; returns the record."""
-  import jax
+  """Runs the range test on a throwaway copy of the initial state; returns the record.
+
+  The same Trainer (and compiled step) as training, with the schedule held constant and the
+  rate of each step set through the update scale.
+  """
   from jrecipe import experiment as experiment_lib, optim
-  from jrecipe.data import pipeline
-  from jrecipe.train import loop, step as step_lib
+  from jrecipe.train.trainer import Trainer
   s = _settings(config)
   if optim.needs_value_fn(config.optimizer):
     raise UserError(f"lr_find does not work with optimizer {config.optimizer.name!r}: its line "
@@ -144,31 +182,16 @@ def range_test(config, exp=None) -> dict[str, Any]:
   cfg.schedule.name = "constant"
   cfg.schedule.warmup = 0
   exp = exp or experiment_lib.build(cfg)
-  tx = exp.optimizer(cfg)
-  state = loop.init_train_state(exp, tx)  # a fresh copy, never saved
-  train_step = jax.jit(step_lib.make_train_step(exp.model, exp.loss, tx, l2=cfg.l2,
-                                                ema_decay=0.0, augment=exp.augment_fn()))
+  trainer = Trainer.from_experiment(exp, tx=exp.optimizer(cfg), ema_decay=0.0)
   lrs = s["min_lr"] * (s["max_lr"] / s["min_lr"]) ** (np.arange(s["steps"]) / (s["steps"] - 1))
-  batches = pipeline.train_batches(exp.data, batch_size=cfg.batch_size, seed=cfg.seed)
-  losses: list[float] = []
-  best = math.inf
-  beta = 1.0 - s["smoothing"]
-  avg = 0.0
-  for i, lr in enumerate(lrs):
-    state = state.replace(lr_scale=np.float32(lr))
-    state, metrics = train_step(state, next(batches))
-    loss = float(metrics["total_loss"])
-    losses.append(loss)
-    if not math.isfinite(loss):
-      break
-    avg = beta * avg + (1 - beta) * loss
-    sm = avg / (1 - beta ** (i + 1))
-    best = min(best, sm)
-    if i >= MEDIAN_WINDOW and sm > 2 * s["stop_factor"] * best:  # far gone: stop early
-      break
-  lrs = lrs[:len(losses)]
-  rule = suggest(lrs, losses, s["smoothing"], s["stop_factor"])
-  return {"settings": s, "lrs": lrs.tolist(), "losses": losses, **rule,
+  test = _RangeTest(lrs, s["smoothing"], s["stop_factor"])
+  state = trainer.to_device(trainer.initial_state())  # a fresh copy, never saved
+  trainer.run(state, num_steps=len(lrs), batches=trainer.batches(0, seed=cfg.seed,
+                                                                 batch_size=cfg.batch_size),
+              hooks=[test])
+  lrs = lrs[:len(test.losses)]
+  rule = suggest(lrs, test.losses, s["smoothing"], s["stop_factor"])
+  return {"settings": s, "lrs": lrs.tolist(), "losses": test.losses, **rule,
           "optimizer": str(cfg.optimizer.name), "batch_size": int(cfg.batch_size),
           "seed": int(cfg.seed)}
 

@@ -7,7 +7,7 @@ report: restored, skipped (and why: missing in the source, shape mismatch, or an
 `init_from_skip` pattern), which stay freshly initialised (typically the head). A source
 that would leave most of the model fresh is an error unless `init_from_allow_partial`.
 
-`restore_into(exp, variables)` is called by `jrecipe.train.loop.init_train_state`;
+`restore_into(exp, variables)` is called by `jrecipe.train.trainer.Trainer.initial_state`;
 `freeze_mask(config, params)` is used by `Experiment.optimizer()` when `init_from_freeze`
 is set, so restored parameters receive exactly zero updates.
 
@@ -224,8 +224,7 @@ def _require_mostly_restored(config, report: dict) -> None:
 def check(exp, config=None) -> dict:
   """Validates `init_from` against the model's shapes without initialising it; the report.
 
-  Called from `Experiment.optimizer()`, which `experiment.build` runs before anything is
-  written, so a bad source (missing, unreadable, mostly mismatched) costs no work
+  Called by `experiment.build` before anything is written, so a bad source (missing, unreadable, mostly mismatched) costs no work
   directory. Raises UserError as `restore_into` would.
   """
   config = config or exp.config
@@ -239,8 +238,8 @@ def restore_into(exp, variables: dict) -> dict:
   """`variables` with every leaf of `exp.config.init_from` that matches by name and shape.
 
   Called once at state creation (a resumed run then overwrites the state from its own
-  checkpoint). The report is logged, kept as `exp.init_from_report`, and written by
-  `write_report(workdir, report)` to DIR/init_from.json.
+  checkpoint). The report is logged; `experiment.build` keeps the same report as
+  `exp.init_from_report`, which training writes to DIR/init_from.json (`write_report`).
 
   Raises:
     UserError: the source cannot be read, or fewer than half of this model's parameters
@@ -263,10 +262,6 @@ def restore_into(exp, variables: dict) -> dict:
   out = {coll: jax.tree_util.tree_map_with_path(pick(coll), tree)
          for coll, tree in variables.items()}
   log.info("init_from %s (step %s): %s.", report["source"], report["step"], _describe(report))
-  try:
-    exp.init_from_report = report
-  except (AttributeError, TypeError):  # a frozen or slotted Experiment: the log has it
-    pass
   return out
 
 

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jrecipe import jax_private
 from jrecipe.errors import UserError
 
 MODES = ("mesh", "pmap", "single")
@@ -37,11 +38,7 @@ _SYNC_CPU_CLIENT = False
 
 
 def _backend_started() -> bool:
-  try:
-    from jax._src import xla_bridge
-    return xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):  # private API moved: assume the worst
-    return True
+  return jax_private.backends_are_initialized(default=True)  # if unknown: assume the worst
 
 
 def _forced_cpu_devices() -> int:
@@ -235,11 +232,10 @@ def _fast_put(leaves: list, sharding) -> Optional[list]:
     return None
   try:
     if _FAST_PUT is None:
-      from jax._src import config as jax_config
-      from jax._src import core, dtypes
-      from jax._src.lib import xla_client as xc
-      _JAX_PRIVATE.update(scope=jax_config.explicit_device_put_scope, core=core,
-                          dtypes=dtypes, put=xc.batched_device_put)
+      api = jax_private.device_put_api()
+      if api is None:
+        raise ImportError("the private batched_device_put moved")
+      _JAX_PRIVATE.update(api)
     api = _JAX_PRIVATE
     out = []
     with api["scope"]():

@@ -1,15 +1,16 @@
-"""Pure train and eval steps: `(state, batch) -> (state, metrics)` and `(variables, batch) -> sums`.
+"""The pure steps: `train_step(state, batch) -> (state, metrics)` and `eval_step(variables, batch)`.
 
-Nothing here knows about devices: the same functions are jitted on one device, jitted over a
-device mesh, or pmapped (then `axis_name` names the device axis and gradients are averaged
-with `lax.pmean`). The plain step returns what every logged record needs (losses,
-accuracy, learning rate, finiteness) and nothing more, so it stays as lean as a hand-written
-loop. With `monitor=True` the same step also returns the per-leaf gradient, parameter and
-update norms (CS231n's update/weight ratios) as three stacked vectors; with `monitor_every`
-they are computed inside a `lax.cond` only on cadence steps (zeros otherwise), so one
-compiled step serves both and watching training costs nothing measurable between them.
+A train step is built from a few explicit parts (`StepParts`: model, loss, optimizer, optional
+augmentation, L2 strength, parameter EMA) and nothing else. What a mode needs beyond that is
+composed around it: the monitor's per-leaf norms are an `extra_metrics` function, a fixed
+dropout key is a different `rng` in the state, a line-search optimizer is recognised from its
+own state. Nothing here knows about devices: the same function is jitted on one device, jitted
+over a device mesh, or pmapped (then `axis_name` names the device axis and gradients are
+averaged with `lax.pmean`). The plain step returns what every logged record needs (losses,
+accuracy, learning rate, finiteness) and nothing more, so it stays as lean as a hand loop.
 """
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
@@ -20,8 +21,28 @@ from jrecipe import optim
 from jrecipe.train.state import TrainState
 from jrecipe.types import Loss, Model
 
-
 NOT_DECAYED = ("bias", "scale", "b")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+  """What a train step is made of.
+
+  Attributes:
+    model, loss: the experiment's model and data loss.
+    tx: the optax transformation (any; a line search such as L-BFGS's is detected from its
+      state and given `value`, `grad` and `value_fn`).
+    augment: `augment(x, rng) -> x` applied to the batch inside the step (train only).
+    l2: L2 regularisation strength added to the data loss (reported separately).
+    ema_decay: decay of the parameters' moving average; 0 keeps none.
+  """
+
+  model: Model
+  loss: Loss
+  tx: optax.GradientTransformation
+  augment: Optional[Callable] = None
+  l2: float = 0.0
+  ema_decay: float = 0.0
 
 
 def _decayed(path, leaf) -> bool:
@@ -50,8 +71,9 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
   return k_aug, k_drop
 
 
-def make_loss_fn(model: Model, loss: Loss, *, l2: float, augment: Optional[Callable] = None):
-  """`loss_fn(params, model_state, batch, rng, step) -> (total, (data_loss, aux))`, for grad."""
+def make_loss_fn(parts: StepParts):
+  """`loss_fn(params, model_state, batch, rng, step) -> (total, (new_model_state, aux))`."""
+  model, loss, augment, l2 = parts.model, parts.loss, parts.augment, parts.l2
 
   def loss_fn(params, model_state, batch, rng, step):
     k_aug, k_drop = step_rngs(rng, step)
@@ -70,16 +92,22 @@ def make_loss_fn(model: Model, loss: Loss, *, l2: float, augment: Optional[Calla
   return loss_fn
 
 
-def _global_norm(tree) -> jax.Array:
-  return optax.tree.norm(tree) if jax.tree.leaves(tree) else jnp.zeros(())
-
-
 def _learning_rate(opt_state) -> jax.Array:
   """The injected learning rate, or NaN for an optimizer built outside jrecipe.optim."""
   try:
     return jnp.asarray(optim.current_learning_rate(opt_state), jnp.float32)
   except ValueError:
     return jnp.full((), jnp.nan, jnp.float32)
+
+
+_LINE_SEARCH_STATES = (optax.ScaleByZoomLinesearchState,
+                       optax.ScaleByBacktrackingLinesearchState)
+
+
+def has_line_search(opt_state) -> bool:
+  """Whether an optimizer state holds a line search (its update needs value_fn)."""
+  leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _LINE_SEARCH_STATES))
+  return any(isinstance(x, _LINE_SEARCH_STATES) for x in leaves)
 
 
 def leaf_names(tree) -> list[str]:
@@ -104,6 +132,31 @@ def leaf_norms(tree) -> jax.Array:
 MONITOR_KINDS = ("grad_norm", "param_norm", "update_norm")
 
 
+def monitor_norms(every: int = 0, last: int = 0) -> Callable:
+  """The babysitting extra of a step: per-leaf gradient, parameter and update norms.
+
+  CS231n's update/weight ratios. Returns an `extra_metrics(count, grads, params, updates)`
+  for `make_train_step`: {'monitor': {'grad_norm', 'param_norm', 'update_norm'}}, each a
+  vector of per-leaf norms in `jax.tree.leaves(params)` order (parameters before the update,
+  the update as applied; `expand_monitor` names them on the host). With `every` > 0 they are
+  computed only when the step count after this step is a multiple of `every` or equals `last`
+  (a `lax.cond`; zeros on other steps), so one compiled step serves both.
+  """
+
+  def norms(trees):
+    return {k: leaf_norms(t) for k, t in zip(MONITOR_KINDS, trees)}
+
+  def extra(count, grads, params, updates):
+    trees = (grads, params, updates)
+    if every <= 0:
+      return {"monitor": norms(trees)}
+    due = (count % every == 0) | (count == last)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(norms, trees))
+    return {"monitor": jax.lax.cond(due, norms, lambda _: zeros, trees)}
+
+  return extra
+
+
 def expand_monitor(mon: dict, names: list[str]) -> dict[str, float]:
   """Host values of `metrics['monitor']` -> {'grad_norm/<leaf>': ..., 'grad_norm': global}."""
   out = {}
@@ -119,33 +172,32 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, *,
-                    l2: float = 0.0, ema_decay: float = 0.0, augment: Optional[Callable] = None,
-                    axis_name: Optional[str] = None, needs_value_fn: bool = False,
-                    monitor: bool = False, monitor_every: int = 0, monitor_last: int = 0):
+def _ema(ema_decay: float, step, ema_params, params):
+  """The EMA after an update. Warm-up of the decay (as tf.train.ExponentialMovingAverage with
+  num_updates): early on the average would otherwise be dominated by the initial parameters."""
+  t = step.astype(jnp.float32)
+  decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def make_train_step(parts: StepParts, *, axis_name: Optional[str] = None,
+                    extra_metrics: Optional[Callable] = None):
   """Builds the pure train step `(state, batch) -> (state, metrics)`.
 
   Args:
-    model, loss, tx: the experiment's model, data loss and optax transformation.
-    l2: L2 regularisation strength (added to the data loss; reported separately).
-    ema_decay: decay of the parameter EMA; 0 keeps no EMA.
-    augment: `augment(x, rng) -> x` applied to the batch inside the step (train only).
+    parts: model, loss, optimizer, augmentation, L2 strength and EMA decay (`StepParts`).
     axis_name: the pmap axis to average gradients, metrics and batch statistics over.
-    needs_value_fn: pass value/grad/value_fn to tx.update (L-BFGS's line search).
-    monitor: also return `metrics['monitor']` = {'grad_norm', 'param_norm', 'update_norm'}:
-      per-leaf norms stacked in `jax.tree.leaves(params)` order (parameters before the
-      update; the update as applied). `expand_monitor` names them on the host.
-    monitor_every, monitor_last: when monitor_every > 0 the norms are computed only when
-      the step count after this step is a multiple of it or equals monitor_last (a
-      `lax.cond`; zeros on other steps).
+    extra_metrics: `extra(count, grads, params, updates) -> dict` merged into the metrics
+      (count is the step count after this step), e.g. `monitor_norms(every, last)`.
 
   Returns:
     A function to jit/pmap. A non-finite loss or gradient leaves the state unchanged and
     records the step in `state.bad_step` (checked on the host only when metrics are
     logged: no per-step host sync).
   """
-  loss_fn = make_loss_fn(model, loss, l2=l2, augment=augment)
+  loss_fn = make_loss_fn(parts)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  tx, ema_decay = parts.tx, parts.ema_decay
 
   def pmean(x):
     return jax.lax.pmean(x, axis_name) if axis_name else x
@@ -158,7 +210,7 @@ def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, 
 
     def updated(_):
       """The optimizer's step: (new state, the updates as applied)."""
-      if needs_value_fn:
+      if has_line_search(state.opt_state):
         def value_fn(p):
           v, _ = loss_fn(p, state.model_state, batch, state.rng, state.step)
           return pmean(v)
@@ -168,22 +220,15 @@ def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
       updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
       params = optax.apply_updates(state.params, updates)
-      if ema_decay:
-        # Warm-up of the decay (as tf.train.ExponentialMovingAverage with num_updates): early
-        # on the average would otherwise be dominated by the initial parameters.
-        t = state.step.astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-      else:
-        ema = state.ema_params
+      ema = _ema(ema_decay, state.step, state.ema_params, params) if ema_decay else (
+          state.ema_params)
       return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                            model_state=new_model_state, ema_params=ema), updates
 
     # A non-finite loss or gradient keeps the state (and counts the step in bad_step). A
     # lax.cond, not a select over the whole state: selecting between the new and the old
-    # optimizer state made XLA copy every Adam moment at the start of each step (two
-    # 256x256 copies took 0.11 ms of a 1.9 ms digits MLP step). Measured side by side
-    # against the hand loop: wall 0.97 -> 0.99, CPU 0.87 -> 0.94 (docs/performance.md).
+    # optimizer state made XLA copy every Adam moment at the start of each step
+    # (docs/performance.md).
     kept = state.replace(step=state.step + 1,
                          bad_step=jnp.where(state.bad_step >= 0, state.bad_step, state.step))
     zero_updates = jax.tree.map(jnp.zeros_like, state.params)
@@ -194,18 +239,8 @@ def make_train_step(model: Model, loss: Loss, tx: optax.GradientTransformation, 
         learning_rate=_learning_rate(state.opt_state) * state.lr_scale,
         finite=finite.astype(jnp.float32),
     )
-    if monitor:
-      def norms(trees):
-        return {k: leaf_norms(t) for k, t in zip(MONITOR_KINDS, trees)}
-
-      trees = (grads, state.params, updates)
-      if monitor_every > 0:
-        count = state.step + 1
-        due = (count % monitor_every == 0) | (count == monitor_last)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(norms, trees))
-        metrics["monitor"] = jax.lax.cond(due, norms, lambda _: zeros, trees)
-      else:
-        metrics["monitor"] = norms(trees)
+    if extra_metrics is not None:
+      metrics.update(extra_metrics(state.step + 1, grads, state.params, updates))
     return new_state, metrics
 
   return train_step
