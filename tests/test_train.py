@@ -194,7 +194,8 @@ def test_sigkill_and_sigterm_mid_run_resume_to_identical_params(tmp_path):
              if json.loads(l)["split"] == "train"]
     assert steps == sorted(set(steps)), "each logged step appears once after resume"
 
-  # SIGTERM (a cloud VM's preemption notice): finish the step, save, exit 0; rerun resumes.
+  # SIGTERM (a cloud VM's preemption notice): finish the step, save, exit 75 (EX_TEMPFAIL:
+  # resumable) with one line on stderr; rerun resumes.
   wd = str(tmp_path / "preempted")
   p = subprocess.Popen([sys.executable, "-m", "jrecipe", *args, f"--workdir={wd}"], cwd=REPO,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -204,7 +205,8 @@ def test_sigkill_and_sigterm_mid_run_resume_to_identical_params(tmp_path):
     time.sleep(0.05)
   p.send_signal(signal.SIGTERM)
   _, err = p.communicate(timeout=120)
-  assert p.returncode == 0, err[-2000:]
+  assert p.returncode == loop.EXIT_PREEMPTED == 75, err[-2000:]
+  assert "preempted (SIGTERM) at step" in err and "rerun the same command" in err, err[-2000:]
   summary = json.load(open(os.path.join(wd, "summary.json")))
   assert summary["stopped"] and "preempted" in summary["stopped"]
   r = subprocess.run([sys.executable, "-m", "jrecipe", *args, f"--workdir={wd}"], cwd=REPO,

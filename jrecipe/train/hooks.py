@@ -87,6 +87,9 @@ class MetricLogger(Hook):
   every step' is what the admired codebases avoid). Writes split 'train' (means over the
   steps since the last log), 'train_steps' (every step's loss, when `step_losses`) and
   'train_epoch' (means over the epoch). The per-step 'monitor' extras are the monitor's.
+  Stateful: a run stopped mid-epoch (preemption) saves the epoch's sums and its not yet
+  logged steps in the checkpoint, so the resumed run writes exactly the rows and means an
+  uninterrupted run writes.
 
   Args:
     writer: the run's MetricWriter.
@@ -96,15 +99,20 @@ class MetricLogger(Hook):
       the state records a step whose loss or gradient was not finite.
   """
 
+  name = "metric_logger"
+
   def __init__(self, writer, *, log_every: int, step_losses: bool = False,
                on_nonfinite: Optional[Callable[[Loop, int], str]] = None):
     self.writer, self.log_every, self.step_losses = writer, int(log_every), step_losses
     self.on_nonfinite = on_nonfinite
-    self.pending: list = []
+    self.pending: list = []  # device metrics of the steps since the last log
+    self.carried: list = []  # host metrics of such steps taken before a resume
     self.epoch_sum: dict[str, float] = {}
     self.epoch_n = 0
+    self._placement = None
 
   def after_step(self, loop: Loop, metrics: dict) -> None:
+    self._placement = loop.trainer.placement
     self.pending.append({k: v for k, v in metrics.items() if k != "monitor"})
     if loop.step % self.log_every == 0 or loop.epoch_end:
       self.flush(loop)
@@ -115,12 +123,9 @@ class MetricLogger(Hook):
       self.epoch_sum.clear()
       self.epoch_n = 0
 
-  def flush(self, loop: Loop) -> None:
-    """Writes the pending steps' means; fails the loop if the state saw a non-finite step."""
-    if not self.pending:
-      return
-    placement, step, pending = loop.trainer.placement, loop.step, self.pending
-    self.pending = []
+  def _device_means(self, placement) -> tuple[dict, Optional[np.ndarray]]:
+    """(host means of the pending device metrics, their per-step losses or None)."""
+    pending = self.pending
     series = jax.tree.map(lambda *xs: jnp.stack(xs), *pending)
     stacked = jax.tree.map(jnp.mean, series)
     per_step = None
@@ -130,16 +135,31 @@ class MetricLogger(Hook):
     elif self.step_losses:  # the stacked losses are already there: one more transfer
       stacked["_steps"] = series["loss"]
     host = placement.metrics_to_host(stacked)
-    per_step = host.pop("_steps", per_step)
+    return host, host.pop("_steps", per_step)
+
+  def flush(self, loop: Loop) -> None:
+    """Writes the pending steps' means; fails the loop if the state saw a non-finite step."""
+    n_new, n_old = len(self.pending), len(self.carried)
+    if not n_new + n_old:
+      return
+    placement, step = loop.trainer.placement, loop.step
+    host, per_step = self._device_means(placement) if n_new else ({}, None)
+    if n_old:  # steps before a resume: exact means over the whole window
+      keys = set(host) | set(self.carried[0])
+      host = {k: (sum(float(c[k]) for c in self.carried) + float(host.get(k, 0.0)) * n_new)
+              / (n_old + n_new) for k in keys}
+      if self.step_losses:
+        old = [float(c["loss"]) for c in self.carried]
+        per_step = old + (np.asarray(per_step).ravel().tolist() if n_new else [])
+    self.pending, self.carried = [], []
     for k, v in host.items():
-      self.epoch_sum[k] = self.epoch_sum.get(k, 0.0) + float(v) * len(pending)
-    self.epoch_n += len(pending)
-    epoch = loop.epoch
-    self.writer.write(step, host, split="train", epoch=epoch)
+      self.epoch_sum[k] = self.epoch_sum.get(k, 0.0) + float(v) * (n_new + n_old)
+    self.epoch_n += n_new + n_old
+    self.writer.write(step, host, split="train", epoch=loop.epoch)
     if per_step is not None:  # 'training loss per step' (noise, hockey sticks) in one line
-      first = step - len(pending) + 1
-      self.writer.write(step, {"first_step": first, "loss": np.asarray(per_step).ravel().tolist()},
-                        split="train_steps", epoch=epoch, tensorboard=False)
+      self.writer.write(step, {"first_step": step - n_new - n_old + 1,
+                               "loss": np.asarray(per_step).ravel().tolist()},
+                        split="train_steps", epoch=loop.epoch, tensorboard=False)
     bad = int(np.asarray(placement.host_state(loop.state.bad_step)))
     if bad >= 0:
       self.writer.write(step, {"nonfinite_step": bad}, split="events")
@@ -147,8 +167,23 @@ class MetricLogger(Hook):
                  f"Training stopped: the loss or a gradient was not finite at step {bad}.")
       loop.fail(message)
 
+  def state_dict(self) -> dict:
+    """The epoch's sums and every not yet logged step's metrics, as host values."""
+    carried = list(self.carried)
+    if self.pending:
+      carried += [{k: float(v) for k, v in self._placement.metrics_to_host(m).items()}
+                  for m in self.pending]
+    return {"epoch_sum": dict(self.epoch_sum), "epoch_n": self.epoch_n, "carried": carried}
+
+  def load_state_dict(self, d: dict) -> None:
+    self.epoch_sum = {k: float(v) for k, v in d.get("epoch_sum", {}).items()}
+    self.epoch_n = int(d.get("epoch_n", 0))
+    self.carried = list(d.get("carried", []))
+
   def end(self, loop: Loop) -> None:
-    if loop.failure is None:
+    # A preempted run keeps its unlogged steps in the checkpoint: logging them now would add
+    # a row an uninterrupted run does not have.
+    if loop.failure is None and not loop.preempted:
       self.flush(loop)
 
 

@@ -11,7 +11,8 @@ hook (jrecipe/train/hooks.py).
 
 import logging
 import os
-from typing import Any, Optional
+import sys
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -24,10 +25,16 @@ from jrecipe.train import workdir as workdir_lib
 from jrecipe.train.checkpoint import Checkpointer
 from jrecipe.train.evaluate import Evaluator
 from jrecipe.train.state import param_count, variables_of
-from jrecipe.train.trainer import Trainer
+from jrecipe.train.trainer import Hook, Trainer
 from jrecipe.train.writer import MetricWriter, write_json_atomic
 
 log = logging.getLogger("jrecipe")
+
+# Exit status of a run stopped by SIGTERM (a preemption notice) after saving a checkpoint:
+# sysexits.h's EX_TEMPFAIL, "a temporary failure; the user is invited to retry". Distinct from
+# 0 (done: a scheduler must not treat the job as finished), 1 (the run failed) and 2 (bad
+# input); docs/failures.md shows how Slurm and Kubernetes requeue on it.
+EXIT_PREEMPTED = 75
 
 
 def _monitor_norms(config, total_steps: int):
@@ -62,13 +69,21 @@ def _final_evaluation(exp, evaluator, loop, writer) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        exp: Optional[experiment_lib.Experiment] = None,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+                       allow_config_change: bool = False,
+                       hooks: Sequence[Hook] = ()) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and returns the summary.
 
   Writes config.json, metrics.jsonl, TensorBoard events, checkpoints/ and summary.json.
   Process 0 writes; every process computes.
+
+  Args:
+    config, workdir: the run.
+    exp: the Experiment, if already built from `config`.
+    allow_config_change: resume a work directory whose config.json differs.
+    hooks: your own hooks (`jrecipe.train.trainer.Hook`), run after evaluation and the
+      monitor and before patience and checkpointing (so a stop they ask for is saved).
   """
-  primary = jax.process_index() == 0
+  primary, user_hooks = jax.process_index() == 0, list(hooks)
   placement = parallel.make_placement(config.parallel.mode, config.parallel.num_devices)
   parallel.check_batch_divisible(config.batch_size, placement)
   exp = exp or experiment_lib.build(config, bn_axis_name=placement.axis_name)
@@ -89,7 +104,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     log.info("Model %s: %s parameters.", exp.model.name, f"{param_count(host_state.params):,}")
   else:
     host_state, meta, start_step = restored
-    hooks_lib.restore_hook_states(meta, [patience_hook])
     log.info("Resuming from the checkpoint at step %d (epoch %s).", start_step, meta["epoch"])
 
   writer = MetricWriter(workdir, enabled=primary, resume_step=None if fresh else start_step)
@@ -100,11 +114,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return nonfinite.report(trainer, trainer.to_host(loop.state), bad_step,
                             debug_nans=config.debug_nans)
 
-  hooks = [hooks_lib.Preemption(),
-           hooks_lib.MetricLogger(writer, log_every=config.log_every_steps,
+  logger = hooks_lib.MetricLogger(writer, log_every=config.log_every_steps,
                                   step_losses=config.monitor.enabled
                                   and config.monitor.step_losses,
-                                  on_nonfinite=on_nonfinite),
+                                  on_nonfinite=on_nonfinite)
+  stateful = [patience_hook, logger]
+  if not fresh:
+    hooks_lib.restore_hook_states(meta, stateful)
+  hooks = [hooks_lib.Preemption(), logger,
            hooks_lib.EpochEvaluation(evaluator, writer, ema=config.ema_decay > 0,
                                      at_init=chance if fresh else None)]
   if config.progress and primary:
@@ -116,14 +133,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       primary=primary, total_steps=exp.total_steps,
                       resume_step=None if fresh else start_step)
     hooks.append(hooks_lib.MonitorHook(monitor, fresh=fresh))
-  hooks += [patience_hook,
+  hooks += [*user_hooks, patience_hook,
             hooks_lib.CheckpointHook(ckpt, every_epochs=config.checkpoint.every_epochs,
-                                     stateful=[patience_hook])]
+                                     stateful=stateful)]
   try:
     try:
       loop = trainer.run(trainer.to_device(host_state), start_step=start_step,
                          end_step=exp.total_steps, hooks=hooks)
       summary = {"step": loop.step, "epoch": loop.epoch, "stopped": loop.stop_reason,
+                 "preempted": loop.preempted,
                  "train_seconds": round(loop.t_end - loop.t_start, 3),
                  "first_step_seconds": round((loop.t_first or loop.t_start) - loop.t_start, 3),
                  "checkpoints": ckpt.list_checkpoints() if primary else []}
@@ -140,8 +158,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
+def _metric_text(m: dict) -> str:
+  acc = m.get("accuracy")
+  return f"loss {m['loss']:.4f}" + (f", accuracy {100 * acc:.2f}%" if acc is not None else "")
+
+
+def print_results(summary: dict) -> None:
+  """The numbers a run is judged by, on stdout: final validation and test, raw and EMA."""
+  parts = []
+  for split in ("validation", "test"):
+    if split in summary:
+      text = f"{split} {_metric_text(summary[split])}"
+      if f"{split}_ema" in summary:
+        text += f" (EMA: {_metric_text(summary[f'{split}_ema'])})"
+      parts.append(text)
+  stopped = f"; stopped: {summary['stopped']}" if summary.get("stopped") else ""
+  print(f"jrecipe: step {summary['step']} (epoch {summary['epoch']:.4g}): "
+        f"{'; '.join(parts)}{stopped}", flush=True)
+
+
 def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> int:
-  """`--mode=train`: `train_and_evaluate`, with the command line's --allow_config_change."""
+  """`--mode=train`: `train_and_evaluate`, with the command line's --allow_config_change.
+
+  Returns 0 when the run finished (or stopped early on purpose), and `EXIT_PREEMPTED` (75)
+  when a SIGTERM stopped it with a checkpoint: not finished, resumable by rerunning.
+  """
   allow = bool(options and options.allow_config_change)
-  train_and_evaluate(config, workdir, allow_config_change=allow)
+  summary = train_and_evaluate(config, workdir, allow_config_change=allow)
+  if summary.get("preempted"):
+    sys.stderr.write(f"jrecipe: preempted (SIGTERM) at step {summary['step']}: checkpoint "
+                     f"saved in {workdir}; rerun the same command to resume (exit status "
+                     f"{EXIT_PREEMPTED}).\n")
+    return EXIT_PREEMPTED
+  print_results(summary)
   return 0

@@ -77,8 +77,9 @@ class MetricWriter:
   Args:
     workdir: the run's work directory.
     enabled: False on processes other than 0 (they compute, they do not write).
-    resume_step: when resuming, records after this step (left by a killed run) are dropped
-      from metrics.jsonl and TensorBoard is told to purge them, so each step appears once.
+    resume_step: when resuming, records after this step (left by a killed run) and the
+      final evaluation's records are dropped from metrics.jsonl, and TensorBoard is told to
+      purge steps after it, so each row appears once.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
@@ -88,7 +89,11 @@ class MetricWriter:
     if not enabled:
       return
     if resume_step is not None and os.path.exists(self.path):
-      kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
+      # Records after the resume step were written by the killed run; the final evaluation
+      # ('final_*') is written again at the end of every run that reaches it: dropped so
+      # that each row appears exactly once, whatever the restart point.
+      kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step
+              and not str(r.get("split", "")).startswith("final_")]
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         for r in kept:
