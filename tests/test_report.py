@@ -119,6 +119,21 @@ def test_svg_chart_handles_log_scale_and_empty_series():
   assert svg.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
+def test_a_constant_series_plots_flat_with_readable_ticks():
+  """A constant 1e-3 learning rate read back through float32 (its 8th digit varies) is a flat
+  line on a +-10% range, not four spikes over a range of rounding noise with equal labels."""
+  import re
+  import numpy as np
+  lr = np.float32(1e-3) * np.ones(40, np.float32)
+  lr[[5, 17, 23, 31]] = np.nextafter(np.float32(1e-3), np.float32(1))  # float32 rounding noise
+  for logy in (False, True):
+    chart = svg.line_chart([{"label": "lr", "x": np.arange(40), "y": lr}], logy=logy)
+    labels = re.findall(r'text-anchor="end">([^<]+)<', chart)
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), (logy, labels)
+    ys = [float(v) for v in re.findall(r'<circle cx="[\d.]+" cy="([\d.]+)"', chart)]
+    assert max(ys) - min(ys) < 1.0, (logy, "a flat line, not spikes")
+
+
 def test_bad_workdirs_are_user_errors(tmp_path):
   with pytest.raises(UserError, match="does not exist"):
     report_mode.run_mode(None, str(tmp_path / "missing"))

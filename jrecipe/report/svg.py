@@ -36,7 +36,7 @@ def _label(v: float) -> str:
     return "0"
   a = abs(v)
   if a >= 1e4 or a < 1e-3:
-    return f"{v:.0e}"
+    return f"{v:.3g}"
   return f"{v:.4g}"
 
 
@@ -47,23 +47,8 @@ def _thin(x: np.ndarray, y: np.ndarray):
   return x[idx], y[idx]
 
 
-def line_chart(series: Sequence[dict], *, title: str = "", xlabel: str = "epoch",
-               ylabel: str = "", logy: bool = False, band: Optional[tuple] = None,
-               hlines: Sequence[float] = (), width: int = 560,
-               height: int = 300) -> Optional[str]:
-  """An SVG line chart.
-
-  Args:
-    series: dicts with 'label', 'x', 'y' and optional 'color', 'width' (stroke), 'dash',
-      'markers' (bool).
-    title, xlabel, ylabel: text.
-    logy: log10 y axis (non-positive values are dropped).
-    band: (low, high) y range shaded green (e.g. the healthy update-ratio band).
-    hlines: dashed horizontal reference lines.
-
-  Returns:
-    The `<svg>` element, or None when no series has a finite point.
-  """
+def _prepare(series: Sequence[dict], logy: bool) -> list:
+  """(series, x, y, color) of every series with a finite point (log10 of y when logy)."""
   prepared = []
   for i, s in enumerate(series):
     x = np.asarray(s["x"], np.float64).ravel()
@@ -73,46 +58,42 @@ def line_chart(series: Sequence[dict], *, title: str = "", xlabel: str = "epoch"
     if len(x):
       prepared.append((s, *_thin(x, np.log10(y) if logy else y),
                        s.get("color", PALETTE[i % len(PALETTE)])))
-  if not prepared:
-    return None
-  xs = np.concatenate([p[1] for p in prepared])
+  return prepared
+
+
+def _span(lo: float, hi: float, logy: bool) -> tuple[float, float]:
+  """A readable axis range around [lo, hi].
+
+  A constant or near-constant series (e.g. a learning rate of 1e-3 read back through float32,
+  which varies in its 8th digit) gets a range of +-10% around its value (half a decade on a
+  log axis) instead of a range stretched over rounding noise, so it plots as a flat line
+  whose tick labels differ.
+  """
+  scale = max(abs(lo), abs(hi))
+  if hi - lo <= 1e-6 * scale or hi <= lo:
+    mid = 0.5 * (lo + hi)
+    half = 0.5 if logy or mid == 0 else 0.1 * abs(mid)
+    return mid - half, mid + half
+  return lo, hi
+
+
+def _y_axis(prepared, hlines, band, logy: bool) -> tuple[float, float]:
   ys = np.concatenate([p[2] for p in prepared])
-  extra = [math.log10(v) if logy else v for v in list(hlines) + list(band or ()) if
-           (v > 0 or not logy)]
-  x0, x1 = float(xs.min()), float(xs.max())
-  y0, y1 = float(min(ys.min(), *extra)) if extra else float(ys.min()), \
-      float(max(ys.max(), *extra)) if extra else float(ys.max())
-  if x1 <= x0:
-    x0, x1 = x0 - 0.5, x1 + 0.5
-  if y1 <= y0:
-    y0, y1 = y0 - 0.5, y1 + 0.5
+  extra = [math.log10(v) if logy else v for v in list(hlines) + list(band or ())
+           if (v > 0 or not logy)]
+  y0, y1 = _span(float(min([ys.min(), *extra])), float(max([ys.max(), *extra])), logy)
   pad = 0.04 * (y1 - y0)
-  y0, y1 = y0 - pad, y1 + pad
-  L, R, T, B = 62, 14, 26 if title else 10, 38
-  pw, ph = width - L - R, height - T - B
+  return y0 - pad, y1 + pad
 
-  def px(v):
-    return L + (v - x0) / (x1 - x0) * pw
 
-  def py(v):
-    return T + (1 - (v - y0) / (y1 - y0)) * ph
-
-  out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-         f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="#fff" stroke="#adb5bd"/>']
-  if title:
-    out.append(f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">'
-               f'{escape(title)}</text>')
-  if band:
-    lo, hi = (math.log10(b) if logy else b for b in band)
-    lo, hi = max(lo, y0), min(hi, y1)
-    if hi > lo:
-      out.append(f'<rect x="{L}" y="{py(hi):.1f}" width="{pw}" height="{py(lo) - py(hi):.1f}" '
-                 'fill="#2b8a3e" fill-opacity="0.08"/>')
-  if logy:
-    yt = [float(k) for k in range(math.ceil(y0), math.floor(y1) + 1)] or nice_ticks(y0, y1)
-  else:
-    yt = nice_ticks(y0, y1)
+def _grid(out: list, frame: dict, logy: bool) -> None:
+  """Tick lines and labels of both axes."""
+  L, T, pw, ph = frame["L"], frame["T"], frame["pw"], frame["ph"]
+  px, py, (x0, x1), (y0, y1) = frame["px"], frame["py"], frame["x"], frame["y"]
+  yt = nice_ticks(y0, y1)
+  if logy:  # whole decades, unless the range holds fewer than two
+    decades = [float(k) for k in range(math.ceil(y0), math.floor(y1) + 1)]
+    yt = decades if len(decades) >= 2 else yt
   for t in yt:
     y = py(t)
     out.append(f'<line x1="{L}" x2="{L + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e9ecef"/>')
@@ -122,6 +103,18 @@ def line_chart(series: Sequence[dict], *, title: str = "", xlabel: str = "epoch"
     x = px(t)
     out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{T}" y2="{T + ph}" stroke="#f1f3f5"/>')
     out.append(f'<text x="{x:.1f}" y="{T + ph + 14}" text-anchor="middle">{_label(t)}</text>')
+
+
+def _marks(out: list, frame: dict, prepared, hlines, band, logy: bool) -> None:
+  """The shaded band, reference lines, series and legend."""
+  L, T, pw = frame["L"], frame["T"], frame["pw"]
+  px, py, (y0, y1) = frame["px"], frame["py"], frame["y"]
+  if band:
+    lo, hi = (math.log10(b) if logy else b for b in band)
+    lo, hi = max(lo, y0), min(hi, y1)
+    if hi > lo:
+      out.insert(2, f'<rect x="{L}" y="{py(hi):.1f}" width="{pw}" '
+                 f'height="{py(lo) - py(hi):.1f}" fill="#2b8a3e" fill-opacity="0.08"/>')
   for v in hlines:
     if logy and v <= 0:
       continue
@@ -141,6 +134,46 @@ def line_chart(series: Sequence[dict], *, title: str = "", xlabel: str = "epoch"
     out.append(f'<line x1="{L + pw - 150}" x2="{L + pw - 134}" y1="{ly - 4}" y2="{ly - 4}" '
                f'stroke="{color}" stroke-width="2.5"/><text x="{L + pw - 130}" y="{ly}">'
                f'{escape(str(s.get("label", "")))[:28]}</text>')
+
+
+def line_chart(series: Sequence[dict], *, title: str = "", xlabel: str = "epoch",
+               ylabel: str = "", logy: bool = False, band: Optional[tuple] = None,
+               hlines: Sequence[float] = (), width: int = 560,
+               height: int = 300) -> Optional[str]:
+  """An SVG line chart.
+
+  Args:
+    series: dicts with 'label', 'x', 'y' and optional 'color', 'width' (stroke), 'dash',
+      'markers' (bool).
+    title, xlabel, ylabel: text.
+    logy: log10 y axis (non-positive values are dropped).
+    band: (low, high) y range shaded green (e.g. the healthy update-ratio band).
+    hlines: dashed horizontal reference lines.
+
+  Returns:
+    The `<svg>` element, or None when no series has a finite point.
+  """
+  prepared = _prepare(series, logy)
+  if not prepared:
+    return None
+  xs = np.concatenate([p[1] for p in prepared])
+  x0, x1 = float(xs.min()), float(xs.max())
+  if x1 <= x0:
+    x0, x1 = x0 - 0.5, x1 + 0.5
+  y0, y1 = _y_axis(prepared, hlines, band, logy)
+  L, R, T, B = 62, 14, 26 if title else 10, 38
+  pw, ph = width - L - R, height - T - B
+  frame = {"L": L, "T": T, "pw": pw, "ph": ph, "x": (x0, x1), "y": (y0, y1),
+           "px": lambda v: L + (v - x0) / (x1 - x0) * pw,
+           "py": lambda v: T + (1 - (v - y0) / (y1 - y0)) * ph}
+  out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+         f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="#fff" stroke="#adb5bd"/>']
+  if title:
+    out.append(f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">'
+               f'{escape(title)}</text>')
+  _grid(out, frame, logy)
+  _marks(out, frame, prepared, hlines, band, logy)
   out.append(f'<text x="{L + pw / 2}" y="{height - 6}" text-anchor="middle">'
              f'{escape(xlabel)}</text>')
   out.append(f'<text transform="translate(13,{T + ph / 2}) rotate(-90)" text-anchor="middle">'
