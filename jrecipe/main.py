@@ -21,6 +21,8 @@ flags.DEFINE_string("workdir", None, "Work directory of the run (created if miss
 flags.DEFINE_string("mode", "train", f"What to do. {modes.describe()}.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a work directory whose config.json differs from --config.")
+flags.DEFINE_bool("new_study", False,
+                  "--mode=search: move the directory's study to old_studies/ and start anew.")
 flags.DEFINE_string("compilation_cache", None,
                     "Directory of JAX's persistent compilation cache ('none' disables it); "
                     "default $JRECIPE_CACHE_DIR/jax_cache or ~/.cache/jrecipe/jax_cache.")
@@ -78,7 +80,8 @@ def main(argv: list[str]) -> int:
     # First: nothing may create the JAX backend before jax.distributed.initialize().
     runtime.setup_processes(distributed, FLAGS.config, mode.name)
     runtime.enable_compilation_cache(FLAGS.compilation_cache)
-    options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change)
+    options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change,
+                                new_study=FLAGS.new_study)
     result = run_mode(FLAGS.config, FLAGS.workdir, options)
   except UserError as e:
     _fail(str(e), 2)

@@ -17,9 +17,11 @@ class ModeOptions:
 
   Attributes:
     allow_config_change: resume a work directory whose config.json differs (train).
+    new_study: move a search directory's study aside and start a clean one (search).
   """
 
   allow_config_change: bool = False
+  new_study: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -263,10 +263,16 @@ def _master(workdir, stages, extra=()):
 
 
 def _trials(url, name, k):
+  """The trials of stage k of the study of the search directory `name` (its study.json)."""
   import optuna
   study_lib.quiet_optuna()
   if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
     return []
+  binding = os.path.join(os.path.dirname(url[len("sqlite:///"):]), "study.json")
+  if not os.path.exists(binding):
+    return []
+  with open(binding) as f:
+    name = json.load(f)["study"]
   try:
     storage = study_lib.open_storage(url)  # retries a first contact racing the master's
     return optuna.load_study(study_name=f"{name}.stage{k}", storage=storage).get_trials()
@@ -447,3 +453,137 @@ def test_a_worker_killed_while_recording_its_result_leaves_a_killed_directory(tm
   assert now[trial.number].user_attrs["status"] == "killed"
   assert [t.user_attrs.get("retry_of") for t in now if t.state.name == "WAITING"] == [
       trial.number]
+
+
+# --- issue 22: a study bound to its space, paths on disk, honest edges and best -------------
+
+
+def test_a_changed_space_is_refused_and_a_new_study_starts_clean(tmp_path):
+  """A rerun with another range resumes nothing: UserError (exit 2) naming each difference,
+  search_config.json untouched; the explicit new-study request moves the old study aside."""
+  from jrecipe.search import mode
+  d = tmp_path / "search"
+  c = _config()
+  c.search.space = "optimizer.learning_rate=loguniform(1e-4,1e-1)"
+  c.search.stages = "3x1"
+  master = mode.Master(c, str(d))
+  _tell(master.search, 0, lambda v: 0.5)
+  old_name = master.search.name
+  (d / "trials" / "0.5000_stage1_trial0000").mkdir(parents=True)
+  saved = (d / "search_config.json").read_bytes()
+  binding = json.loads((d / "study.json").read_text())
+  assert binding["study"] == old_name and binding["fingerprint"]["seed"] == c.seed
+  assert master.search.study(0).user_attrs["fingerprint"] == binding["fingerprint"]
+
+  c2 = _config()
+  c2.search.space = "optimizer.learning_rate=loguniform(1e-3,3e-2)"
+  c2.search.stages = "3x1,2x2"
+  with pytest.raises(UserError) as e:
+    mode.Master(c2, str(d))
+  msg = str(e.value)
+  assert "optimizer.learning_rate=loguniform(0.0001, 0.1)" in msg  # old
+  assert "optimizer.learning_rate=loguniform(0.001, 0.03)" in msg  # new
+  assert "stages" in msg and "--new_study" in msg
+  assert (d / "search_config.json").read_bytes() == saved  # a refused rerun writes nothing
+  from tests.helpers import run_cli
+  r = run_cli(["--mode=search", "--config=configs/digits_mlp.py", f"--workdir={d}",
+               "--config.search.space=optimizer.learning_rate=loguniform(1e-3,3e-2)",
+               "--config.search.stages=3x1"])
+  assert r.returncode == 2 and "--new_study" in r.stderr and "loguniform(0.001, 0.03)" in \
+      r.stderr, r.stderr[-2000:]
+  assert (d / "search_config.json").read_bytes() == saved
+  # The same config resumes its own study.
+  assert mode.Master(c, str(d)).search.status(0).done == 3
+
+  fresh = mode.Master(c2, str(d), new_study=True)
+  assert fresh.search.name != old_name and fresh.search.status(0).done == 0
+  assert not (d / "trials").exists() or not os.listdir(d / "trials")
+  moved = d / "old_studies" / old_name
+  assert (moved / "trials" / "0.5000_stage1_trial0000").is_dir()
+  assert (moved / "study.json").exists() and (moved / "search_config.json").exists()
+  assert json.loads((d / "study.json").read_text())["fingerprint"]["stages"] == [
+      [3, 1.0], [2, 2.0]]
+
+
+def test_a_renamed_search_directory_resumes_its_own_study(tmp_path):
+  c = _config()
+  c.search.space = "optimizer.learning_rate=loguniform(1e-4,1e-1)"
+  c.search.stages = "2x1"
+  s = study_lib.Search(c, str(tmp_path / "a"))
+  _tell(s, 0, lambda v: 0.5)
+  name = s.name
+  os.rename(tmp_path / "a", tmp_path / "b")
+  again = study_lib.Search(c, str(tmp_path / "b"))
+  assert again.name == name and again.current() is None  # nothing to rerun
+  assert name not in ("a", "b")  # not the directory's name
+
+
+def test_a_killed_trial_is_recorded_at_its_path_on_disk(tmp_path):
+  import socket
+  from jrecipe.search import summary
+  from jrecipe.search.mode import Master
+  c = _config()
+  c.search.space = "optimizer.learning_rate=loguniform(1e-4,1e-1)"
+  c.search.stages = "2x1"
+  master = Master(c, str(tmp_path / "search"))
+  trial = master.search.study(0).ask()
+  running = tmp_path / "search" / "trials" / f"running_stage1_trial{trial.number:04d}"
+  running.mkdir(parents=True)
+  pid = 4_000_001
+  for key, value in (("worker", f"{socket.gethostname()}:{pid}"), ("stage", 1),
+                     ("dir", str(running))):
+    trial.set_user_attr(key, value)
+  master._requeue_worker(pid, "worker killed")
+  rows = {r["number"]: r for r in summary.trial_rows(master.search)}
+  killed = tmp_path / "search" / "trials" / f"killed_stage1_trial{trial.number:04d}"
+  assert rows[trial.number]["status"] == "killed"
+  assert rows[trial.number]["dir"] == str(killed) and killed.is_dir()
+  out = summary.summarize(master.search)
+  assert [t["dir"] for t in out["trials"] if t["number"] == trial.number] == [str(killed)]
+  csv_text = (tmp_path / "search" / "search.csv").read_text()
+  assert killed.name in csv_text and "running_" not in csv_text
+
+
+def test_edges_of_every_stage_and_the_best_at_equal_budget(tmp_path):
+  """Stage 1 (short, noisy) points at 3e-4; stage 2 (the same budget) wants larger rates
+  than its narrowed range allows. The warning must see stage 2's edge, and the best trial
+  is the better stage-1 one, reported with its stage and budget."""
+  from jrecipe.search import summary
+  s = _fake_search(tmp_path, "optimizer.learning_rate=loguniform(1e-5,1e-1)", "12x1,20x1")
+  _tell(s, 0, lambda v: 0.9 - 0.1 * abs(math.log10(v["optimizer.learning_rate"]) + 3.5))
+  narrowed = s.stage_params(1)[0]
+  assert 1e-5 < narrowed.low and narrowed.high < 2e-2  # inside: no edge of the original
+  _tell(s, 1, lambda v: 0.5 + 0.01 * math.log10(v["optimizer.learning_rate"]))
+  out = summary.summarize(s)
+  best = out["best"]
+  assert best["stage"] == 1 and best["value"] > 0.85 and best["epochs"] == 1.0
+  assert out["best_budget_epochs"] == 1.0
+  stage2 = [w for w in out["warnings"] if "stage 2" in w]
+  assert len(stage2) == 1 and "upper edge" in stage2[0] and "optimizer.learning_rate" in stage2[0]
+  assert not [w for w in out["warnings"] if "every stage" in w]
+
+  # Every stage's best at its upper edge: the narrowing chased the optimum to the border.
+  s2 = _fake_search(tmp_path / "b", "optimizer.learning_rate=loguniform(1e-5,1e-1)", "12x1,20x2")
+  _tell(s2, 0, lambda v: 0.5 + 0.05 * math.log10(v["optimizer.learning_rate"]))
+  _tell(s2, 1, lambda v: 0.6 + 0.05 * math.log10(v["optimizer.learning_rate"]))
+  out2 = summary.summarize(s2)
+  assert out2["best"]["stage"] == 2 and out2["best_budget_epochs"] == 2.0
+  every = [w for w in out2["warnings"] if "every stage" in w]
+  assert len(every) == 1 and "upper edge" in every[0]
+
+
+def test_search_mode_passes_the_new_study_option(tmp_path, monkeypatch):
+  from jrecipe import modes
+  from jrecipe.search import mode
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_master(config, workdir, new_study=False):
+    seen["new_study"] = new_study
+    raise Stop()
+  monkeypatch.setattr(mode, "Master", fake_master)
+  with pytest.raises(Stop):
+    mode.run_mode(_config(), str(tmp_path), modes.ModeOptions(new_study=True))
+  assert seen == {"new_study": True}

@@ -92,7 +92,10 @@ def test_two_workers_on_one_postgres_study(tmp_path, postgres_url):
   assert r.returncode == 0, r.stderr[-3000:]
   assert not (d / "study.db").exists()  # the study lives in PostgreSQL, not in DIR
   study_lib.quiet_optuna()
-  trials = optuna.load_study(study_name=f"{name}.stage1", storage=postgres_url).get_trials()
+  import json
+  study = json.loads((d / "study.json").read_text())["study"]  # bound to DIR, not its name
+  assert study != name
+  trials = optuna.load_study(study_name=f"{study}.stage1", storage=postgres_url).get_trials()
   complete = [t for t in trials if t.state.name == "COMPLETE"]
   assert len(complete) == 4, [(t.number, t.state.name, t.user_attrs) for t in trials]
   assert sorted(t.number for t in complete) == sorted({t.number for t in complete})
@@ -104,7 +107,6 @@ def test_two_workers_on_one_postgres_study(tmp_path, postgres_url):
   names = os.listdir(d / "trials")
   for t in complete:
     assert f"{t.value:.4f}_stage1_trial{t.number:04d}" in names
-  import json
   data = json.loads((d / "search.json").read_text())
   assert data["storage"].startswith("postgresql+psycopg://") and data["counts"]["complete"] == 4
   assert time.time() - t0 < 300

@@ -30,7 +30,8 @@ from typing import Optional
 import ml_collections
 
 from jrecipe.errors import RunFailure, UserError
-from jrecipe.search import study as study_lib, summary as summary_lib, worker as worker_lib
+from jrecipe.search import binding as binding_lib, space as space_lib, study as study_lib
+from jrecipe.search import summary as summary_lib, worker as worker_lib
 from jrecipe.train import workdir as workdir_lib
 from jrecipe.train.writer import write_json_atomic
 
@@ -48,13 +49,21 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 class Master:
   """Launches, watches and replaces the local workers of one search directory."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, new_study: bool = False):
     self.config = config
     n = config.search.workers
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise UserError(f"search.workers must be a positive integer, got {n!r}.")
     self.n = n
-    self.search = study_lib.Search(config, workdir)  # validates space, stages and storage
+    if new_study:  # validated before anything moves; then the old study's files step aside
+      space_lib.parse_space(config.search.space, config)
+      space_lib.parse_stages(config.search.stages)
+      in_dir = not str(config.search.get("storage", "") or "")
+      moved = binding_lib.move_aside(os.path.abspath(workdir), sqlite_in_dir=in_dir)
+      if moved:
+        log.info("search: --new_study: the previous study's files moved to %s.", moved)
+    # validates space, stages and storage, and refuses a study of other settings
+    self.search = study_lib.Search(config, workdir, fresh=new_study)
     self.workdir = self.search.workdir
     os.makedirs(self.workdir, exist_ok=True)
     self.config_path = _save_config(config, self.workdir)
@@ -208,9 +217,12 @@ def _tail(path: str, n: int = 15) -> str:
 
 
 def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> int:
-  """Entry point of `--mode=search`: runs (or resumes) the search and writes its summary."""
-  del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
-  master = Master(config, workdir)
+  """Entry point of `--mode=search`: runs (or resumes) the search and writes its summary.
+
+  `options.new_study` (the --new_study flag) moves the directory's current study aside and
+  starts a clean one; without it, a study of other settings is refused (binding.py).
+  """
+  master = Master(config, workdir, new_study=bool(getattr(options, "new_study", False)))
   before = {k: master.search.status(k).done for k in range(len(master.search.stages))}
   if any(before.values()):
     log.info("search: resuming %s: %s finished trial(s) per stage already.",
@@ -225,7 +237,8 @@ def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> i
     log.warning("search: %s", w)
   best = result.get("best")
   if best:
-    log.info("search: best %s %.4f (stage %d trial %d): %s. Table: %s", result["metric"],
-             best["value"], best["stage"], best["number"],
+    log.info("search: best %s %.4f (stage %d trial %d) among the trials of the longest "
+             "budget, %g epochs, from any stage: %s. Table: %s", result["metric"],
+             best["value"], best["stage"], best["number"], best["epochs"],
              json.dumps(best["params"]), os.path.join(master.workdir, "search.csv"))
   return 0

@@ -244,20 +244,31 @@ def narrow(params: Sequence[Param], top: Sequence[dict], pad: float = 0.25,
   return out
 
 
-def edge_warnings(params: Sequence[Param], best: dict, fraction: float = 0.1) -> list[str]:
-  """CS231n's 'beware best values on the border': one sentence per field whose best value
-  lies within `fraction` of either end of its declared range (log scale if log-scaled)."""
+def edges(params: Sequence[Param], best: dict, fraction: float = 0.1) -> list[tuple]:
+  """(param, side 'lower'|'upper', position 0..1) of each numeric field whose `best` value
+  lies within `fraction` of either end of its range (log scale if log-scaled)."""
   out = []
   for p in params:
     if not p.numeric or p.field not in best:
       continue
     pos = p.position(best[p.field])
     if pos <= fraction or pos >= 1 - fraction:
-      side, bound = ("lower", p.low) if pos <= fraction else ("upper", p.high)
-      scale = "log scale" if p.log else "linear scale"
-      out.append(f"The best {p.field}, {best[p.field]:.4g}, lies at the {side} edge of its range "
-                 f"{p.describe()} ({100 * pos:.0f}% of the way, {scale}): you may be missing "
-                 f"better settings beyond it; widen the range past {bound:g}.")
+      out.append((p, "lower" if pos <= fraction else "upper", pos))
+  return out
+
+
+def edge_warnings(params: Sequence[Param], best: dict, fraction: float = 0.1,
+                  where: str = "") -> list[str]:
+  """CS231n's 'beware best values on the border': one sentence per field whose best value
+  lies within `fraction` of either end of the range `params` gives (the declared range, or
+  a stage's narrowed one: `where` says which, e.g. ' of stage 2')."""
+  out = []
+  for p, side, pos in edges(params, best, fraction):
+    bound = p.low if side == "lower" else p.high
+    scale = "log scale" if p.log else "linear scale"
+    out.append(f"The best {p.field}{where}, {best[p.field]:.4g}, lies at the {side} edge of its "
+               f"range {p.describe()} ({100 * pos:.0f}% of the way, {scale}): you may be "
+               f"missing better settings beyond it; widen the range past {bound:g}.")
   return out
 
 

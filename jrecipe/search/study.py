@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from jrecipe.errors import UserError
-from jrecipe.search import space as space_lib
+from jrecipe.search import binding as binding_lib, space as space_lib
 
 log = logging.getLogger("jrecipe")
 
@@ -209,7 +209,18 @@ def trial_status(t) -> str:
 class Search:
   """A search directory's config, space, stages and the study of each stage."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, fresh: bool = False):
+    """Validates the search settings and binds `workdir` to its study (binding.py).
+
+    Args:
+      config: the search's config (its `search` section and the fields it searches).
+      workdir: the search directory.
+      fresh: a new study is asked for (`--new_study`): its name must be new to the storage.
+
+    Raises:
+      UserError: a bad setting, or a study here whose space, stages, metric, sampler or seed
+        differ from `config`'s.
+    """
     s = config.search
     self.config = config
     self.workdir = os.path.abspath(workdir)
@@ -223,9 +234,50 @@ class Search:
       raise UserError(f"search.explode_factor must be > 1, got {s.explode_factor!r}.")
     make_sampler(str(s.sampler), int(config.seed), 0)  # validates the name
     self.url = storage_url(config, workdir)
-    self.name = str(s.study_name or os.path.basename(self.workdir.rstrip("/")))
+    self.fingerprint = binding_lib.fingerprint(config, self.params, self.stages)
     self.storage = open_storage(self.url, int(s.heartbeat_seconds))
     self._studies: dict[int, Any] = {}
+    self.name = self._bind(str(s.study_name or ""), fresh)
+
+  def _exists(self, name: str) -> bool:
+    try:
+      self.storage.get_study_id_from_name(f"{name}.stage1")
+      return True
+    except KeyError:
+      return False
+
+  def _check_study_attrs(self, name: str) -> None:
+    """Refuses a study in the storage whose recorded fingerprint differs from this one."""
+    if not self._exists(name):
+      return
+    sid = self.storage.get_study_id_from_name(f"{name}.stage1")
+    old = self.storage.get_study_user_attrs(sid).get("fingerprint")
+    if old is not None and binding_lib.differences(old, self.fingerprint):
+      binding_lib.refuse(self.workdir, name, old, self.fingerprint)
+
+  def _bind(self, explicit: str, fresh: bool) -> str:
+    """The study's name: `search.study_name`, else the one DIR/study.json records, else a new
+    one (or, for a directory of an older jrecipe, the study named after the directory)."""
+    bound = binding_lib.read(self.workdir)
+    if bound is not None:
+      if binding_lib.differences(bound.get("fingerprint") or {}, self.fingerprint):
+        binding_lib.refuse(self.workdir, bound["study"], bound["fingerprint"], self.fingerprint)
+      if explicit and explicit != bound["study"]:
+        raise UserError(f"The search directory {self.workdir} is bound to the study "
+                        f"{bound['study']!r}, not search.study_name={explicit!r}: use that "
+                        "name, another --workdir, or --new_study.")
+      self._check_study_attrs(bound["study"])
+      return bound["study"]
+    legacy = os.path.basename(self.workdir.rstrip("/"))
+    name = explicit or (legacy if not fresh and self._exists(legacy) else binding_lib.new_name())
+    if fresh and self._exists(name):
+      raise UserError(f"--new_study: the study {name!r} already exists in "
+                      f"{redact(self.url)}; give a new search.study_name (or leave it empty).")
+    self._check_study_attrs(name)
+    bound = binding_lib.write_once(self.workdir, name, self.fingerprint)
+    if binding_lib.differences(bound["fingerprint"], self.fingerprint):  # another process won
+      binding_lib.refuse(self.workdir, bound["study"], bound["fingerprint"], self.fingerprint)
+    return bound["study"]
 
   def study(self, k: int):
     """The study of stage k (0-based), created on first use."""
@@ -247,6 +299,11 @@ class Search:
                         f"differently from search.metric={self.metric!r}: use a new study_name.")
       if "max_retries" not in st.user_attrs:
         st.set_user_attr("max_retries", int(self.config.search.max_retries))
+      old = st.user_attrs.get("fingerprint")
+      if old is None:
+        st.set_user_attr("fingerprint", self.fingerprint)
+      elif binding_lib.differences(old, self.fingerprint):
+        binding_lib.refuse(self.workdir, self.name, old, self.fingerprint)
       self._studies[k] = st
     return self._studies[k]
 

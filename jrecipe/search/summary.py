@@ -4,8 +4,9 @@ CS231n: 'inspect the results' and 'beware best values on the border'. The table 
 trial of every stage (status, value, parameters, epochs, seconds, directory); the CSV is sorted
 best first and opens in any spreadsheet; each plot shows the validation metric against one
 hyperparameter, on a log axis where that range is log-scaled, one colour per stage, diverged
-trials as crosses at the bottom. The edge-of-range warnings are computed on the declared
-(stage 1) ranges for the best complete trial of the whole search.
+trials as crosses at the bottom. The best trial is the best of the longest budget, from any
+stage. The edge-of-range warnings are computed on the declared ranges for that trial, on each
+later stage's narrowed range for that stage's best, and across stages (`edge_report`).
 """
 
 import csv
@@ -16,14 +17,27 @@ import re
 from typing import Any, Optional
 
 from jrecipe.search import space as space_lib, study as study_lib
+from jrecipe.search.worker import trial_dir_name
 from jrecipe.train.writer import save_figure_atomic, write_json_atomic
 
 log = logging.getLogger("jrecipe")
 
 
+def _on_disk(trials_dir: str, recorded: Optional[str], status: str, stage: int, number: int,
+             value: Optional[float]) -> Optional[str]:
+  """The trial's directory as it is on disk: the recorded one, or, once the master renamed it
+  (a killed trial becomes 'killed_...' after its record was closed), the name of its status."""
+  named = os.path.join(trials_dir, trial_dir_name(status, stage, number, value))
+  for candidate in (recorded, named):
+    if candidate and os.path.isdir(candidate):
+      return candidate
+  return recorded
+
+
 def trial_rows(search) -> list[dict[str, Any]]:
-  """One dict per trial of every stage (excess trials left out)."""
+  """One dict per trial of every stage (excess trials left out); `dir` is the path on disk."""
   rows = []
+  trials_dir = os.path.join(search.workdir, "trials")
   for k in range(len(search.stages)):
     params = search.stage_params(k)
     for t in search.study(k).get_trials(deepcopy=False):
@@ -32,12 +46,13 @@ def trial_rows(search) -> list[dict[str, Any]]:
         continue
       seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
                  if t.datetime_complete and t.datetime_start else None)
+      value = t.value if status == "complete" else None
       rows.append({
-          "stage": k + 1, "number": t.number, "status": status,
-          "value": t.value if status == "complete" else None,
+          "stage": k + 1, "number": t.number, "status": status, "value": value,
           "params": search.config_values(t.params, params),
           "epochs": search.stages[k].epochs, "seconds": seconds,
-          "dir": t.user_attrs.get("dir"), "worker": t.user_attrs.get("worker"),
+          "dir": _on_disk(trials_dir, t.user_attrs.get("dir"), status, k, t.number, value),
+          "worker": t.user_attrs.get("worker"),
           "message": t.user_attrs.get("message", ""),
           "retry_of": t.user_attrs.get("retry_of"),
           "start": t.datetime_start.isoformat() if t.datetime_start else None,
@@ -45,17 +60,63 @@ def trial_rows(search) -> list[dict[str, Any]]:
   return rows
 
 
-def best_row(rows: list[dict], direction: str) -> Optional[dict]:
-  """The best complete trial of the last stage that has one (trials of later stages train
-  longer: their values are not comparable with the short coarse trials')."""
-  done = [r for r in rows if r["status"] == "complete" and r["value"] is not None
+def _complete(rows: list[dict]) -> list[dict]:
+  return [r for r in rows if r["status"] == "complete" and r["value"] is not None
           and math.isfinite(r["value"])]
+
+
+def _best_of(rows: list[dict], direction: str) -> Optional[dict]:
+  sign = -1 if direction == "maximize" else 1
+  done = _complete(rows)
+  return sorted(done, key=lambda r: (sign * r["value"], r["stage"], r["number"]))[0] \
+      if done else None
+
+
+def best_row(rows: list[dict], direction: str) -> Optional[dict]:
+  """The best complete trial among those of the longest budget (epochs) any complete trial
+  had, from whichever stage: values at one budget are comparable, a short coarse trial's
+  with a long one's are not. Stages of equal budget compete, so a later stage's best is not
+  reported when an earlier stage found better at the same budget."""
+  done = _complete(rows)
   if not done:
     return None
-  last = max(r["stage"] for r in done)
-  done = [r for r in done if r["stage"] == last]
-  sign = -1 if direction == "maximize" else 1
-  return sorted(done, key=lambda r: (sign * r["value"], r["number"]))[0]
+  budget = max(r["epochs"] for r in done)
+  return _best_of([r for r in done if r["epochs"] == budget], direction)
+
+
+def edge_report(search, rows: list[dict], best: Optional[dict], fraction: float) -> list[str]:
+  """Edge-of-range warnings: the best trial on the declared range; each later stage's best
+  on that stage's narrowed range; and a field whose best sat at the same edge in every stage
+  (narrowing chased the optimum to the border each time)."""
+  if best is None:
+    return []
+  out = space_lib.edge_warnings(search.params, best["params"], fraction)
+  sides: dict[str, list] = {}
+  for k in range(len(search.stages)):
+    stage_best = _best_of([r for r in rows if r["stage"] == k + 1], search.direction)
+    if stage_best is None:
+      sides.clear()
+      break
+    params = search.stage_params(k)
+    declared = {p.field: p for p in search.params}
+    hits = space_lib.edges(params, stage_best["params"], fraction)
+    for p, side, _ in hits:
+      sides.setdefault(p.field, []).append(side)
+    if k == 0:
+      continue
+    shown = [p for p, side, _ in hits if not (stage_best is best and getattr(
+        declared[p.field], "low" if side == "lower" else "high") == getattr(
+        p, "low" if side == "lower" else "high"))]  # already said on the declared range
+    out += space_lib.edge_warnings(shown, stage_best["params"], fraction,
+                                   where=f" of stage {k + 1}")
+  n = len(search.stages)
+  for field, s in sides.items():
+    if n > 1 and len(s) == n and len(set(s)) == 1:
+      out.append(f"In every stage (1 to {n}) the best {field} lay at the {s[0]} edge of that "
+                 "stage's range: narrowing followed the optimum to the border each time, so it "
+                 f"probably lies beyond it. Widen the declared range on the {s[0]} side and "
+                 "search again.")
+  return out
 
 
 def _jsonable_params(params: dict) -> dict:
@@ -107,7 +168,8 @@ def plot(path: str, param: space_lib.Param, rows: list[dict], metric: str) -> No
     ax.scatter(xs(bad), [floor] * len(bad), marker="x", color="red", label="diverged")
   ax.set_xlabel(param.field + (" (log scale)" if param.log else ""))
   ax.set_ylabel(f"validation {metric}")
-  ax.legend(fontsize=7)
+  if done or bad:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   save_figure_atomic(fig, path)
   plt.close(fig)
@@ -118,7 +180,7 @@ def summarize(search, events: Optional[list] = None) -> dict[str, Any]:
   rows = trial_rows(search)
   best = best_row(rows, search.direction)
   fraction = float(search.config.search.edge_fraction)
-  warnings = space_lib.edge_warnings(search.params, best["params"], fraction) if best else []
+  warnings = edge_report(search, rows, best, fraction)
   if best is None:
     warnings.append("No trial finished with a finite validation metric: every trial diverged "
                     "or failed. Lower the learning-rate range.")
@@ -134,6 +196,11 @@ def summarize(search, events: Optional[list] = None) -> dict[str, Any]:
                  for k, st in enumerate(search.stages)],
       "counts": counts, "warnings": warnings, "events": events or [],
       "best": None if best is None else {**best, "params": _jsonable_params(best["params"])},
+      "best_budget_epochs": None if best is None else best["epochs"],
+      "best_per_stage": [None if b is None else {k: b[k] for k in ("number", "value", "epochs")}
+                         for b in (_best_of([r for r in rows if r["stage"] == k + 1],
+                                            search.direction)
+                                   for k in range(len(search.stages)))],
       "trials": [{**r, "params": _jsonable_params(r["params"])} for r in rows],
   }
   write_json_atomic(os.path.join(search.workdir, "search.json"), out)
