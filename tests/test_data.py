@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from jrecipe.data import builders, pipeline
+from jrecipe.data import builders, pipeline, reading
 from jrecipe.data.indexing import IndexBatches, ShuffledIndexBatches
 from jrecipe.errors import UserError
 import jrecipe.data as D
@@ -108,8 +108,8 @@ def test_digits_seq_is_shifted_digits(data_dir, digits):
 def test_fast_reader_matches_tfds_decoding(data_dir, digits):
   builder = builders.prepare("digits", data_dir)
   source = builder.as_data_source()["validation"]
-  fast = pipeline._read_fast(source, builder.info.features)
-  slow = pipeline._read_generic(source, ("image", "label", "id"))
+  fast = reading.read_fast(source, builder.info.features)
+  slow = reading.read_generic(source, ("image", "label", "id"))
   for k in ("image", "label", "id"):
     assert np.array_equal(fast[k], slow[k]) and fast[k].dtype == slow[k].dtype
 
@@ -357,7 +357,7 @@ def test_store_copy_equals_tfds_read_and_needs_no_tfds(data_dir, digits):
     assert copy is not None
     os.environ[store.ENV] = "0"
     try:
-      meta, splits = pipeline._read_builtin(name, data_dir)  # through TFDS
+      meta, splits = reading.read_builtin(name, data_dir)  # through TFDS
     finally:
       del os.environ[store.ENV]
     assert copy[0] == meta
@@ -378,7 +378,7 @@ def test_store_copy_is_dropped_when_tfds_files_change_or_it_is_damaged(data_dir,
   from jrecipe.data import store
   mine = str(tmp_path / "data")
   shutil.copytree(os.path.join(data_dir, "digits"), os.path.join(mine, "digits"))
-  first = pipeline._read_builtin("digits", mine)
+  first = reading.read_builtin("digits", mine)
   assert store.load("digits", mine) is not None
   assert os.stat(store.path("digits", mine)).st_mode & 0o777 == 0o644  # readable by others
   # the TFDS files changed (a rebuild): the copy no longer matches and is not used
@@ -386,7 +386,7 @@ def test_store_copy_is_dropped_when_tfds_files_change_or_it_is_damaged(data_dir,
                 if "train" in p.name)
   os.utime(record, ns=(record.stat().st_atime_ns, record.stat().st_mtime_ns + 10**9))
   assert store.load("digits", mine) is None
-  again = pipeline._read_builtin("digits", mine)  # read through TFDS, copy rewritten
+  again = reading.read_builtin("digits", mine)  # read through TFDS, copy rewritten
   assert np.array_equal(again[1]["train"]["x"], first[1]["train"]["x"])
   assert store.load("digits", mine) is not None
   # a damaged copy is ignored, and TFDS is read instead
