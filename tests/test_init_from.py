@@ -81,12 +81,33 @@ def test_skip_pattern_leaves_head_fresh(source_run):
   fresh_exp = experiment_lib.build(_cfg(seed=7))
   fresh = _flat_params(initial_state(fresh_exp))
   got, want = _flat_params(state), load_params(src)
-  np.testing.assert_array_equal(got["['head']['kernel']"], fresh["['head']['kernel']"])
+  # Fresh, drawn like a scratch init (same scale), from the stream of (seed, source):
+  # not the scratch run's own draw, so no seed can replay another run's head.
+  head, scratch = got["['head']['kernel']"], fresh["['head']['kernel']"]
+  assert not np.allclose(head, scratch) and not np.allclose(head, want["['head']['kernel']"])
+  assert np.std(head) == pytest.approx(np.std(scratch), rel=0.2)
+  np.testing.assert_array_equal(
+      head, _flat_params(initial_state(experiment_lib.build(_cfg(
+          init_from=src, init_from_skip="head", seed=7))))["['head']['kernel']"])  # repeatable
   np.testing.assert_array_equal(got["['dense_0']['kernel']"], want["['dense_0']['kernel']"])
   report = exp.init_from_report
   assert sorted(report["skipped"]["pattern"]) == ["params/head/bias", "params/head/kernel"]
   assert report["leaves"]["params/head/kernel"]["pattern"] == "head"
   assert report["restored_fraction"] == pytest.approx(BODY / (BODY + HEAD))
+
+
+def test_a_skipped_head_with_the_source_seed_is_not_the_source_initial_head(source_run):
+  """Issue 22: with the source's own seed, a 'fresh' head drawn from the seed's init stream is
+  the very head the source started from, which its trained body fits: the run starts at the
+  pretrained loss. The fresh stream folds in the source's identity, so it never is."""
+  src, _ = source_run
+  source_init = _flat_params(initial_state(experiment_lib.build(_cfg(seed=3))))
+  exp = experiment_lib.build(_cfg(init_from=src, init_from_skip="head", seed=3))
+  state = initial_state(exp)
+  got = _flat_params(state)
+  leaf = "['head']['kernel']"  # (the bias starts at zero either way)
+  assert not np.allclose(got[leaf], source_init[leaf])
+  assert np.std(got[leaf]) == pytest.approx(np.std(source_init[leaf]), rel=0.2)  # same law
 
 
 def test_mostly_mismatched_is_an_error_unless_allowed(source_run, tmp_path):

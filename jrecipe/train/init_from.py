@@ -4,7 +4,9 @@ Recipe stage 4 ('regularise': "use a pretrained network if you can", and CS231n'
 learning): start this run's parameters from another run's trained ones. Parameters are
 matched by name and shape; every parameter of this model ends up in exactly one group of the
 report: restored, skipped (and why: missing in the source, shape mismatch, or an
-`init_from_skip` pattern), which stay freshly initialised (typically the head). A source
+`init_from_skip` pattern), which stay freshly initialised (typically the head), drawn from
+the run's seed with the source's identity folded in (`fresh_key`), never the source's own
+initial draw. A source
 that would leave most of the model fresh is an error unless `init_from_allow_partial`.
 
 `restore_into(exp, variables)` is called by `jrecipe.train.trainer.Trainer.initial_state`;
@@ -22,6 +24,7 @@ of the source are used.
 import logging
 import os
 import re
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -249,6 +252,9 @@ def restore_into(exp, variables: dict) -> dict:
   report, source_flat = make_report(config, variables)
   _require_mostly_restored(config, report)
   leaves = report["leaves"]
+  fresh = variables
+  if report["fresh"]:  # a new draw: the seed's own would replay the source's initial head
+    fresh = exp.init_variables(fresh_key(int(_get(config, "seed", 0)), report))
 
   def pick(coll):
     def fn(path, leaf):
@@ -260,9 +266,23 @@ def restore_into(exp, variables: dict) -> dict:
     return fn
 
   out = {coll: jax.tree_util.tree_map_with_path(pick(coll), tree)
-         for coll, tree in variables.items()}
+         for coll, tree in fresh.items()}
   log.info("init_from %s (step %s): %s.", report["source"], report["step"], _describe(report))
   return out
+
+
+def fresh_key(seed: int, report: dict) -> jax.Array:
+  """The stream of the parameters init_from leaves fresh: the run's init stream with the
+  source's identity (its checkpoint path and step) folded in.
+
+  A run with the source's own seed would otherwise redraw exactly the source's initial
+  values for a skipped head, the head its trained body was fitted to: it would start at the
+  pretrained loss and every transfer comparison would be wrong. The fold-in keeps the draw
+  repeatable (same seed and source, same values) and distinct from any run's own init.
+  """
+  from jrecipe.train.trainer import seeds
+  identity = f"init_from:{report['source']}@{report['step']}".encode()
+  return jax.random.fold_in(seeds(seed)["init"], zlib.crc32(identity))
 
 
 def write_report(workdir: str, report: dict) -> str:
