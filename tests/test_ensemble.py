@@ -42,8 +42,14 @@ def test_members_match_their_runs(runs, members):
     # the restored member scores exactly what the run reported at its end
     assert row["accuracy"] == pytest.approx(summary["test"]["accuracy"], abs=1e-9)
     assert row["nll"] == pytest.approx(summary["test"]["loss"], rel=1e-4)
-  best = max(r["accuracy"] for r in result["members"])
+  # The best member is chosen on validation (not on the test split it is reported on).
+  by_val = max(result["members"], key=lambda r: (r["validation_accuracy"], -r["validation_nll"]))
+  assert result["best_member"]["chosen_on"] == "validation"
+  assert result["best_member"]["name"] == by_val["name"]
+  best = by_val["accuracy"]
   assert result["best_member"]["accuracy"] == best
+  for row, summary in zip(result["members"], runs.summaries):
+    assert row["validation_accuracy"] == pytest.approx(summary["validation"]["accuracy"])
   assert result["gain"] == pytest.approx(result["ensemble"]["accuracy"] - best)
   assert result["gain_points"] == pytest.approx(100 * result["gain"])
   assert result["count"] == len(members[0].data.arrays["test"]["y"])
@@ -96,6 +102,36 @@ def test_average_by_hand():
   assert r["best_member"]["name"] == "a" and r["gain_points"] == pytest.approx(-100.0)
   with pytest.raises(UserError, match="combine"):
     ensemble.ensemble_predict([a, b], x, combine="median")
+
+
+def test_best_member_on_validation_and_wilson_intervals():
+  """Member a is best on validation, b on test: the best member is a, reported on test, and
+  each accuracy carries its Wilson interval (one test example of 270 is 0.37 points)."""
+  from jrecipe.label.mode import wilson
+  spec = DataSpec(name="fake", task="classification", input_shape=(1,), num_classes=2,
+                  class_names=None, value_range=(0, 1), splits={"validation": 4, "test": 4})
+  # rows 0-3 validation, 4-7 test; a: right on validation, half the test; b: the reverse.
+  pa = [[0.9, 0.1]] * 4 + [[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]]
+  pb = [[0.1, 0.9]] * 2 + [[0.9, 0.1]] * 2 + [[0.9, 0.1]] * 4
+  a, b = _fake_member("a", pa, spec), _fake_member("b", pb, spec)
+  x = np.arange(8, dtype=np.float32)[:, None]
+  y = np.zeros(8, np.int32)
+  data = types.SimpleNamespace(arrays={
+      "validation": {"x": x[:4], "y": y[:4], "id": np.arange(4)},
+      "test": {"x": x[4:], "y": y[4:], "id": np.arange(4, 8)}})
+  r = ensemble.evaluate_ensemble([a, b], data, split="test")
+  assert [m["accuracy"] for m in r["members"]] == [0.5, 1.0]
+  assert r["best_member"]["name"] == "a" and r["best_member"]["chosen_on"] == "validation"
+  assert r["best_member"]["validation_accuracy"] == 1.0 and r["best_member"]["accuracy"] == 0.5
+  assert r["members"][0]["ci95"] == pytest.approx(wilson(2, 4))
+  assert r["ensemble"]["ci95"][0] <= r["ensemble"]["accuracy"] <= r["ensemble"]["ci95"][1]
+  lo, hi = wilson(266, 270)
+  assert 0.95 < lo < 266 / 270 < hi < 1.0
+  assert "chosen on validation" in ensemble.format_table(r)
+  # Without a validation split it says the choice was made on the scored split.
+  only = types.SimpleNamespace(arrays={"test": data.arrays["test"]})
+  assert ensemble.evaluate_ensemble([a, b], only, split="test")["best_member"][
+      "chosen_on"] == "test"
 
 
 def test_members_of_different_datasets_raise(members):
@@ -159,8 +195,27 @@ def test_run_mode_writes_ensemble_json(runs, tmp_path, capsys):
   assert result["gain"] == pytest.approx(result["ensemble"]["accuracy"] -
                                          result["best_member"]["accuracy"])
   assert result["distill"]["steps"] == 5 and "variables" not in result["distill"]
-  assert not [f for f in os.listdir(out) if f != "ensemble.json"]  # atomic: no temp left
-  assert "ensemble" in capsys.readouterr().out
+  assert sorted(os.listdir(out)) == ["ensemble.json", "student"]  # atomic: no temp left
+  printed = capsys.readouterr().out
+  assert "ensemble" in printed
+  # The budgets, side by side: the student's 5 steps, each member's own.
+  d = result["distill"]
+  assert d["examples"] == 5 * d["batch_size"] and d["train_split"] == "train"
+  for row, summary in zip(result["members"], runs.summaries):
+    assert row["steps"] == summary["step"] and row["examples"] == summary["step"] * 64
+  assert f"5 steps x {d['batch_size']}" in printed and f"{runs.summaries[0]['step']} steps" in printed
+  # The student is an ordinary run directory that the other modes read.
+  student = os.path.join(out, "student")
+  assert d["run_dir"] == os.path.abspath(student)
+  s = read_json(os.path.join(student, "summary.json"))
+  assert s["step"] == 5 and s["distilled"]["examples"] == d["examples"]
+  assert s["test"]["accuracy"] == pytest.approx(d["student"]["accuracy"], abs=1e-9)
+  again = ensemble.from_runs([student, runs.dirs[0]])
+  scored = ensemble.evaluate_ensemble(again)
+  assert scored["members"][0]["accuracy"] == pytest.approx(s["test"]["accuracy"], abs=1e-9)
+  assert os.path.exists(os.path.join(student, "report.html"))
+  from jrecipe.report import mode as report_mode
+  assert report_mode.run_mode(None, student) == 0
   with config.unlocked():
     config.ensemble.source = "nope"
   with pytest.raises(UserError, match="source"):

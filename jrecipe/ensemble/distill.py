@@ -119,7 +119,8 @@ def distill(student_exp, teacher_probs_train: np.ndarray, *, temperature: float 
 
   Returns:
     {'variables', 'student': {'accuracy', 'nll'} on eval_split, 'kl_to_teacher':
-     {'init', 'final'} (softened, train split), 'final_loss', and with `reference`:
+     {'init', 'final'} (softened, train split), 'final_loss', the budget ('steps',
+     'batch_size', 'examples' = steps x batch size, on 'train_split'), and with `reference`:
      'ensemble', 'best_member', 'student_minus_best' and 'student_minus_ensemble' (accuracy)}.
   """
   from jrecipe.ensemble.evaluate import member_outputs, _metrics
@@ -164,7 +165,8 @@ def distill(student_exp, teacher_probs_train: np.ndarray, *, temperature: float 
   result = {"variables": variables, "student": metrics, "split": eval_split,
             "kl_to_teacher": {"init": kl_init, "final": kl_final},
             "final_loss": float(loss), "temperature": float(temperature), "alpha": float(alpha),
-            "steps": int(steps)}
+            "steps": int(steps), "batch_size": bs, "examples": int(steps) * bs,
+            "train_split": "train"}
   if reference is not None:
     result["ensemble"] = dict(reference["ensemble"])
     result["best_member"] = dict(reference["best_member"])

@@ -91,11 +91,39 @@ def ensemble_predict(members: Sequence[Any], x: np.ndarray, *, combine: str = "p
 
 
 def _metrics(logp: np.ndarray, y: np.ndarray) -> dict:
-  """Accuracy and mean NLL of log-probabilities [N, (T,) C] against int labels [N, (T,)]."""
+  """Accuracy (with its 95% Wilson interval over the predictions) and mean NLL of
+  log-probabilities [N, (T,) C] against int labels [N, (T,)]."""
+  from jrecipe.label.mode import wilson
   y = np.asarray(y).astype(np.int64)
   pred = np.argmax(logp, axis=-1)
   nll = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-  return {"accuracy": float(np.mean(pred == y)), "nll": float(np.mean(nll))}
+  right = pred == y
+  return {"accuracy": float(np.mean(right)), "ci95": wilson(int(right.sum()), int(right.size)),
+          "nll": float(np.mean(nll))}
+
+
+def _select_best(members, data, rows: list[dict], split: str, select_split: Optional[str],
+                 batch_size: int) -> dict:
+  """The best member, chosen on `select_split` (validation) when it is not the scored split.
+
+  Picking the best member on the split that is then reported flatters it (the winner of a
+  noisy contest on those very examples), and so understates the ensemble's gain.
+  """
+  on = split
+  if select_split and select_split != split and select_split in data.arrays:
+    y = data.arrays[select_split]["y"]
+    for m, r in zip(members, rows):
+      out = member_outputs(m, _inputs(m, data, select_split), outputs="logits",
+                           batch_size=batch_size).astype(np.float64)
+      sel = _metrics(out - logsumexp(out, axis=-1, keepdims=True), y)
+      r[f"{select_split}_accuracy"], r[f"{select_split}_nll"] = sel["accuracy"], sel["nll"]
+    on = select_split
+  key = (lambda r: (r[f"{on}_accuracy"], -r[f"{on}_nll"])) if on != split else (
+      lambda r: (r["accuracy"], -r["nll"]))
+  best = max(rows, key=key)
+  return {"name": best["name"], "accuracy": best["accuracy"], "ci95": best["ci95"],
+          "nll": best["nll"], "chosen_on": on,
+          **({f"{on}_accuracy": best[f"{on}_accuracy"]} if on != split else {})}
 
 
 def _inputs(member, data, split: str) -> np.ndarray:
@@ -110,7 +138,8 @@ def _inputs(member, data, split: str) -> np.ndarray:
 
 def evaluate_ensemble(members: Sequence[Any], data: Any = None, split: str = "test",
                       combine: str = "prob", *, batch_size: int = DEFAULT_BATCH,
-                      return_probs: bool = False) -> dict:
+                      return_probs: bool = False,
+                      select_split: Optional[str] = "validation") -> dict:
   """Each member's and the ensemble's accuracy and mean NLL on the whole `split`.
 
   Args:
@@ -119,13 +148,15 @@ def evaluate_ensemble(members: Sequence[Any], data: Any = None, split: str = "te
     split: 'train', 'validation' or 'test'.
     combine: 'prob' (mean of probabilities) or 'logit' (mean of logits).
     return_probs: also return the ensemble probabilities under 'probs' (not JSON).
+    select_split: the split the best member is chosen on ('validation'; the scored split
+      itself when the data has no such split, which `best_member['chosen_on']` says).
 
   Returns:
     {'split', 'count', 'combine', 'members': [{'name', 'accuracy', 'nll', ...}],
      'ensemble': {'accuracy', 'nll'}, 'best_member': {...}, 'mean_member': {...},
      'gain': ensemble - best member accuracy (a fraction, like accuracy),
      'gain_points': the same in percentage points, 'nll_gain': best member NLL - ensemble NLL}.
-    The best member is chosen on this split itself, so the gain is a conservative figure.
+    Each accuracy carries 'ci95', its Wilson interval over the split's predictions.
   """
   from jrecipe.ensemble.members import check_same_dataset
   members = list(members)
@@ -151,14 +182,14 @@ def evaluate_ensemble(members: Sequence[Any], data: Any = None, split: str = "te
                  "ema": m.ema, "model": getattr(m.model, "name", None)})
   ens_logp = combine_outputs(logps if combine == "prob" else logits, combine)
   ens = _metrics(ens_logp, y)
-  best = max(rows, key=lambda r: (r["accuracy"], -r["nll"]))
+  best = _select_best(members, data, rows, split, select_split, batch_size)
   preds = np.stack([np.argmax(lp, axis=-1) for lp in logps])
   ens_pred = np.argmax(ens_logp, axis=-1)
   result = {
       "split": split, "count": int(len(y)), "combine": combine, "num_members": len(members),
       "members": rows,
       "ensemble": {**ens, "disagreement": float(np.mean(preds != ens_pred[None]))},
-      "best_member": {"name": best["name"], "accuracy": best["accuracy"], "nll": best["nll"]},
+      "best_member": best,
       "mean_member": {"accuracy": float(np.mean([r["accuracy"] for r in rows])),
                       "nll": float(np.mean([r["nll"] for r in rows]))},
       "gain": ens["accuracy"] - best["accuracy"],
@@ -173,14 +204,21 @@ def evaluate_ensemble(members: Sequence[Any], data: Any = None, split: str = "te
 def format_table(result: dict) -> str:
   """A plain-text table of `evaluate_ensemble`'s result."""
   name_w = max([len("ensemble")] + [len(r["name"]) for r in result["members"]]) + 2
+  on = result["best_member"].get("chosen_on", result["split"])
   lines = [f"Ensemble of {result['num_members']} on {result['split']} ({result['count']} "
-           f"examples, combine={result['combine']}):",
-           f"  {'member':<{name_w}}{'accuracy':>10}{'nll':>10}"]
+           f"examples, combine={result['combine']}); accuracy with its 95% Wilson interval:",
+           f"  {'member':<{name_w}}{'accuracy':>10}{'95% interval':>18}{'nll':>10}"]
+
+  def ci(r):
+    lo, hi = r.get("ci95") or (float("nan"), float("nan"))
+    return f"{lo:.4f}-{hi:.4f}"
   for r in result["members"]:
-    mark = "  <- best member" if r["name"] == result["best_member"]["name"] else ""
-    lines.append(f"  {r['name']:<{name_w}}{r['accuracy']:>10.4f}{r['nll']:>10.4f}{mark}")
+    mark = (f"  <- best member (chosen on {on})"
+            if r["name"] == result["best_member"]["name"] else "")
+    lines.append(f"  {r['name']:<{name_w}}{r['accuracy']:>10.4f}{ci(r):>18}{r['nll']:>10.4f}"
+                 f"{mark}")
   e = result["ensemble"]
-  lines.append(f"  {'ensemble':<{name_w}}{e['accuracy']:>10.4f}{e['nll']:>10.4f}")
+  lines.append(f"  {'ensemble':<{name_w}}{e['accuracy']:>10.4f}{ci(e):>18}{e['nll']:>10.4f}")
   lines.append(f"  gain over the best member: {result['gain_points']:+.2f} accuracy points, "
                f"NLL {-result['nll_gain']:+.4f}")
   return "\n".join(lines)

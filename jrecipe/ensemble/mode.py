@@ -16,10 +16,12 @@ Config fields, all under `config.ensemble` (read defensively; defaults in bracke
   combine ['prob']: 'prob' (mean of softmax probabilities) or 'logit' (mean of logits).
   split ['test']: the split to score.
   distill_steps [0]: > 0 also distils the ensemble into the model of this --config (Adam,
-    this many steps) with `temperature` [4.0], `alpha` [0.5], `distill_lr` [1e-3].
+    this many steps, on the train split) with `temperature` [4.0], `alpha` [0.5],
+    `distill_lr` [1e-3]; the student is saved as a run directory, DIR/student/ (student.py).
 
-DIR/ensemble.json: {'source', 'split', 'combine', 'members': [{'name', 'accuracy', 'nll',
-'workdir', 'step', 'ema', 'model'}], 'ensemble': {'accuracy', 'nll', 'disagreement'},
+DIR/ensemble.json: {'source', 'split', 'combine', 'members': [{'name', 'accuracy', 'ci95',
+'nll', 'workdir', 'step', 'ema', 'model', 'steps', 'examples'}], 'ensemble': {'accuracy',
+'ci95', 'nll', 'disagreement'},
 'best_member', 'mean_member', 'gain' (fraction), 'gain_points', 'nll_gain', and 'distill'
 when asked}. The member-set config stays in each run's own config.json.
 """
@@ -103,6 +105,10 @@ def run_mode(config, workdir: str, options=None) -> int:
   s = ensemble_settings(config)
   members = load_members(s)
   result = evaluate.evaluate_ensemble(members, split=s["split"], combine=s["combine"])
+  from jrecipe.ensemble.student import budget_of_run
+  for row, m in zip(result["members"], members):  # each member's training budget
+    row.update(budget_of_run(m.workdir, m.step) if m.workdir else {"steps": m.step,
+                                                                    "examples": None})
   out = {"source": s["source"], "sources": s["members"], **result}
   table = evaluate.format_table(result)
   if s["distill_steps"] > 0:
@@ -119,17 +125,36 @@ def run_mode(config, workdir: str, options=None) -> int:
                             alpha=s["alpha"], steps=s["distill_steps"], lr=s["distill_lr"],
                             seed=int(config.get("seed", 0)), reference=result,
                             eval_split=s["split"])
-    d.pop("variables")
+    variables = d.pop("variables")
+    os.makedirs(workdir, exist_ok=True)
+    from jrecipe.ensemble.student import save_student
+    summary = save_student(
+        student_exp, variables, workdir, steps=d["steps"], batch_size=d["batch_size"],
+        distilled_from=[{k: r[k] for k in ("name", "workdir", "step", "steps", "examples")}
+                        for r in out["members"]],
+        settings={"temperature": d["temperature"], "alpha": d["alpha"], "lr": s["distill_lr"]})
+    d["run_dir"] = os.path.join(os.path.abspath(workdir), "student")
+    d["student_validation"] = summary.get("validation")
     out["distill"] = d
-    table += (f"\n  distilled student ({s['distill_steps']} steps, T={s['temperature']:g}): "
-              f"accuracy {d['student']['accuracy']:.4f} ({100 * d['student_minus_best']:+.2f} "
-              f"points vs the best member)")
+    table += "\n" + _distill_line(d, out["members"])
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "ensemble.json")
   write_json_atomic(path, out)
   print(table)
   print(f"Wrote {path}")
   return 0
+
+
+def _distill_line(d: dict, rows: list[dict]) -> str:
+  """The student's result and its budget beside the members' (steps and examples seen)."""
+  def count(v):
+    return "?" if v is None else f"{v:,}"
+  members = ", ".join(f"{count(r.get('steps'))} steps / {count(r.get('examples'))} examples"
+                      for r in rows)
+  return (f"  distilled student ({d['steps']:,} steps x {d['batch_size']} = "
+          f"{d['examples']:,} {d['train_split']} examples, T={d['temperature']:g}): accuracy "
+          f"{d['student']['accuracy']:.4f} ({100 * d['student_minus_best']:+.2f} points vs the "
+          f"best member); the members trained {members}. Student run: {d['run_dir']}")
 
 
 def _teacher_per_member(members, s):
