@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Mapping
 
+from jrecipe.config import schema
+
 
 def _config_arg(argv):
   for a in argv:
@@ -75,6 +77,9 @@ def _bad_path(argv):
                 f"'{parent}' is a value of type {type(node).__name__}, not a section, so it "
                 f"has no field '{part}'. Set it with --config.{parent}=VALUE.")
       keys = sorted(str(k) for k in node.keys())
+      if part not in keys and dotted in schema.REMOVED:
+        return (f"config key '{dotted}' in --config.{dotted} was removed from jrecipe; "
+                f"{schema.REMOVED[dotted]}.")
       if part not in keys:
         where = f"config section '{parent}'" if parent else "the config"
         msg = f"unknown config key '{dotted}' in --config.{dotted}: {where} has no field '{part}'."
@@ -86,6 +91,12 @@ def _bad_path(argv):
         return msg + " (Configs are locked so that a mistyped override is an error.)"
       node = node[part]
   return None
+
+
+def _field_hint(dotted: str) -> str:
+  """': <type and valid values>' of a schema field, '' for others (a model's own fields)."""
+  f = schema.FIELDS.get(dotted)
+  return f": {f.valid_values()}" if f is not None else ""
 
 
 def _shipped_configs() -> list[str]:
@@ -115,8 +126,8 @@ def _explain(error: BaseException, argv: list[str]) -> str:
     else:
       value, _, detail = text[m.end():].partition(": ")
     return (f"bad value {value!r} for {flag}: {detail.strip().rstrip('.')}. The value must "
-            "have the type of the field's default (see the config file or "
-            "jrecipe/config_base.py).")
+            f"have the type of the field's default{_field_hint(flag[len('--config.'):])} (see "
+            "the config file, or docs/config.md for every field).")
   if "Failed loading config file" in text or isinstance(error, (FileNotFoundError, OSError)):
     path = _config_arg(argv) or "?"
     last = text.strip().splitlines()[-1].strip() if text.strip() else type(error).__name__

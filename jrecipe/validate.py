@@ -9,92 +9,40 @@ checks what only they can tell: labels inside [0, num_classes) in every split, a
 whose output shape is what the loss expects for this dataset (one `jax.eval_shape`, no
 compilation, no FLOPs).
 
-Fields that other layers already validate with good messages (optimizer hyperparameters and
-schedules in `jrecipe.optim`, data fields in `jrecipe.data.pipeline`, model fields in each
-model factory) are left to them; this module covers the top-level numbers and whatever would
-otherwise fail late or silently.
+Every field's type, range or choices is declared once, in `jrecipe.config.schema`, and
+checked here in one generic pass (`check_fields`); what needs more than one field or more than
+a range stays here (finite numbers and NUL characters anywhere, import-path names, dropout-like
+model rates, the device count). What depends on the schedule or the data (a 'step' schedule's
+boundaries, a crop larger than the image) is checked where it is used (`jrecipe.optim`,
+`jrecipe.data`), and model fields by each model factory.
 """
 
+import difflib
 import math
 import re
 import traceback
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
+from jrecipe.config import schema
+from jrecipe.config.fields import is_number
 from jrecipe.errors import UserError
-from jrecipe.optim import UNITS
 
-_MISSING = object()
 _IDENT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-MAX_SEED = 2**32 - 1  # jax.random.PRNGKey keeps 32 bits: larger seeds collide with smaller ones
 MAX_STEPS = 2**31 - 1  # the step counter and schedules count in int32
-EVAL_SPLITS = ("train", "validation", "test")
 
 
 # --- reading fields ------------------------------------------------------------------------
-
-def _get(config: Any, dotted: str) -> Any:
-  node = config
-  for part in dotted.split("."):
-    if node is None or not hasattr(node, "get"):
-      return _MISSING
-    node = node.get(part, _MISSING)
-    if node is _MISSING:
-      return _MISSING
-  return node
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_number(v) -> bool:
-  return _is_int(v) or isinstance(v, (float, np.floating))
-
 
 def _fail(dotted: str, value: Any, must: str, why: str = "") -> UserError:
   msg = f"config.{dotted} is {value!r}; it must be {must}."
   return UserError(f"{msg} {why}".strip())
 
 
-def _int(config, dotted: str, lo: int, hi: Optional[int] = None, why: str = "") -> None:
-  """An integer field in [lo, hi] (absent fields are not checked: old configs lack some)."""
-  v = _get(config, dotted)
-  if v is _MISSING:
-    return
-  rng = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-  if not _is_int(v) or v < lo or (hi is not None and v > hi):
-    raise _fail(dotted, v, rng, why)
-
-
-def _num(config, dotted: str, lo: float, hi: float = math.inf, *, lo_open=False, hi_open=False,
-         why: str = "") -> None:
-  """A finite number in the interval; the message spells the interval in bracket notation."""
-  v = _get(config, dotted)
-  if v is _MISSING:
-    return
-  left = f"{'(' if lo_open else '['}{lo:g}"
-  right = "inf)" if hi == math.inf else f"{hi:g}{')' if hi_open else ']'}"
-  ok = _is_number(v) and math.isfinite(float(v))
-  if ok:
-    x = float(v)
-    ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-  if not ok:
-    raise _fail(dotted, v, f"a finite number in {left}, {right}", why)
-
-
-def _bool(config, dotted: str) -> None:
-  v = _get(config, dotted)
-  if v is not _MISSING and not isinstance(v, (bool, np.bool_)):
-    raise _fail(dotted, v, "True or False")
-
-
-def _choice(config, dotted: str, valid, why: str = "") -> None:
-  v = _get(config, dotted)
-  if v is not _MISSING and v not in tuple(valid):
-    raise _fail(dotted, v, f"one of {', '.join(repr(x) for x in valid)}", why)
+def _is_section(v: Any) -> bool:
+  return isinstance(v, Mapping) or hasattr(v, "to_dict")
 
 
 def _leaves(node: Any, prefix: str = ""):
@@ -102,7 +50,7 @@ def _leaves(node: Any, prefix: str = ""):
   items = node.items() if hasattr(node, "items") else ()
   for k, v in items:
     path = f"{prefix}{k}"
-    if isinstance(v, Mapping) or hasattr(v, "to_dict"):
+    if _is_section(v):
       yield from _leaves(v, path + ".")
     else:
       yield path, v
@@ -116,13 +64,77 @@ def _flat_values(v):
     yield v
 
 
+def _in_open_section(dotted: str) -> bool:
+  parts = dotted.split(".")
+  return any(schema.is_open(".".join(parts[:i])) for i in range(1, len(parts)))
+
+
+def _not_a_field(dotted: str) -> UserError:
+  """A leaf the schema does not declare: removed, a section given a value, or unknown."""
+  if dotted in schema.REMOVED:
+    return UserError(f"config.{dotted} was removed from jrecipe; {schema.REMOVED[dotted]}.")
+  if dotted in schema.SECTION_PATHS:
+    names = [n for p, _ in schema.fields() if p.startswith(dotted + ".")
+             for n in [p[len(dotted) + 1:]] if "." not in n]
+    return UserError(f"config.{dotted} must be a section (with the fields {', '.join(names)}), "
+                     "not a value.")
+  parent, _, name = dotted.rpartition(".")
+  siblings = sorted(p[len(parent) + 1:] if parent else p for p in
+                    list(schema.FIELDS) + list(schema.SECTION_PATHS)
+                    if p.rpartition(".")[0] == parent)
+  msg = f"config.{dotted} is not a field jrecipe reads"
+  close = difflib.get_close_matches(name, siblings, n=1)
+  if close:
+    msg += f" (did you mean {close[0]!r}?)"
+  where = f"config.{parent}" if parent else "the config"
+  return UserError(f"{msg}. Valid fields of {where}: {', '.join(siblings)}. A section replaced "
+                   "by a dict literal must use these names; see docs/config.md.")
+
+
+def check_fields(config: Any, prefix: str = "") -> dict:
+  """The schema's pass over every field present in `config` (or in its section `prefix`).
+
+  Each leaf must be a declared field (a model section's own fields excepted: its factory
+  checks them) whose value has the field's type and lies in its range or choices. A field
+  that is absent (a section replaced by a partial dict literal) is not checked: its reader
+  takes the schema default.
+
+  Args:
+    config: a ConfigDict or nested mapping.
+    prefix: only the fields under this section path ('inspect'); '' = all.
+
+  Returns:
+    {dotted path: value} of every leaf checked, for the checks that combine fields.
+
+  Raises:
+    UserError: naming the first bad field, its value and the valid values.
+  """
+  node = config
+  for part in (p for p in prefix.split(".") if p):
+    node = node.get(part, {}) if hasattr(node, "get") else {}
+  values = {}
+  for dotted, value in _leaves(node, f"{prefix}." if prefix else ""):
+    values[dotted] = value
+    if _in_open_section(dotted):
+      continue
+    f = schema.FIELDS.get(dotted)
+    if f is None:
+      raise _not_a_field(dotted)
+    must = f.problem(value)
+    if must is not None:
+      raise _fail(dotted, value, must, f.why)
+  return values
+
+
 # --- the config pass -----------------------------------------------------------------------
 
 def validate_config(config: Any) -> None:
   """Raises a UserError for the first malformed field of `config`; returns None if all is well.
 
   Runs in `experiment.build` before the data is loaded, so nothing heavy has happened and
-  nothing has been written when a message comes back.
+  nothing has been written when a message comes back. Types, ranges and choices come from
+  `jrecipe.config.schema`; the checks below them need more than one field or more than a
+  range.
   """
   for path, value in _leaves(config):
     for x in _flat_values(value):
@@ -131,65 +143,23 @@ def validate_config(config: Any) -> None:
                         "(nan and inf are never a valid setting).")
       if isinstance(x, str) and "\0" in x:
         raise UserError(f"config.{path} contains a NUL character; names and paths cannot.")
-
-  _int(config, "seed", 0, MAX_SEED,
-       "jax.random.PRNGKey keeps 32 bits, so larger seeds would silently equal smaller ones.")
-  _int(config, "batch_size", 1, why="It is the global batch, split over every device.")
-  _int(config, "eval_batch_size", 1, why="It is the number of examples per evaluation batch.")
-  _num(config, "num_epochs", 0, lo_open=True,
-       why="It may be fractional (0.5 = half an epoch); to continue a run, raise it.")
-  _num(config, "l2", 0, why="It is the L2 strength added to the loss; 0 turns it off.")
-  _num(config, "ema_decay", 0, 1, hi_open=True,
-       why="It is the decay of the parameters' moving average (e.g. 0.999); 0 turns it off.")
-  _int(config, "early_stopping_patience", 0,
-       why="It counts epochs without validation improvement; 0 turns early stopping off.")
-  _int(config, "log_every_steps", 1)
-  for name in ("init_bias", "debug_nans", "progress"):
-    _bool(config, name)
-  splits = _get(config, "eval_splits")
-  if splits is not _MISSING:
-    if isinstance(splits, str) or not all(isinstance(s, str) and s in EVAL_SPLITS
-                                          for s in _flat_values(splits)):
-      raise _fail("eval_splits", splits, f"a tuple of split names from {', '.join(EVAL_SPLITS)}")
-
+  values = check_fields(config)
   for section in ("model", "loss", "optimizer"):
-    _import_path_form(config, f"{section}.name")
-  _model_rates(config)
-  _num(config, "optimizer.learning_rate", 0, lo_open=True,
-       why="A rate of 0 never moves the parameters; try 1e-3 for Adam, 0.1 for SGD.")
-  for section in ("schedule", "momentum_schedule"):
-    _choice(config, f"{section}.unit", UNITS,
-            why=f"It is the unit of {section}'s durations (warmup, boundaries, decay_steps).")
-
-  augment = _get(config, "data.augment")
-  if augment is not _MISSING and not hasattr(augment, "get"):
-    raise _fail("data.augment", augment, "a section with random_crop and hflip")
-  _int(config, "data.augment.random_crop", 0, why="It is the padding in pixels; 0 turns it off.")
-  _bool(config, "data.augment.hflip")
-
-  _int(config, "checkpoint.every_epochs", 0,
-       why="0 saves only at the end (and on preemption).")
-  _int(config, "checkpoint.keep_best", 0)
-
-  _num(config, "plateau.factor", 0, 1, lo_open=True, hi_open=True,
-       why="It multiplies the learning rate at each plateau (0.5 halves it).")
-  _int(config, "plateau.patience", 1, why="It is a number of epochs.")
-  _num(config, "plateau.min_scale", 0, 1, lo_open=True)
-  _bool(config, "plateau.enabled")
-
-  for name in ("budget_steps", "batch_size", "overfit_examples", "overfit_steps",
-               "gradcheck_examples"):
-    _int(config, f"checks.{name}", 1)
-  _int(config, "checks.gradcheck_burnin_steps", 0)
-
-  _parallel(config)
+    _import_path_form(values, f"{section}.name")
+  _model_rates(values)
+  low, high = values.get("monitor.ratio_low"), values.get("monitor.ratio_high")
+  if low is not None and high is not None and not low < high:
+    raise UserError(f"config.monitor.ratio_low is {low!r} and config.monitor.ratio_high is "
+                    f"{high!r}: ratio_low must be below ratio_high (the healthy band of the "
+                    "update/weight ratio, e.g. 1e-4 to 1e-2).")
+  _parallel(values)
 
 
-def _import_path_form(config, dotted: str) -> None:
+def _import_path_form(values: dict, dotted: str) -> None:
   """'package.module:Name' names must be importable-looking before anything imports them."""
-  name = _get(config, dotted)
-  if name is _MISSING:
+  if dotted not in values:
     return
+  name = values[dotted]
   if not isinstance(name, str) or not name:
     raise _fail(dotted, name, "a non-empty string: a registered name or an import path "
                 "'package.module:Name'")
@@ -201,43 +171,36 @@ def _import_path_form(config, dotted: str) -> None:
                 "(dotted Python identifiers on both sides of the colon)")
 
 
-def _model_rates(config) -> None:
+def _model_rates(values: dict) -> None:
   """Every dropout-like model field (dropout, dropout2d, *_rate) is a probability in [0, 1)."""
-  model = _get(config, "model")
-  if model is _MISSING or not hasattr(model, "items"):
-    return
-  for k, v in model.items():
-    if ("dropout" in k or k == "rate" or k.endswith("_rate")) and _is_number(v):
-      _num(config, f"model.{k}", 0, 1, hi_open=True,
-           why="It is the probability of dropping a unit in training; 0 turns dropout off.")
+  for dotted, v in values.items():
+    section, _, k = dotted.rpartition(".")
+    if section != "model" or not is_number(v):
+      continue
+    if ("dropout" in k or k == "rate" or k.endswith("_rate")) and not (
+        math.isfinite(float(v)) and 0 <= float(v) < 1):
+      raise _fail(dotted, v, "a finite number in [0, 1)",
+                  "It is the probability of dropping a unit in training; 0 turns dropout off.")
 
 
 def _backend_started() -> bool:
-  try:
-    from jax._src import xla_bridge
-    return bool(xla_bridge.backends_are_initialized())
-  except (ImportError, AttributeError):  # private API moved: do not risk starting it
-    return False
+  from jrecipe import jax_private
+  return jax_private.backends_are_initialized(False)  # unknown: do not risk starting it
 
 
-def _parallel(config) -> None:
-  """parallel.* fields, and a global batch that splits evenly over the devices.
+def _parallel(values: dict) -> None:
+  """A global batch that splits evenly over the devices, and no more devices than exist.
 
   The device count is read only when the JAX backend already exists: validation must never
   be what creates it (jax.distributed.initialize() and the CPU dispatch mode must come
   first; see jrecipe.runtime). Training creates its placement before building, so on that
   path the check always runs; `parallel.check_batch_divisible` repeats it there.
   """
-  from jrecipe.train import parallel
-  _choice(config, "parallel.mode", parallel.MODES)
-  _int(config, "parallel.num_devices", 0, why="0 uses every device.")
-  _bool(config, "parallel.distributed")
-  mode, batch = _get(config, "parallel.mode"), _get(config, "batch_size")
-  if mode is _MISSING or batch is _MISSING or mode == "single" or not _backend_started():
+  mode, batch = values.get("parallel.mode"), values.get("batch_size")
+  if mode is None or batch is None or mode == "single" or not _backend_started():
     return
   import jax
-  requested = _get(config, "parallel.num_devices")
-  requested = 0 if requested is _MISSING else int(requested)
+  requested = int(values.get("parallel.num_devices", 0))
   available = len(jax.local_devices()) if mode == "pmap" else jax.device_count()
   if requested > available:
     raise _fail("parallel.num_devices", requested,

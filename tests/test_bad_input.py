@@ -73,7 +73,7 @@ def _build_error(overrides, path=DIGITS) -> str:
     ("checkpoint.every_epochs=-1", ["config.checkpoint.every_epochs", ">= 0"]),
     ("parallel.mode=tpu", ["config.parallel.mode", "'mesh', 'pmap', 'single'"]),
     ("parallel.num_devices=64", ["config.parallel.num_devices", "at most"]),
-    ("eval_splits=('validation','tset')", ["config.eval_splits", "train, validation, test"]),
+    ("eval_splits=('validation','tset')", ["config.eval_splits", "removed"]),
     ("data.augment.random_crop=8", ["random_crop", "at most 7"]),
     ("model.name=.mod:fn", ["config.model.name", "import path"]),
     ("optimizer.b1=1.0", ["config.optimizer.b1", "[0, 1)"]),

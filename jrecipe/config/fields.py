@@ -32,6 +32,11 @@ def is_bool(v: Any) -> bool:
   return isinstance(v, (bool, np.bool_))
 
 
+def _num(x: float) -> str:
+  """A bound as a person writes it: 4294967295 (not 4.29497e+09), 0.5, 1e-08."""
+  return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 _TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a finite number",
                str: "a string", tuple: "a tuple"}
 _ITEM_NAMES = {int: "integers", float: "numbers", str: "strings"}
@@ -85,12 +90,12 @@ class Field:
     hi = math.inf if self.hi is None else self.hi
     if integer:
       if hi == math.inf:
-        return f">= {lo:g}" if lo > -math.inf else ""
-      return f"in [{lo:g}, {hi:g}]"
+        return f">= {_num(lo)}" if lo > -math.inf else ""
+      return f"in [{_num(lo)}, {_num(hi)}]"
     if lo == -math.inf and hi == math.inf:
       return ""
-    left = f"{'(' if self.lo_open else '['}{lo:g}"
-    right = "inf)" if hi == math.inf else f"{hi:g}{')' if self.hi_open else ']'}"
+    left = "(-inf" if lo == -math.inf else f"{'(' if self.lo_open else '['}{_num(lo)}"
+    right = "inf)" if hi == math.inf else f"{_num(hi)}{')' if self.hi_open else ']'}"
     return f"in {left}, {right}"
 
   def _in_range(self, x: float) -> bool:

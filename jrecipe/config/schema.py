@@ -17,8 +17,8 @@ MAX_SEED = 2**32 - 1  # jax.random.PRNGKey keeps 32 bits: larger seeds collide w
 # Fields jrecipe once had and no longer reads: a config that sets one is refused with the
 # reason, and a config.json of an older run loads without it (jrecipe.config.base.from_json).
 REMOVED = {
-    "eval_splits": "it was never read: training evaluates the validation split every epoch "
-                   "and the test split once at the end; drop the field from the config",
+    "eval_splits": "nothing ever read it (training evaluates the validation split every "
+                   "epoch and the test split once at the end). Drop it from the config",
 }
 
 _NAME = "a registered name or an import path 'package.module:Name'"
