@@ -16,7 +16,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jrecipe.checks import training
+from jrecipe.checks import baselines, determinism, fitting, init, overfit, regularization
+from jrecipe.train import trainer as trainer_lib
 from jrecipe.types import Loss, Model
 
 N = 256
@@ -124,11 +125,11 @@ def mlp_vars(mlp, data):
 
 def test_fit_is_deterministic_decreases_and_compiles_once(mlp, loss, tx, mlp_vars, data):
   x, y = data[:2]
-  v1, l1 = training.fit(mlp, loss, mlp_vars, x, y, tx=tx, steps=20, rng=0)
-  n_cached = len(training._cache)
-  v2, l2 = training.fit(mlp, loss, mlp_vars, np.zeros_like(x), y, tx=tx, steps=20, rng=0)
-  assert len(training._cache) == n_cached  # zeroed inputs reuse the compiled step
-  v3, l3 = training.fit(mlp, loss, mlp_vars, x, y, tx=tx, steps=20, rng=0)
+  v1, l1 = fitting.fit(mlp, loss, mlp_vars, x, y, tx=tx, steps=20, rng=0)
+  n_cached = len(trainer_lib._cache)
+  v2, l2 = fitting.fit(mlp, loss, mlp_vars, np.zeros_like(x), y, tx=tx, steps=20, rng=0)
+  assert len(trainer_lib._cache) == n_cached  # zeroed inputs reuse the compiled step
+  v3, l3 = fitting.fit(mlp, loss, mlp_vars, x, y, tx=tx, steps=20, rng=0)
   assert l1.shape == (20,) and l1[-1] < 0.5 * l1[0]
   np.testing.assert_array_equal(l1, l3)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v3)))
@@ -143,13 +144,13 @@ def train_fn(mlp, loss, tx, data):
 
   def run(seed):
     v = mlp.init(jax.random.PRNGKey(seed), x[:2])
-    v, _ = training.fit(mlp, loss, v, x, y, tx=tx, steps=5, rng=seed)
+    v, _ = fitting.fit(mlp, loss, v, x, y, tx=tx, steps=5, rng=seed)
     return v["params"]
   return run
 
 
 def test_seed_determinism_passes(train_fn):
-  r = training.seed_determinism(train_fn)
+  r = determinism.seed_determinism(train_fn)
   assert r.status == "pass", r.message
   assert "seed" in r.message
 
@@ -159,20 +160,20 @@ def test_seed_determinism_unseeded_noise_fails(train_fn):
     p = train_fn(seed)
     rng = np.random.default_rng()  # the planted bug: an unseeded random source
     return jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(a.dtype) * 1e-3, p)
-  r = training.seed_determinism(noisy)
+  r = determinism.seed_determinism(noisy)
   assert r.status == "fail"
   assert "Dense_0" in r.value and "fix the random seed" in r.message.lower()
 
 
 def test_seed_determinism_ignored_seed_warns(train_fn):
-  r = training.seed_determinism(lambda seed: train_fn(0))
+  r = determinism.seed_determinism(lambda seed: train_fn(0))
   assert r.status == "warn", r.message
 
 
 # ---------------------------------------------------------------- loss_at_init
 
 def test_loss_at_init_passes_near_ln_c(mlp, loss, mlp_vars, data):
-  r = training.loss_at_init(mlp, loss, mlp_vars, data[0], data[1], num_classes=10)
+  r = init.loss_at_init(mlp, loss, mlp_vars, data[0], data[1], num_classes=10)
   assert r.status == "pass", r.message
   assert abs(r.details["reference"] - np.log(10)) < 1e-5
   assert abs(r.value - np.log(10)) < 0.15 * np.log(10)
@@ -184,7 +185,7 @@ def test_loss_at_init_huge_init_scale_fails(mlp, loss, mlp_vars, data):
   v = {"params": jax.tree_util.tree_map_with_path(
       lambda p, a: a * 100.0 if "kernel" in jax.tree_util.keystr(p) else a,
       mlp_vars["params"])}
-  r = training.loss_at_init(mlp, loss, v, data[0], data[1], num_classes=10)
+  r = init.loss_at_init(mlp, loss, v, data[0], data[1], num_classes=10)
   assert r.status == "fail", r.message
   assert r.value > 10 * np.log(10)
   assert "init scale" in r.message
@@ -199,7 +200,7 @@ def test_loss_at_init_registry_mlp_init_scale_100_fails(loss, data):
   for scale in (1.0, 100.0):
     model = build_model({"name": "mlp", "hidden": (32,), "init_scale": scale}, spec)
     v = model.init(jax.random.PRNGKey(0), data[0][:2])
-    results[scale] = training.loss_at_init(model, loss, v, data[0], data[1], num_classes=10)
+    results[scale] = init.loss_at_init(model, loss, v, data[0], data[1], num_classes=10)
   assert results[1.0].status == "pass", results[1.0].message
   assert results[100.0].status == "fail", results[100.0].message
 
@@ -207,7 +208,7 @@ def test_loss_at_init_registry_mlp_init_scale_100_fails(loss, data):
 def test_loss_at_init_uses_the_head_bias_as_reference(mlp, loss, mlp_vars, data):
   freq = np.bincount(data[1], minlength=10) / len(data[1])
   v = set_bias(mlp_vars, np.log(freq) - np.log(freq).mean())
-  r = training.loss_at_init(mlp, loss, v, data[0], data[1], num_classes=10)
+  r = init.loss_at_init(mlp, loss, v, data[0], data[1], num_classes=10)
   assert r.status == "pass", r.message
   assert r.details["head_bias_set"]
 
@@ -228,7 +229,7 @@ def test_init_bias_imbalanced_lowers_the_init_loss(imbalanced, loss):
   model, v, x, y = imbalanced
   freq = np.bincount(y, minlength=2) / len(y)
   v_with = set_bias(v, np.log(freq) - np.log(freq).mean())
-  r = training.init_bias(model, loss, v, v_with, x, y, num_classes=2)
+  r = init.init_bias(model, loss, v, v_with, x, y, num_classes=2)
   assert r.status == "pass", r.message
   assert r.details["loss_with"] < r.details["loss_without"] - 0.2
   assert r.details["tv_with"] < 0.05 < r.details["tv_without"]
@@ -236,7 +237,7 @@ def test_init_bias_imbalanced_lowers_the_init_loss(imbalanced, loss):
 
 def test_init_bias_not_set_on_imbalanced_data_warns(imbalanced, loss):
   model, v, x, y = imbalanced
-  r = training.init_bias(model, loss, v, v, x, y, num_classes=2)
+  r = init.init_bias(model, loss, v, v, x, y, num_classes=2)
   assert r.status == "warn", r.message
 
 
@@ -244,27 +245,27 @@ def test_init_bias_wrong_bias_fails(imbalanced, loss):
   model, v, x, y = imbalanced
   freq = np.bincount(y, minlength=2) / len(y)
   wrong = set_bias(v, -(np.log(freq) - np.log(freq).mean()))  # priors reversed
-  r = training.init_bias(model, loss, v, wrong, x, y, num_classes=2)
+  r = init.init_bias(model, loss, v, wrong, x, y, num_classes=2)
   assert r.status == "fail", r.message
 
 
 def test_init_bias_balanced_passes_nearly_equal(mlp, loss, mlp_vars, data):
   freq = np.bincount(data[1], minlength=10) / len(data[1])
   v_with = set_bias(mlp_vars, np.log(freq) - np.log(freq).mean())
-  r = training.init_bias(mlp, loss, mlp_vars, v_with, data[0], data[1], num_classes=10)
+  r = init.init_bias(mlp, loss, mlp_vars, v_with, data[0], data[1], num_classes=10)
   assert r.status == "pass", r.message
   assert "nearly equal" in r.message
 
 
 def test_init_bias_skips_svm(mlp, mlp_vars, data):
-  r = training.init_bias(mlp, svm_loss(), mlp_vars, mlp_vars, data[0], data[1], num_classes=10)
+  r = init.init_bias(mlp, svm_loss(), mlp_vars, mlp_vars, data[0], data[1], num_classes=10)
   assert r.status == "skip"
 
 
 # ---------------------------------------------------------------- regularization
 
 def test_regularization_increases_loss(mlp, loss, tx, mlp_vars, data):
-  r = training.regularization_increases_loss(mlp, loss, mlp_vars, data[0], data[1], tx=tx,
+  r = regularization.regularization_increases_loss(mlp, loss, mlp_vars, data[0], data[1], tx=tx,
                                              steps=30, rng=0, train_strength=1e-1)
   assert r.status == "pass", r.message
   t = r.value
@@ -275,7 +276,7 @@ def test_regularization_increases_loss(mlp, loss, tx, mlp_vars, data):
 
 
 def test_regularization_wrong_sign_fails(mlp, loss, mlp_vars, data):
-  r = training.regularization_increases_loss(mlp, loss, mlp_vars, data[0], data[1],
+  r = regularization.regularization_increases_loss(mlp, loss, mlp_vars, data[0], data[1],
                                              strengths=(0.0, -1e-3, -1e-1))
   assert r.status == "fail", r.message
 
@@ -284,7 +285,7 @@ def test_regularization_wrong_sign_fails(mlp, loss, mlp_vars, data):
 
 def test_input_independent_baseline_mlp_passes(mlp, loss, tx, mlp_vars, data):
   x, y, xv, yv = data
-  r = training.input_independent_baseline(mlp, loss, mlp_vars, x, y, tx=tx, steps=30, rng=0,
+  r = baselines.input_independent_baseline(mlp, loss, mlp_vars, x, y, tx=tx, steps=30, rng=0,
                                           x_val=xv, y_val=yv)
   assert r.status == "pass", r.message
   assert r.details["evaluated_on"] == "held-out"
@@ -304,7 +305,7 @@ def test_input_independent_baseline_input_replaced_inside_model_fails(bug, loss,
                                                                       data):
   model = linen_model(MLP(bug=bug))
   x, y, xv, yv = data
-  r = training.input_independent_baseline(model, loss, mlp_vars, x, y, tx=tx, steps=30, rng=0,
+  r = baselines.input_independent_baseline(model, loss, mlp_vars, x, y, tx=tx, steps=30, rng=0,
                                           x_val=xv, y_val=yv)
   assert r.status == "fail", r.message
   assert "not using its input" in r.message
@@ -313,7 +314,7 @@ def test_input_independent_baseline_input_replaced_inside_model_fails(bug, loss,
 # ---------------------------------------------------------------- overfit one batch
 
 def test_overfit_one_batch_passes_with_plot(mlp, loss, tx, mlp_vars, data, tmp_path):
-  r = training.overfit_one_batch(mlp, loss, mlp_vars, data[0][:10], data[1][:10], tx=tx,
+  r = overfit.overfit_one_batch(mlp, loss, mlp_vars, data[0][:10], data[1][:10], tx=tx,
                                  steps=150, rng=0, artifacts_dir=str(tmp_path))
   assert r.status == "pass", r.message
   assert r.details["accuracy"] == 1.0 and r.value <= r.details["threshold"]
@@ -324,13 +325,13 @@ def test_overfit_one_batch_passes_with_plot(mlp, loss, tx, mlp_vars, data, tmp_p
 def test_overfit_one_batch_unlearnable_batch_fails(mlp, loss, tx, mlp_vars, data):
   x = np.repeat(data[0][:1], 10, axis=0)  # the same input ten times...
   y = np.arange(10, dtype=np.int32)  # ...with ten different labels
-  r = training.overfit_one_batch(mlp, loss, mlp_vars, x, y, tx=tx, steps=150, rng=0)
+  r = overfit.overfit_one_batch(mlp, loss, mlp_vars, x, y, tx=tx, steps=150, rng=0)
   assert r.status == "fail", r.message
 
 
 def test_overfit_one_batch_detached_output_fails(stop_gradient_model, loss, tx, mlp_vars,
                                                  data):
-  r = training.overfit_one_batch(stop_gradient_model, loss, mlp_vars, data[0][:10],
+  r = overfit.overfit_one_batch(stop_gradient_model, loss, mlp_vars, data[0][:10],
                                  data[1][:10], tx=tx, steps=150, rng=0)
   assert r.status == "fail", r.message
   assert "detached" in r.message
@@ -339,7 +340,7 @@ def test_overfit_one_batch_detached_output_fails(stop_gradient_model, loss, tx, 
 def test_overfit_one_batch_turns_dropout_off(loss, tx, mlp_vars, data):
   model = linen_model(MLP(dropout=0.5))
   assert model.has_dropout
-  r = training.overfit_one_batch(model, loss, mlp_vars, data[0][:10], data[1][:10], tx=tx,
+  r = overfit.overfit_one_batch(model, loss, mlp_vars, data[0][:10], data[1][:10], tx=tx,
                                  steps=150, rng=0)
   assert r.status == "pass", r.message
   assert r.details["dropout_disabled"]
@@ -348,7 +349,7 @@ def test_overfit_one_batch_turns_dropout_off(loss, tx, mlp_vars, data):
 # ---------------------------------------------------------------- capacity
 
 def test_capacity_wider_goes_lower(mlp, loss, tx, mlp_vars, data):
-  r = training.capacity_decreases_loss(mlp, loss, mlp_vars, data[0], data[1], tx=tx,
+  r = overfit.capacity_decreases_loss(mlp, loss, mlp_vars, data[0], data[1], tx=tx,
                                        steps=30, rng=0, factor=4)
   assert r.status == "pass", r.message
   assert r.details["wide_final_loss"] < r.details["final_loss"] < r.details["init_loss"]
@@ -356,7 +357,7 @@ def test_capacity_wider_goes_lower(mlp, loss, tx, mlp_vars, data):
 
 def test_capacity_loss_not_decreasing_fails(stop_gradient_model, loss, tx, mlp_vars, data):
   # The overfit test's batch shape: the compiled step of the detached model is reused.
-  r = training.capacity_decreases_loss(stop_gradient_model, loss, mlp_vars, data[0][:10],
+  r = overfit.capacity_decreases_loss(stop_gradient_model, loss, mlp_vars, data[0][:10],
                                        data[1][:10], tx=tx, steps=30, rng=0)
   assert r.status == "fail", r.message
   assert "not going down" in r.message
@@ -364,6 +365,6 @@ def test_capacity_loss_not_decreasing_fails(stop_gradient_model, loss, tx, mlp_v
 
 def test_capacity_skips_without_widen(mlp, loss, tx, mlp_vars, data):
   model = dataclasses.replace(mlp, widen=None)  # same functions: same compiled step
-  r = training.capacity_decreases_loss(model, loss, mlp_vars, data[0][:10], data[1][:10],
+  r = overfit.capacity_decreases_loss(model, loss, mlp_vars, data[0][:10], data[1][:10],
                                        tx=tx, steps=30, rng=0)
   assert r.status == "skip", r.message

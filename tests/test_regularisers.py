@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 from jrecipe import experiment as experiment_lib
-from jrecipe.checks import training
+from jrecipe.checks import fitting
 from jrecipe.data import pipeline
 from jrecipe.models.cnn import CNN
 from jrecipe.models.resnet import ResNet, ResNetBlock
@@ -109,7 +109,7 @@ def test_downsample_pools_the_input_and_still_trains():
   variables = exp.init_variables(jax.random.PRNGKey(0))
   assert variables["params"]["dense_0"]["kernel"].shape == (16, 32)  # 4x fewer inputs
   tr, val = exp.data.arrays["train"], exp.data.arrays["validation"]
-  trained, _ = training.fit(exp.model, exp.loss, variables, tr["x"], tr["y"],
+  trained, _ = fitting.fit(exp.model, exp.loss, variables, tr["x"], tr["y"],
                             tx=optax.adam(3e-3), steps=150, rng=0, batch_size=64)
   pred = np.argmax(np.asarray(exp.model.apply(trained, val["x"], train=False)), axis=-1)
   acc = float(np.mean(pred == val["y"]))

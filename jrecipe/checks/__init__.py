@@ -1,26 +1,34 @@
 """The recipe's sanity checks, each a plain function that returns a verdict with numbers.
 
 Call them from your own pytest suite on your own model (an apply function, parameters and a
-batch), or run them all on a config with `jrecipe --mode=check` / `run_battery(exp)`.
+batch), or run them all on a config with `jrecipe --mode=check` / `run_battery(exp)`. The
+battery's checks are registered by name (`jrecipe.checks.registry`, docs/checks.md).
 """
 
-from jrecipe.checks.base import CHECK_NAMES, CheckResult
+from jrecipe.checks.base import CheckResult
+from jrecipe.checks.baselines import input_independent_baseline
 from jrecipe.checks.data import data_before_net
 from jrecipe.checks.dependencies import batch_independence, causal_dependency
+from jrecipe.checks.determinism import seed_determinism
+from jrecipe.checks.fitting import evaluate, fit, fit_metrics
 from jrecipe.checks.gradcheck import gradient_check, gradient_check_model, relu_pattern
+from jrecipe.checks.init import init_bias, loss_at_init
 from jrecipe.checks.outputs import assert_equivalent, eval_mode, logits_not_probabilities
+from jrecipe.checks.overfit import capacity_decreases_loss, overfit_one_batch
+from jrecipe.checks.registry import check_names, register_check
+from jrecipe.checks.regularization import regularization_increases_loss
 from jrecipe.checks.schedule import lr_schedule
-from jrecipe.checks.training import (capacity_decreases_loss, fit, init_bias,
-                                     input_independent_baseline, loss_at_init,
-                                     overfit_one_batch, regularization_increases_loss,
-                                     seed_determinism)
+
+# The battery's check names, in the order it runs them (stable: scripts rely on them).
+CHECK_NAMES = check_names()
 
 __all__ = [
     "CHECK_NAMES", "CheckResult", "assert_equivalent", "batch_independence",
-    "capacity_decreases_loss", "causal_dependency", "data_before_net", "eval_mode", "fit",
-    "gradient_check", "gradient_check_model", "init_bias", "input_independent_baseline",
-    "logits_not_probabilities", "loss_at_init", "lr_schedule", "overfit_one_batch",
-    "regularization_increases_loss", "relu_pattern", "run_battery", "seed_determinism",
+    "capacity_decreases_loss", "causal_dependency", "data_before_net", "eval_mode",
+    "evaluate", "fit", "fit_metrics", "gradient_check", "gradient_check_model", "init_bias",
+    "input_independent_baseline", "logits_not_probabilities", "loss_at_init", "lr_schedule",
+    "overfit_one_batch", "register_check", "regularization_increases_loss", "relu_pattern",
+    "run_battery", "seed_determinism",
 ]
 
 

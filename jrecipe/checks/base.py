@@ -1,33 +1,16 @@
-"""What a check returns, and the names of the battery's checks.
+"""What a check returns, how its verdict is built, and the names of the battery's checks.
 
 A check is a plain function of an apply function, parameters and a batch (plus what it
 needs); it returns a `CheckResult`: a verdict with the measured number and the expected one,
-never advice without numbers.
+never advice without numbers. The battery's checks are registered by name in
+`jrecipe.checks.registry`; `CHECK_NAMES` is derived from it.
 """
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 STATUSES = ("pass", "fail", "warn", "skip")
-
-# The battery, in the order the recipe runs it. The names are stable: scripts rely on them.
-CHECK_NAMES = (
-    "data_before_net",
-    "seed_determinism",
-    "loss_at_init",
-    "init_bias",
-    "logits_not_probabilities",
-    "regularization_increases_loss",
-    "input_independent_baseline",
-    "overfit_one_batch",
-    "capacity_decreases_loss",
-    "batch_independence",
-    "causal_dependency",
-    "gradient_check",
-    "eval_mode",
-    "lr_schedule",
-)
 
 
 @dataclasses.dataclass
@@ -72,3 +55,39 @@ def artifact_path(artifacts_dir: Optional[str], filename: str) -> Optional[str]:
     return None
   os.makedirs(artifacts_dir, exist_ok=True)
   return os.path.join(artifacts_dir, filename)
+
+
+def verdict(name: str, *, value: Any = None, expected: Any = None,
+            details: Optional[dict] = None,
+            artifacts: Optional[list] = None) -> Callable[[str, str], CheckResult]:
+  """The one builder of a check's verdict record: numbers now, status and words later.
+
+  A check measures first and decides after, often with several possible outcomes that all
+  carry the same numbers; `verdict` binds the numbers once and returns
+  `make(status, message) -> CheckResult`.
+
+  Args:
+    name: the check's stable name.
+    value, expected, details, artifacts: as in `CheckResult` (details and artifacts are
+      shared by every record made, so a check may still add to them before deciding).
+
+  Returns:
+    `make(status, message)` building the CheckResult.
+  """
+  details = {} if details is None else details
+  artifacts = [] if artifacts is None else artifacts
+
+  def make(status: str, message: str) -> CheckResult:
+    return CheckResult(name, status, value=value, expected=expected, message=message,
+                       artifacts=artifacts, details=details)
+
+  return make
+
+
+def __getattr__(attr: str):
+  # CHECK_NAMES is derived from the registry, which imports every check module: resolved on
+  # first use so that the check modules can import this one.
+  if attr == "CHECK_NAMES":
+    from jrecipe.checks import registry
+    return registry.check_names()
+  raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

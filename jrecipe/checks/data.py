@@ -7,9 +7,11 @@ properties every batch must have.
 
 from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 
-from jrecipe.checks.base import CheckResult, artifact_path
+from jrecipe.checks.base import CheckResult, artifact_path, verdict
+from jrecipe.checks.registry import register_check
 from jrecipe.types import DataSpec
 
 # Warn thresholds for float inputs (see data_before_net's docstring).
@@ -131,7 +133,6 @@ def data_before_net(x, y, *, spec: Optional[DataSpec] = None,
     A CheckResult with value = [min, max] of the inputs and details with mean, std, shape,
     dtype, label range and counts.
   """
-  name = "data_before_net"
   x = np.asarray(x)
   y = np.asarray(y)
   task = spec.task if spec is not None else (
@@ -139,15 +140,43 @@ def data_before_net(x, y, *, spec: Optional[DataSpec] = None,
   c = num_classes if num_classes is not None else (spec.num_classes if spec else None)
   tokens = _is_tokens(x, spec)
   xf = x.astype(np.float64)
+  details = {"shape": list(x.shape), "dtype": str(x.dtype), "task": task}
+  problems = _input_problems(x, xf, details)
+  problems += _label_problems(y, task, c, details)
+  warnings = []
+  if not problems and not tokens and np.issubdtype(x.dtype, np.floating) and "mean" in details:
+    warnings = _scale_warnings(x, xf, details)
+  summary = (f"batch {tuple(x.shape)} {x.dtype}, range [{details.get('min', float('nan')):.4g}, "
+             f"{details.get('max', float('nan')):.4g}], mean "
+             f"{details.get('mean', float('nan')):.3g}, std {details.get('std', float('nan')):.3g}")
+  result = verdict("data_before_net", value=[details.get("min"), details.get("max")],
+                   expected="finite, varied, labels in range", details=details)
+  if problems:
+    result = result("fail", f"Visualize just before the net: {summary}; " +
+                    "; ".join(problems) + ".")
+  elif warnings:
+    result = result("warn", f"Visualize just before the net: {summary}; " +
+                    "; ".join(warnings) + ".")
+  else:
+    result = result("pass", f"Visualize just before the net: {summary}; finite, labels in "
+                    "range, not constant; look at the picture.")
+  path = artifact_path(artifacts_dir, "data_before_net.png")
+  if path and len(x):
+    _plot(path, np.nan_to_num(xf) if not tokens else x, y, spec,
+          f"just before the net: {result.status}", max_examples)
+    result.artifacts.append(path)
+  return result
+
+
+def _input_problems(x: np.ndarray, xf: np.ndarray, details: dict) -> list[str]:
+  """Non-finite, empty, constant or identical inputs (details gain min/max/mean/std)."""
   finite = np.isfinite(xf)
   fin_vals = xf[finite]
-  details = {"shape": list(x.shape), "dtype": str(x.dtype), "task": task,
-             "non_finite": int(x.size - finite.sum())}
+  details["non_finite"] = int(x.size - finite.sum())
   if fin_vals.size:
     details.update(min=float(fin_vals.min()), max=float(fin_vals.max()),
                    mean=float(fin_vals.mean()), std=float(fin_vals.std()))
-  value = [details.get("min"), details.get("max")]
-  problems, warnings = [], []
+  problems = []
   if details["non_finite"]:
     first = int(np.argmax(~finite.reshape(len(x), -1).all(axis=1)))
     problems.append(f"{details['non_finite']} input values are not finite (first in example "
@@ -159,59 +188,62 @@ def data_before_net(x, y, *, spec: Optional[DataSpec] = None,
                     "(zeroed or overwritten in preprocessing)")
   elif len(x) > 1 and np.all(x == x[:1]):
     problems.append("every example in the batch is identical (a broadcast or indexing bug)")
-  if task in ("classification", "sequence"):
-    if y.size and not (np.issubdtype(y.dtype, np.integer) or
-                       (np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
-      problems.append(f"labels are not integers (dtype {y.dtype}): one-hot or probabilities "
-                      "where class ids are expected")
-    elif y.size:
-      lo, hi = int(np.min(y)), int(np.max(y))
-      details.update(label_min=lo, label_max=hi)
-      if c:
-        counts = np.bincount(np.clip(y.ravel().astype(np.int64), 0, None), minlength=c)
-        details["label_counts"] = counts[:c].tolist()
-        if lo < 0 or hi >= c:
-          bad = np.unique(y[(y < 0) | (y >= c)])[:10].tolist()
-          problems.append(f"labels {bad} are outside [0, {c}): wrong label mapping "
-                          "(1-based ids?) or the wrong num_classes")
-  else:
+  return problems
+
+
+def _label_problems(y: np.ndarray, task: str, c: Optional[int], details: dict) -> list[str]:
+  """Labels that are not class ids in [0, c), or regression targets that are not finite."""
+  problems = []
+  if task not in ("classification", "sequence"):
     if not np.all(np.isfinite(y.astype(np.float64))):
       problems.append("some regression targets are not finite")
     elif y.size:
       details.update(target_mean=float(y.mean()), target_std=float(y.std()))
-  if not problems and not tokens and np.issubdtype(x.dtype, np.floating) and fin_vals.size:
-    m, s = details["mean"], details["std"]
-    if abs(m) > MAX_ABS_MEAN or s > MAX_STD:
-      warnings.append(f"inputs look unnormalised (mean {m:.3g}, std {s:.3g}; expected about "
-                      "0 and 1): subtract the mean and divide by the std of the training set")
-    elif 0 < s < MIN_STD:
-      warnings.append(f"inputs are squashed (std {s:.2g}): normalised twice?")
-    elif x.ndim == 2 and len(x) > 1:
-      fm, fs = xf.mean(axis=0), xf.std(axis=0)
-      j = int(np.argmax(np.maximum(np.abs(fm) / MAX_ABS_MEAN, fs / MAX_STD)))
-      details.update(worst_feature=j, worst_feature_mean=float(fm[j]),
-                     worst_feature_std=float(fs[j]))
-      if abs(fm[j]) > MAX_ABS_MEAN or fs[j] > MAX_STD:
-        warnings.append(f"feature {j} is unnormalised (mean {fm[j]:.3g}, std {fs[j]:.3g}): "
-                        "normalise each feature")
-  summary = (f"batch {tuple(x.shape)} {x.dtype}, range [{details.get('min', float('nan')):.4g}, "
-             f"{details.get('max', float('nan')):.4g}], mean "
-             f"{details.get('mean', float('nan')):.3g}, std {details.get('std', float('nan')):.3g}")
-  if problems:
-    status = "fail"
-    message = f"Visualize just before the net: {summary}; " + "; ".join(problems) + "."
-  elif warnings:
-    status = "warn"
-    message = f"Visualize just before the net: {summary}; " + "; ".join(warnings) + "."
-  else:
-    status = "pass"
-    message = (f"Visualize just before the net: {summary}; finite, labels in range, not "
-               "constant; look at the picture.")
-  result = CheckResult(name, status, value=value, expected="finite, varied, labels in range",
-                       message=message, details=details)
-  path = artifact_path(artifacts_dir, "data_before_net.png")
-  if path and len(x):
-    _plot(path, np.nan_to_num(xf) if not tokens else x, y, spec,
-          f"just before the net: {status}", max_examples)
-    result.artifacts.append(path)
-  return result
+    return problems
+  if y.size and not (np.issubdtype(y.dtype, np.integer) or
+                     (np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
+    problems.append(f"labels are not integers (dtype {y.dtype}): one-hot or probabilities "
+                    "where class ids are expected")
+  elif y.size:
+    lo, hi = int(np.min(y)), int(np.max(y))
+    details.update(label_min=lo, label_max=hi)
+    if c:
+      counts = np.bincount(np.clip(y.ravel().astype(np.int64), 0, None), minlength=c)
+      details["label_counts"] = counts[:c].tolist()
+      if lo < 0 or hi >= c:
+        bad = np.unique(y[(y < 0) | (y >= c)])[:10].tolist()
+        problems.append(f"labels {bad} are outside [0, {c}): wrong label mapping "
+                        "(1-based ids?) or the wrong num_classes")
+  return problems
+
+
+def _scale_warnings(x: np.ndarray, xf: np.ndarray, details: dict) -> list[str]:
+  """Float inputs that look unnormalised or squashed (see data_before_net's limits)."""
+  m, s = details["mean"], details["std"]
+  if abs(m) > MAX_ABS_MEAN or s > MAX_STD:
+    return [f"inputs look unnormalised (mean {m:.3g}, std {s:.3g}; expected about 0 and 1): "
+            "subtract the mean and divide by the std of the training set"]
+  if 0 < s < MIN_STD:
+    return [f"inputs are squashed (std {s:.2g}): normalised twice?"]
+  if x.ndim == 2 and len(x) > 1:
+    fm, fs = xf.mean(axis=0), xf.std(axis=0)
+    j = int(np.argmax(np.maximum(np.abs(fm) / MAX_ABS_MEAN, fs / MAX_STD)))
+    details.update(worst_feature=j, worst_feature_mean=float(fm[j]),
+                   worst_feature_std=float(fs[j]))
+    if abs(fm[j]) > MAX_ABS_MEAN or fs[j] > MAX_STD:
+      return [f"feature {j} is unnormalised (mean {fm[j]:.3g}, std {fs[j]:.3g}): normalise "
+              "each feature"]
+  return []
+
+
+@register_check("data_before_net", stage="data")
+def check_data_before_net(ctx) -> CheckResult:
+  """The first training batch of the configured pipeline, augmented as step 0 augments it."""
+  from jrecipe.data import pipeline
+  batch = next(pipeline.train_batches(ctx.exp.data, batch_size=ctx.config.batch_size,
+                                      seed=ctx.seed))
+  x = batch["x"]
+  if ctx.augment is not None:
+    k_aug, _ = ctx.step_keys(0)
+    x = np.asarray(ctx.augment(jnp.asarray(x), k_aug))
+  return data_before_net(x, batch["y"], spec=ctx.spec, artifacts_dir=ctx.artifacts_dir)

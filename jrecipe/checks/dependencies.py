@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrecipe.checks import plots
-from jrecipe.checks.base import CheckResult, artifact_path
+from jrecipe.checks.base import CheckResult, artifact_path, verdict
+from jrecipe.checks.registry import register_check
 
 REL_TOL = 1e-6
 _TINY = 1e-30
@@ -137,17 +138,43 @@ def batch_independence(apply: Callable, variables: Any, x: jax.Array, *,
     BatchNorm); warn on train-mode coupling with BatchNorm or when outputs do not depend on
     inputs at all; skip when the batch has fewer than 2 examples.
   """
-  name = "batch_independence"
   x = jnp.asarray(x)
   if x.ndim == 0 or x.shape[0] < 2:
-    return CheckResult(name, "skip", message="batch_independence needs a batch of at least 2 "
-                       f"examples; got inputs of shape {tuple(x.shape)}.")
+    return verdict("batch_independence")("skip", "batch_independence needs a batch of at least "
+                                         f"2 examples; got inputs of shape {tuple(x.shape)}.")
   x = x[:max_examples]
   b = x.shape[0]
   train_rngs = rngs if rngs is not None else {"dropout": jax.random.key(0)}
   method = "gradient" if _is_float(x) else "perturbation"
   alt = None if method == "gradient" else _alt_tokens(x, int(jnp.min(x)), int(jnp.max(x)),
                                                       vocab_size)
+  modes, errors = _batch_matrices(apply, variables, x, train_rngs, method, alt)
+  if "eval" in errors:
+    return verdict("batch_independence", expected=0.0, details={"errors": errors})(
+        "fail", f"{_BATCH_STEP}: the model could not be differentiated in eval mode "
+        f"({errors['eval']}).")
+  stats, rel_mats = _offdiagonal_stats(modes)
+  artifacts, plot_info = _plot(
+      artifact_path(artifacts_dir, "batch_dependency.png"), rel_mats,
+      title=f"dependency of output i on input j ({method}, relative to max diagonal)",
+      xlabel="input example j", ylabel="output example i")
+  details = {"method": method, "batch": b, "tol": tol, "modes": stats,
+             "matrices": {m: d.tolist() for m, d in modes.items()}, "errors": errors,
+             **plot_info}
+  value = max(s["max_rel_offdiag"] for s in stats.values())
+  result = verdict("batch_independence", value=value, expected=0.0, details=details,
+                   artifacts=artifacts)
+  passed = (f"each of {b} outputs depends only on its own input in eval and train mode (max "
+            f"relative off-diagonal {value:.2g}, {method}).")
+  return _batch_verdict(result, stats, errors, has_batchnorm=has_batchnorm, tol=tol,
+                        passed=passed)
+
+
+_BATCH_STEP = "batch_independence (use backprop to chart dependencies)"
+
+
+def _batch_matrices(apply, variables, x, train_rngs, method, alt) -> tuple[dict, dict]:
+  """({'eval': D, 'train': D} as float64 numpy, {mode: error}) for batch_independence."""
 
   def compute(train, v, xx, rr, aa):
     fn = lambda z: apply(v, z, train=train, rngs=rr)
@@ -160,23 +187,26 @@ def batch_independence(apply: Callable, variables: Any, x: jax.Array, *,
   modes, errors = {}, {}
   try:
     d_eval, d_train = jax.jit(both)(variables, x, train_rngs, alt)
-    modes = {"eval": np.asarray(d_eval, np.float64), "train": np.asarray(d_train, np.float64)}
+    return {"eval": np.asarray(d_eval, np.float64),
+            "train": np.asarray(d_train, np.float64)}, errors
   except Exception:  # pylint: disable=broad-except
-    for mode, train, r in (("eval", False, None), ("train", True, train_rngs)):
-      try:
-        d = jax.jit(lambda v, xx, rr, aa, t=train: compute(t, v, xx, rr, aa))(
-            variables, x, r, alt)
-        modes[mode] = np.asarray(d, np.float64)
-      except Exception as e:  # pylint: disable=broad-except
-        errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-  if "eval" in errors:
-    return CheckResult(name, "fail", value=None, expected=0.0, message=(
-        "batch_independence (use backprop to chart dependencies): the model could not be "
-        f"differentiated in eval mode ({errors['eval']})."), details={"errors": errors})
+    pass
+  for mode, train, r in (("eval", False, None), ("train", True, train_rngs)):
+    try:
+      d = jax.jit(lambda v, xx, rr, aa, t=train: compute(t, v, xx, rr, aa))(
+          variables, x, r, alt)
+      modes[mode] = np.asarray(d, np.float64)
+    except Exception as e:  # pylint: disable=broad-except
+      errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return modes, errors
 
-  off_mask = ~np.eye(b, dtype=bool)
+
+def _offdiagonal_stats(modes: dict) -> tuple[dict, dict]:
+  """Per mode: the largest off-diagonal entry relative to the largest diagonal one, the worst
+  (output, input) pair, and the matrix relative to its diagonal (for the picture)."""
   stats, rel_mats = {}, {}
   for mode, d in modes.items():
+    off_mask = ~np.eye(d.shape[0], dtype=bool)
     diag = float(np.max(np.diag(d)))
     off = float(np.max(d[off_mask]))
     if diag > 0:
@@ -187,49 +217,39 @@ def batch_independence(apply: Callable, variables: Any, x: jax.Array, *,
     stats[mode] = {"max_rel_offdiag": rel, "max_diag": diag, "max_offdiag": off,
                    "worst_pair": (int(i), int(j))}
     rel_mats[f"{mode} mode"] = d / max(diag, _TINY)
+  return stats, rel_mats
 
-  artifacts, plot_info = _plot(
-      artifact_path(artifacts_dir, "batch_dependency.png"), rel_mats,
-      title=f"dependency of output i on input j ({method}, relative to max diagonal)",
-      xlabel="input example j", ylabel="output example i")
-  details = {"method": method, "batch": b, "tol": tol, "modes": stats,
-             "matrices": {m: d.tolist() for m, d in modes.items()}, "errors": errors,
-             **plot_info}
-  value = max(s["max_rel_offdiag"] for s in stats.values())
-  ev = stats["eval"]
-  tr = stats.get("train")
-  step = "batch_independence (use backprop to chart dependencies)"
 
+def _batch_verdict(result, stats: dict, errors: dict, *, has_batchnorm: bool, tol: float,
+                   passed: str) -> CheckResult:
+  """batch_independence's rules (see its docstring) on the per-mode statistics."""
+  ev, tr = stats["eval"], stats.get("train")
   if ev["max_rel_offdiag"] > tol:
     i, j = ev["worst_pair"]
-    msg = (f"{step}: in eval mode output {i} depends on input {j} (relative "
-           f"{ev['max_rel_offdiag']:.2g} > {tol:g}): the model mixes examples of the batch: a "
-           "reshape/transpose that crosses the batch axis (view vs transpose), or a "
-           "mean/normalisation over axis 0?")
-    return CheckResult(name, "fail", value, 0.0, msg, artifacts, details)
+    return result("fail", f"{_BATCH_STEP}: in eval mode output {i} depends on input {j} "
+                  f"(relative {ev['max_rel_offdiag']:.2g} > {tol:g}): the model mixes examples "
+                  "of the batch: a reshape/transpose that crosses the batch axis (view vs "
+                  "transpose), or a mean/normalisation over axis 0?")
   if "train" in errors:
-    msg = (f"{step}: eval mode is independent, but train mode could not be differentiated "
-           f"({errors['train']}): does train mode need other rngs?")
-    return CheckResult(name, "warn", value, 0.0, msg, artifacts, details)
+    return result("warn", f"{_BATCH_STEP}: eval mode is independent, but train mode could not "
+                  f"be differentiated ({errors['train']}): does train mode need other rngs?")
   if tr["max_rel_offdiag"] > tol:
     i, j = tr["worst_pair"]
     if has_batchnorm:
-      msg = (f"{step}: eval mode is independent; in train mode output {i} depends on input {j} "
-             f"(relative {tr['max_rel_offdiag']:.2g}), as BatchNorm's batch statistics "
-             "legitimately couple a batch in training (smaller batches mean more coupling).")
-      return CheckResult(name, "warn", value, 0.0, msg, artifacts, details)
-    msg = (f"{step}: in train mode output {i} depends on input {j} (relative "
-           f"{tr['max_rel_offdiag']:.2g} > {tol:g}) although eval mode is independent and the "
-           "model declares no BatchNorm: a train-only layer that mixes the batch (batch "
-           "statistics, a reshape on a train-only path, dropout drawn per batch?)")
-    return CheckResult(name, "fail", value, 0.0, msg, artifacts, details)
+      return result("warn", f"{_BATCH_STEP}: eval mode is independent; in train mode output "
+                    f"{i} depends on input {j} (relative {tr['max_rel_offdiag']:.2g}), as "
+                    "BatchNorm's batch statistics legitimately couple a batch in training "
+                    "(smaller batches mean more coupling).")
+    return result("fail", f"{_BATCH_STEP}: in train mode output {i} depends on input {j} "
+                  f"(relative {tr['max_rel_offdiag']:.2g} > {tol:g}) although eval mode is "
+                  "independent and the model declares no BatchNorm: a train-only layer that "
+                  "mixes the batch (batch statistics, a reshape on a train-only path, dropout "
+                  "drawn per batch?)")
   if ev["max_diag"] == 0:
-    msg = (f"{step}: no output depends on any input (all gradients zero): a model that "
-           "ignores its inputs, a stop_gradient, or integer/argmax outputs?")
-    return CheckResult(name, "warn", value, 0.0, msg, artifacts, details)
-  msg = (f"{step}: each of {b} outputs depends only on its own input in eval and train mode "
-         f"(max relative off-diagonal {value:.2g}, {method}).")
-  return CheckResult(name, "pass", value, 0.0, msg, artifacts, details)
+    return result("warn", f"{_BATCH_STEP}: no output depends on any input (all gradients "
+                  "zero): a model that ignores its inputs, a stop_gradient, or integer/argmax "
+                  "outputs?")
+  return result("pass", f"{_BATCH_STEP}: {passed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,20 +346,55 @@ def causal_dependency(apply: Callable, variables: Any, x: jax.Array, *, time_axi
     pair; warn when no output depends on its current input although `sees_current` (mask
     off by one the other way); skip when the inputs or outputs have no time axis.
   """
-  name = "causal_dependency"
-  step = "causal_dependency (use backprop to chart dependencies)"
+  skip = verdict("causal_dependency")
   x = jnp.asarray(x)
   if x.ndim < 2 or not -x.ndim <= time_axis < x.ndim or time_axis % x.ndim == 0:
-    return CheckResult(name, "skip", message=(
-        f"{step}: inputs of shape {tuple(x.shape)} have no time axis {time_axis} besides the "
-        "batch axis; not a sequence model."))
+    return skip("skip", f"{_CAUSAL_STEP}: inputs of shape {tuple(x.shape)} have no time axis "
+                f"{time_axis} besides the batch axis; not a sequence model.")
   time_axis = time_axis % x.ndim
   b, t_len = x.shape[0], x.shape[time_axis]
   if t_len < 2:
-    return CheckResult(name, "skip",
-                       message=f"{step}: sequences of length {t_len}: nothing to chart.")
-  if not 0 <= example < b:
-    example = 0
+    return skip("skip", f"{_CAUSAL_STEP}: sequences of length {t_len}: nothing to chart.")
+  example = example if 0 <= example < b else 0
+  try:
+    out_shape = jax.eval_shape(lambda v, xx: apply(v, xx, train=False, rngs=None), variables, x)
+  except Exception as e:  # pylint: disable=broad-except
+    return skip("fail", f"{_CAUSAL_STEP}: the eval apply raised {type(e).__name__}: {e}")
+  leaves = jax.tree.leaves(out_shape)
+  if not any(len(o.shape) > time_axis and o.shape[0] == b and o.shape[time_axis] == t_len
+             for o in leaves):
+    return skip("skip", f"{_CAUSAL_STEP}: outputs {[tuple(o.shape) for o in leaves]} have no "
+                f"time axis {time_axis} of length {t_len} (a sequence-to-one model?): nothing "
+                "to chart.")
+  method = "gradient" if _is_float(x) else "perturbation"
+  d = _causal_matrix(apply, variables, x, time_axis, example, method, vocab_size)
+  forbidden = np.triu(np.ones((t_len, t_len), bool), k=1 if sees_current else 0)
+  allowed_max = float(np.max(d[~forbidden])) if np.any(~forbidden) else 0.0
+  scale = allowed_max if allowed_max > 0 else max(float(np.max(d)), _TINY)
+  rel = d / scale
+  value = float(np.max(rel[forbidden])) if np.any(forbidden) else 0.0
+  artifacts, plot_info = _plot(
+      artifact_path(artifacts_dir, "causal_dependency.png"), {f"example {example}": rel},
+      title=f"dependency of output s on input t ({method}, relative); allowed: t "
+            f"{'<=' if sees_current else '<'} s (left of the red line)",
+      xlabel="input position t", ylabel="output position s",
+      boundary=0 if sees_current else -1)
+  details = {"method": method, "example": example, "time_axis": time_axis,
+             "sees_current": sees_current, "tol": tol, "matrix": d.tolist(),
+             "scale": scale, **plot_info}
+  result = verdict("causal_dependency", value=value, expected=0.0, details=details,
+                   artifacts=artifacts)
+  return _causal_verdict(result, d, rel, forbidden, tol=tol, sees_current=sees_current,
+                         method=method, value=value)
+
+
+_CAUSAL_STEP = "causal_dependency (use backprop to chart dependencies)"
+
+
+def _causal_matrix(apply, variables, x, time_axis: int, example: int, method: str,
+                   vocab_size: Optional[int]) -> np.ndarray:
+  """D[s, t] for one example in eval mode (time moved to axis 1 and back around the model)."""
+  b, t_len = x.shape[0], x.shape[time_axis]
 
   def to_model(xm):
     return jnp.moveaxis(xm, 1, time_axis)
@@ -351,18 +406,6 @@ def causal_dependency(apply: Callable, variables: Any, x: jax.Array, *, time_axi
       return None
     return [m for m in (move(o) for o in jax.tree.leaves(out)) if m is not None]
 
-  try:
-    out_shape = jax.eval_shape(lambda v, xx: apply(v, xx, train=False, rngs=None), variables, x)
-  except Exception as e:  # pylint: disable=broad-except
-    return CheckResult(name, "fail",
-                       message=f"{step}: the eval apply raised {type(e).__name__}: {e}")
-  leaves = jax.tree.leaves(out_shape)
-  if not any(len(o.shape) > time_axis and o.shape[0] == b and o.shape[time_axis] == t_len
-             for o in leaves):
-    return CheckResult(name, "skip", message=(
-        f"{step}: outputs {[tuple(o.shape) for o in leaves]} have no time axis {time_axis} of "
-        f"length {t_len} (a sequence-to-one model?): nothing to chart."))
-  method = "gradient" if _is_float(x) else "perturbation"
   xm = jnp.moveaxis(x, time_axis, 1)
   alt = None if method == "gradient" else _alt_tokens(
       xm[example], int(jnp.min(x)), int(jnp.max(x)), vocab_size)
@@ -373,28 +416,18 @@ def causal_dependency(apply: Callable, variables: Any, x: jax.Array, *, time_axi
       return _causal_matrix_grad(fn, xm, example)
     return _causal_matrix_perturb(fn, xm, example, aa)
 
-  d = np.asarray(jax.jit(compute)(variables, xm, alt), np.float64)
-  forbidden = np.triu(np.ones((t_len, t_len), bool), k=1 if sees_current else 0)
-  allowed_max = float(np.max(d[~forbidden])) if np.any(~forbidden) else 0.0
-  scale = allowed_max if allowed_max > 0 else max(float(np.max(d)), _TINY)
-  rel = d / scale
-  bad = forbidden & (rel > tol)
-  value = float(np.max(rel[forbidden])) if np.any(forbidden) else 0.0
+  return np.asarray(jax.jit(compute)(variables, xm, alt), np.float64)
 
-  artifacts, plot_info = _plot(
-      artifact_path(artifacts_dir, "causal_dependency.png"), {f"example {example}": rel},
-      title=f"dependency of output s on input t ({method}, relative); allowed: t "
-            f"{'<=' if sees_current else '<'} s (left of the red line)",
-      xlabel="input position t", ylabel="output position s",
-      boundary=0 if sees_current else -1)
-  details = {"method": method, "example": example, "time_axis": time_axis,
-             "sees_current": sees_current, "tol": tol, "matrix": d.tolist(),
-             "scale": scale, **plot_info}
+
+def _causal_verdict(result, d, rel, forbidden, *, tol: float, sees_current: bool, method: str,
+                    value: float) -> CheckResult:
+  """causal_dependency's rules (see its docstring) on the relative dependency matrix."""
+  t_len = d.shape[0]
+  bad = forbidden & (rel > tol)
   allowed_txt = "t <= s" if sees_current else "t < s"
   if np.any(bad):
     s, t = (int(v) for v in np.argwhere(bad)[0])
     n_bad = int(np.sum(bad))
-    details["first_offending"] = {"output": s, "input": t}
     reach = int(np.max(np.argwhere(bad) @ np.array([-1, 1])))  # max t - s over bad pairs
     if t_len > 2 and np.all(bad[forbidden]):
       cause = "no causal mask at all (or one that is ignored)?"
@@ -405,18 +438,39 @@ def causal_dependency(apply: Callable, variables: Any, x: jax.Array, *, time_axi
       cause = "causal mask off by one (jnp.tril(..., k=1))? a shift on the wrong side?"
     else:
       cause = f"a look-ahead of up to {reach} positions: a wrong mask, shift or padding?"
-    msg = (f"{step}: output at position {s} depends on input at position {t} (relative "
-           f"{rel[s, t]:.2g}; {n_bad} forbidden pairs), but only {allowed_txt} is allowed: "
-           f"{cause}")
-    return CheckResult(name, "fail", value, 0.0, msg, artifacts, details)
+    r = result("fail", f"{_CAUSAL_STEP}: output at position {s} depends on input at position "
+               f"{t} (relative {rel[s, t]:.2g}; {n_bad} forbidden pairs), but only "
+               f"{allowed_txt} is allowed: {cause}")
+    r.details["first_offending"] = {"output": s, "input": t}
+    return r
   if np.max(d) == 0:
-    msg = f"{step}: no output depends on any input: a model that ignores its inputs?"
-    return CheckResult(name, "warn", value, 0.0, msg, artifacts, details)
+    return result("warn", f"{_CAUSAL_STEP}: no output depends on any input: a model that "
+                  "ignores its inputs?")
   if sees_current and not np.any(np.diag(rel) > tol):
-    msg = (f"{step}: no output depends on its own position's input although sees_current=True "
-           "(input t is token t): the mask hides the current token (tril k=-1, off by one "
-           "the other way), so the model predicts token t+1 without seeing token t?")
-    return CheckResult(name, "warn", value, 0.0, msg, artifacts, details)
-  msg = (f"{step}: over {t_len} positions every output depends only on inputs {allowed_txt} "
-         f"(max relative forbidden dependency {value:.2g}, {method}).")
-  return CheckResult(name, "pass", value, 0.0, msg, artifacts, details)
+    return result("warn", f"{_CAUSAL_STEP}: no output depends on its own position's input "
+                  "although sees_current=True (input t is token t): the mask hides the current "
+                  "token (tril k=-1, off by one the other way), so the model predicts token t+1 "
+                  "without seeing token t?")
+  return result("pass", f"{_CAUSAL_STEP}: over {t_len} positions every output depends only on "
+                f"inputs {allowed_txt} (max relative forbidden dependency {value:.2g}, "
+                f"{method}).")
+
+
+@register_check("batch_independence", stage="dependencies", needs=("loss_at_init",))
+def check_batch_independence(ctx) -> CheckResult:
+  """Eight held-out examples on the burned-in variables, train mode with step 0's dropout."""
+  _, k_drop = ctx.step_keys(0)
+  return batch_independence(ctx.model.apply, ctx.burned_in, ctx.x_val[:8],
+                            rngs={"dropout": k_drop}, has_batchnorm=ctx.model.has_batchnorm,
+                            artifacts_dir=ctx.artifacts_dir, vocab_size=ctx.vocab)
+
+
+@register_check("causal_dependency", stage="dependencies", needs=("loss_at_init",))
+def check_causal_dependency(ctx) -> CheckResult:
+  """Four held-out sequences on the burned-in variables (skipped for non-sequence tasks)."""
+  reason = causal_skip_reason(ctx.spec)
+  if reason:
+    return verdict("causal_dependency")("skip", reason)
+  return causal_dependency(ctx.model.apply, ctx.burned_in, ctx.x_val[:4],
+                           time_axis=ctx.spec.time_axis, sees_current=ctx.spec.sees_current,
+                           artifacts_dir=ctx.artifacts_dir, vocab_size=ctx.vocab)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrecipe.checks.base import CheckResult
+from jrecipe.checks.base import CheckResult, verdict
+from jrecipe.checks.registry import register_check
 
 
 def _max_rel_diff(a, b) -> float:
@@ -76,8 +77,6 @@ def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[d
     (<= rtol). Fail names the likely cause ("dropout left on in eval mode?", "BatchNorm using
     batch statistics in eval?").
   """
-  name = "eval_mode"
-  step = "eval_mode (evaluate deterministically, per example; dropout/BN in eval)"
   x = jnp.asarray(x)
   b = x.shape[0] if x.ndim else 0
   r1 = rngs if rngs is not None else {"dropout": jax.random.key(1)}
@@ -98,28 +97,7 @@ def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[d
   try:
     outs = jax.jit(variants)(variables, x, r1, r2)
   except Exception:  # pylint: disable=broad-except
-    outs = None
-  if outs is None:  # attribute the error: first without rngs, then with
-    try:
-      base = jax.jit(call)(variables, x, None)
-    except Exception as e:  # pylint: disable=broad-except
-      text = str(e).lower()
-      cause = ("dropout left on in eval mode? (it asks for a 'dropout' rng)"
-               if "rng" in text or "dropout" in text else
-               "does eval mode need state (e.g. mutable batch_stats: BatchNorm using batch "
-               "statistics in eval?)" if "mutable" in text or "batch_stats" in text else
-               "the model cannot be evaluated without rngs")
-      return CheckResult(name, "fail", None, 0.0,
-                         f"{step}: eval apply without rngs raised {_first_line(e)}: {cause}",
-                         details={"error": _first_line(e)})
-    try:
-      jax.jit(call)(variables, x, r1)
-      error = "the eval checks raised an error in the batch-context calls"
-    except Exception as e:  # pylint: disable=broad-except
-      error = f"eval apply with rngs raised {_first_line(e)}"
-    return CheckResult(name, "fail", None, 0.0, f"{step}: {error}",
-                       details={"error": error, "base_output_shape": str(jax.tree.map(
-                           jnp.shape, base))})
+    return _eval_error(call, variables, x, r1)
   base = outs["base"]
   measured = {"repeat": _max_rel_diff(base, outs["again"]),
               "rngs_a": _max_rel_diff(base, outs["rngs_a"]),
@@ -127,10 +105,47 @@ def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[d
   if b >= 2:
     measured["alone"] = _max_rel_diff(jax.tree.map(lambda o: o[:1], base), outs["alone"])
     measured["reversed"] = _max_rel_diff(base, outs["reversed"])
-  numbers = {k: v for k, v in measured.items() if isinstance(v, float)}
-  value = max(numbers.values()) if numbers else None
-  details = {"relative_differences": measured, "rtol": rtol, "batch": b}
+  value = max(measured.values())
+  result = verdict("eval_mode", value=value, expected=0.0,
+                   details={"relative_differences": measured, "rtol": rtol, "batch": b})
+  problems = _eval_problems(measured, rtol)
+  if problems:
+    return result("fail", f"{_EVAL_STEP}: " + "; ".join(problems))
+  if b < 2:
+    return result("warn", f"{_EVAL_STEP}: deterministic, but a batch of {b} cannot test that "
+                  "examples are evaluated independently.")
+  return result("pass", f"{_EVAL_STEP}: eval outputs are deterministic, independent of the "
+                f"rngs and of the rest of the batch (max relative difference {value:.2g} <= "
+                f"{rtol:g}).")
 
+
+_EVAL_STEP = "eval_mode (evaluate deterministically, per example; dropout/BN in eval)"
+
+
+def _eval_error(call: Callable, variables: Any, x: jax.Array, rngs: dict) -> CheckResult:
+  """The failed eval_mode verdict when the eval calls raise: first without rngs, then with."""
+  try:
+    base = jax.jit(call)(variables, x, None)
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e).lower()
+    cause = ("dropout left on in eval mode? (it asks for a 'dropout' rng)"
+             if "rng" in text or "dropout" in text else
+             "does eval mode need state (e.g. mutable batch_stats: BatchNorm using batch "
+             "statistics in eval?)" if "mutable" in text or "batch_stats" in text else
+             "the model cannot be evaluated without rngs")
+    return verdict("eval_mode", expected=0.0, details={"error": _first_line(e)})(
+        "fail", f"{_EVAL_STEP}: eval apply without rngs raised {_first_line(e)}: {cause}")
+  try:
+    jax.jit(call)(variables, x, rngs)
+    error = "the eval checks raised an error in the batch-context calls"
+  except Exception as e:  # pylint: disable=broad-except
+    error = f"eval apply with rngs raised {_first_line(e)}"
+  details = {"error": error, "base_output_shape": str(jax.tree.map(jnp.shape, base))}
+  return verdict("eval_mode", expected=0.0, details=details)("fail", f"{_EVAL_STEP}: {error}")
+
+
+def _eval_problems(measured: dict, rtol: float) -> list[str]:
+  """The causes named by eval_mode's measured differences above `rtol`."""
   problems = []
   if measured["repeat"] > rtol:
     problems.append(f"two identical eval calls differ (relative {measured['repeat']:.2g}): "
@@ -145,16 +160,7 @@ def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[d
                     f"alone vs in the batch: {measured.get('alone', 0.0):.2g}; reversed batch: "
                     f"{measured.get('reversed', 0.0):.2g}): BatchNorm using batch statistics in "
                     "eval (use_running_average=not train missing?) or a layer mixing the batch?")
-  if problems:
-    return CheckResult(name, "fail", value, 0.0, f"{step}: " + "; ".join(problems),
-                       details=details)
-  if b < 2:
-    return CheckResult(name, "warn", value, 0.0, f"{step}: deterministic, but a batch of "
-                       f"{b} cannot test that examples are evaluated independently.",
-                       details=details)
-  return CheckResult(name, "pass", value, 0.0, (
-      f"{step}: eval outputs are deterministic, independent of the rngs and of the rest of the "
-      f"batch (max relative difference {value:.2g} <= {rtol:g})."), details=details)
+  return problems
 
 
 def logits_not_probabilities(apply: Callable, variables: Any, x: jax.Array, *,
@@ -270,3 +276,17 @@ def assert_equivalent(special_fn: Callable, general_fn: Callable, inputs: Iterab
             f"{max_diff:.3g} (rtol={rtol:g}, atol={atol:g})")
       worst = max(worst, max_diff)
   return worst
+
+
+@register_check("logits_not_probabilities", stage="init")
+def check_logits_not_probabilities(ctx) -> CheckResult:
+  """The eval outputs of 64 held-out examples at init, against what the loss expects."""
+  return logits_not_probabilities(ctx.model.apply, ctx.variables, ctx.x_val[:64],
+                                  expects=ctx.loss.expects)
+
+
+@register_check("eval_mode", stage="evaluation")
+def check_eval_mode(ctx) -> CheckResult:
+  """Eight held-out examples at init, with the dropout key of the first train step."""
+  _, k_drop = ctx.step_keys(0)
+  return eval_mode(ctx.model.apply, ctx.variables, ctx.x_val[:8], rngs={"dropout": k_drop})

@@ -9,7 +9,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from jrecipe.checks.base import CheckResult, artifact_path
+from jrecipe.checks.base import CheckResult, artifact_path, verdict
+from jrecipe.checks.registry import register_check
 
 EARLY_FRACTION = 0.10  # FAIL: below FAIL_RATIO * peak within the first 10% of the run
 FAIL_RATIO = 1e-3
@@ -93,7 +94,6 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
     A CheckResult with value = the smallest lr / peak within the first 50% of the decay
     phase, and details with the step and epoch of every violation.
   """
-  name = "lr_schedule"
   total = max(int(total_steps), 1)
   spe = max(int(steps_per_epoch), 1)
   steps, values = schedule_values(schedule_fn, total)
@@ -102,20 +102,41 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
              "first": float(values[0]), "last": float(values[-1])}
   if not np.all(np.isfinite(values)):
     bad = int(steps[np.argmax(~np.isfinite(values))])
-    result = CheckResult(name, "fail", value=None, expected="finite",
-                         message=(f"Don't trust LR decay defaults: the learning rate is not "
-                                  f"finite at step {bad}; likely causes: a division by zero in "
-                                  "the schedule (decay steps 0, warm-up 0)."), details=details)
-    return result
+    return verdict("lr_schedule", expected="finite", details=details)(
+        "fail", f"Don't trust LR decay defaults: the learning rate is not finite at step "
+        f"{bad}; likely causes: a division by zero in the schedule (decay steps 0, warm-up 0).")
   top = float(values.max())
   ref = float(peak) if peak else top
   details.update(max=top, peak=ref)
   if ref <= 0 or top <= 0:
-    return CheckResult(name, "fail", value=top, expected="> 0", details=details,
-                       message=("Don't trust LR decay defaults: the learning rate is zero over "
-                                "the whole run; nothing will train."))
-  t_peak = int(steps[int(np.argmax(values))])
-  ratio = values / ref
+    return verdict("lr_schedule", value=top, expected="> 0", details=details)(
+        "fail", "Don't trust LR decay defaults: the learning rate is zero over the whole run; "
+        "nothing will train.")
+  value = _decay_limits(steps, values / ref, total, details)
+  status, problems = _schedule_problems(details, boundaries, total, spe)
+  if problems:
+    message = ("Don't trust LR decay defaults: " + "; ".join(problems) + "; likely causes: "
+               "a decay written in epochs/steps for another dataset or batch size, a decay "
+               "rate per step instead of per epoch. Keep the rate constant and tune decay last.")
+  else:
+    message = (f"Don't trust LR decay defaults: the rate stays >= {value:.2g} x peak through "
+               f"the first half of the {total}-step run (last step {values[-1]:.3g}).")
+  expected = (f">= {WARN_RATIO:g} x peak in the first {int(HALF_FRACTION * 100)}%, "
+              f">= {FAIL_RATIO:g} x peak in the first {int(EARLY_FRACTION * 100)}%")
+  result = verdict("lr_schedule", value=value, expected=expected, details=details)(
+      status, message)
+  path = artifact_path(artifacts_dir, "lr_schedule.png")
+  if path:
+    _plot(path, steps, values, steps_per_epoch=spe, total_steps=total, peak=ref,
+          boundaries=boundaries, title=f"learning rate schedule: {status}")
+    result.artifacts.append(path)
+  return result
+
+
+def _decay_limits(steps: np.ndarray, ratio: np.ndarray, total: int, details: dict) -> float:
+  """The first decay-phase steps below each limit (into details); returns the check's value:
+  the smallest lr / peak within the first half of the run (from the peak on)."""
+  t_peak = int(steps[int(np.argmax(ratio))])
   decay = steps >= t_peak
 
   def first_below(fraction, limit):
@@ -123,15 +144,21 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
     return int(steps[np.argmax(mask)]) if mask.any() else None
 
   early = first_below(EARLY_FRACTION, FAIL_RATIO)
-  half = first_below(HALF_FRACTION, WARN_RATIO)
   in_half = decay & (steps < max(HALF_FRACTION * total, t_peak + 1))
   value = float(ratio[in_half].min()) if in_half.any() else float(ratio[decay].min())
-  late = [b for b in boundaries if b >= total]
   details.update(peak_step=t_peak, min_ratio_first_half=value, fail_step=early,
-                 warn_step=half, late_boundaries=late)
-  expected = (f">= {WARN_RATIO:g} x peak in the first {int(HALF_FRACTION * 100)}%, "
-              f">= {FAIL_RATIO:g} x peak in the first {int(EARLY_FRACTION * 100)}%")
+                 fail_ratio=float(ratio[steps == early][0]) if early is not None else None,
+                 warn_step=first_below(HALF_FRACTION, WARN_RATIO))
+  return value
+
+
+def _schedule_problems(details: dict, boundaries: list, total: int,
+                       spe: int) -> tuple[str, list]:
+  """(status, problems) from the measured limits and the step-decay boundaries."""
   epochs = total / spe
+  early, half = details["fail_step"], details["warn_step"]
+  late = [b for b in boundaries if b >= total]
+  details["late_boundaries"] = late
 
   def at(step):
     return f"step {step} (epoch {step / spe:.2f} of {epochs:.3g})"
@@ -139,7 +166,7 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
   problems, status = [], "pass"
   if early is not None:
     status = "fail"
-    problems.append(f"the rate falls to {ratio[steps == early][0]:.2g} x peak by {at(early)}, "
+    problems.append(f"the rate falls to {details['fail_ratio']:.2g} x peak by {at(early)}, "
                     f"within the first {int(EARLY_FRACTION * 100)}% of the run")
   elif half is not None:
     status = "warn"
@@ -150,18 +177,21 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
     late_ep = ", ".join(f"{b / spe:g}" for b in late)
     problems.append(f"decay boundaries at epoch {late_ep} but the run has {epochs:g} epochs "
                     "(they never apply: written for another dataset size?)")
-  if problems:
-    message = ("Don't trust LR decay defaults: " + "; ".join(problems) + "; likely causes: "
-               "a decay written in epochs/steps for another dataset or batch size, a decay "
-               "rate per step instead of per epoch. Keep the rate constant and tune decay last.")
-  else:
-    message = (f"Don't trust LR decay defaults: the rate stays >= {value:.2g} x peak through "
-               f"the first half of the {total}-step run (last step {values[-1]:.3g}).")
-  result = CheckResult(name, status, value=value, expected=expected, message=message,
-                       details=details)
-  path = artifact_path(artifacts_dir, "lr_schedule.png")
-  if path:
-    _plot(path, steps, values, steps_per_epoch=spe, total_steps=total, peak=ref,
-          boundaries=boundaries, title=f"learning rate schedule: {status}")
-    result.artifacts.append(path)
-  return result
+  return status, problems
+
+
+@register_check("lr_schedule", stage="schedule")
+def check_lr_schedule(ctx) -> CheckResult:
+  """The configured schedule over the configured run (steps and epochs of the experiment)."""
+  from jrecipe import optim
+  c, exp = ctx.config, ctx.exp
+  sched_fn = optim.make_schedule(c.schedule, c.optimizer.learning_rate,
+                                 steps_per_epoch=exp.steps_per_epoch,
+                                 total_steps=exp.total_steps)
+  boundaries = None
+  if c.schedule.name == "step" and c.schedule.boundaries:
+    mult = exp.steps_per_epoch if c.schedule.unit == "epochs" else 1
+    boundaries = [int(round(b * mult)) for b in c.schedule.boundaries]
+  return lr_schedule(sched_fn, total_steps=exp.total_steps, steps_per_epoch=exp.steps_per_epoch,
+                     peak=c.optimizer.learning_rate, boundaries_steps=boundaries,
+                     artifacts_dir=ctx.artifacts_dir)

@@ -1,0 +1,193 @@
+"""The checks' short runs and measurements: `fit`, `fit_metrics` and `evaluate`.
+
+Recipe stage 2's baselines ('input-independent baseline', 'overfit one batch', 'verify
+decreasing training loss') train a model for a few dozen steps. They run the very Trainer and
+compiled step that training runs (`jrecipe.train.trainer.Trainer` through `cached_trainer`,
+one compiled step per distinct model, loss, optimizer, augmentation and L2 strength), on
+minibatches of in-memory arrays (`ArrayBatches`). Compile time dominates short runs on a small
+CPU: build the model, loss and optimizer once and pass the same objects, and every check that
+trains them shares one compiled step (the real- and zeroed-input runs of the baseline too).
+
+How outputs are measured (`evaluate`): models without BatchNorm run in eval mode (dropout
+off); models with BatchNorm run in train mode, with batch statistics, because the running
+averages of a short run (or of an initialisation) are not yet the statistics of the data.
+"""
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrecipe.train.state import variables_of
+from jrecipe.train.step import StepParts
+from jrecipe.train.trainer import ArrayBatches, Hook, cached_trainer
+from jrecipe.types import Loss, Model
+
+_METRICS = ("loss", "total_loss", "accuracy")
+
+
+def as_key(rng: Any) -> jax.Array:
+  """An int seed or a PRNG key -> a raw uint32[2] key."""
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.PRNGKey(int(rng))
+  return rng
+
+
+def _seed_of(rng: Any) -> int:
+  """The int seed of the minibatch order: the seed itself, or drawn from a key's bits."""
+  if isinstance(rng, (int, np.integer)):
+    return int(rng)
+  data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+  return int(np.asarray(data, np.uint32).ravel()[-1])
+
+
+class _Collect(Hook):
+  """Keeps every step's losses and accuracy on the device; read once when the run ends."""
+
+  def __init__(self):
+    self.metrics = []
+
+  def after_step(self, loop, metrics):
+    del loop
+    self.metrics.append({k: metrics[k] for k in _METRICS if k in metrics})
+
+
+def fit_metrics(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
+                l2: float = 0.0, batch_size: Optional[int] = None,
+                augment: Optional[Callable] = None) -> tuple[dict, dict]:
+  """`fit`, returning every per-step metric: (variables, {'loss', 'total_loss', 'accuracy'}).
+
+  Same arguments as `fit`. The metrics are numpy arrays of length `steps`; 'accuracy' is
+  present when the loss has `correct`. 'bad_step' (an int, -1 when none) is the first step
+  whose loss or gradient was not finite (that step and later bad ones left params as they
+  were).
+  """
+  trainer = cached_trainer(StepParts(model, loss, tx, augment=augment, l2=float(l2)))
+  state = trainer.to_device(trainer.state_from(variables, as_key(rng)))
+  collect = _Collect()
+  batches = ArrayBatches({"x": x, "y": y}, batch_size, _seed_of(rng))
+  loop = trainer.run(state, num_steps=int(steps), batches=batches, hooks=[collect])
+  host = jax.device_get(collect.metrics)  # the only host sync: once, at the end
+  metrics = {k: np.array([m[k] for m in host], np.float64) for k in _METRICS
+             if host and k in host[0]}
+  if not host:
+    metrics = {"loss": np.zeros((0,)), "total_loss": np.zeros((0,))}
+  metrics["bad_step"] = int(loop.state.bad_step)
+  return variables_of(loop.state), metrics
+
+
+def fit(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
+        l2: float = 0.0, batch_size: Optional[int] = None,
+        augment: Optional[Callable] = None) -> tuple[dict, np.ndarray]:
+  """Trains `steps` steps with the training Trainer's compiled step: the checks' short runs.
+
+  Recipe: the short runs behind the stage-2 baselines ('input-independent baseline',
+  'overfit one batch', 'verify decreasing training loss'). The step is the one
+  `jrecipe.train.trainer.cached_trainer` compiles once per (model.apply_with_state, loss
+  functions, tx, augment) identities and (l2) value (jit itself specialises on shapes), so
+  repeated calls with the same objects never recompile; the per-step metrics stay on the
+  device until the run ends.
+
+  Args:
+    model, loss: a `jrecipe.types.Model` and `jrecipe.types.Loss`. Train mode (dropout and
+      BatchNorm batch statistics as the model defines them).
+    variables: initial variables {'params': ..., optional 'batch_stats': ...}; not modified.
+    x, y: the training arrays.
+    tx: any optax GradientTransformation (a fresh optimizer state is made from it).
+    steps: number of optimizer steps.
+    rng: int seed or PRNG key: the train state's key (dropout, augmentation: the train step
+      folds in the step number) and the seed of the minibatch order (`ArrayBatches`: the
+      batch of step t is drawn from (seed, t), so the same rng gives the same batches,
+      whatever the inputs hold).
+    l2: L2 strength (0.5 * l2 * sum of squared kernels added to the optimised loss).
+    batch_size: examples per step; None (or >= len(x)) trains on the full set every step.
+    augment: `augment(x, rng) -> x` applied inside the step.
+
+  Returns:
+    (trained variables, data losses np.ndarray [steps]: the minibatch loss each step
+    computed before its update, without the penalty).
+  """
+  variables, metrics = fit_metrics(model, loss, variables, x, y, tx=tx, steps=steps, rng=rng,
+                                   l2=l2, batch_size=batch_size, augment=augment)
+  return variables, metrics["loss"]
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_fn(apply: Callable, per_example: Callable, correct: Optional[Callable],
+             has_batchnorm: bool, has_dropout: bool) -> Callable:
+  """Jitted `(variables, x, y, key) -> dict` of outputs, per-example losses and accuracy.
+
+  Cached on the functions' identities (the cache holds them, so an id is never reused).
+  """
+
+  def run(variables, x, y, key):
+    if has_batchnorm:
+      outputs = apply(variables, x, True, {"dropout": key} if has_dropout else None)
+    else:
+      outputs = apply(variables, x, False, None)
+    out = {"outputs": outputs, "per_example": per_example(outputs, y)}
+    if correct is not None:
+      out["correct"] = correct(outputs, y)
+    return out
+
+  return jax.jit(run)
+
+
+def evaluate(model: Model, loss: Loss, variables: dict, x, y, *, rng=0) -> dict:
+  """The data loss (no regularisation) of `variables` on (x, y), on the host.
+
+  Eval mode for models without BatchNorm; train mode (batch statistics, and dropout drawn
+  from `rng` when the model has both) for BatchNorm models (see the module docstring).
+
+  Returns:
+    {'loss': mean, 'se': standard error of the mean, 'accuracy': mean or None,
+     'per_example': [B], 'outputs': model outputs}, numpy values.
+  """
+  fn = _eval_fn(model.apply, loss.per_example, loss.correct, bool(model.has_batchnorm),
+                bool(model.has_dropout))
+  out = jax.device_get(fn(variables, jnp.asarray(x), jnp.asarray(y), as_key(rng)))
+  per_ex = np.asarray(out["per_example"], np.float64)
+  n = max(per_ex.size, 1)
+  return {
+      "loss": float(np.mean(per_ex)),
+      "se": float(np.std(per_ex) / np.sqrt(n)) if per_ex.size > 1 else 0.0,
+      "accuracy": float(np.mean(out["correct"])) if "correct" in out else None,
+      "per_example": per_ex,
+      "outputs": np.asarray(out["outputs"]),
+  }
+
+
+@functools.lru_cache(maxsize=64)
+def mean_loss_fn(per_example: Callable) -> Callable:
+  """Jitted `(outputs, labels) -> mean per-example loss` (cached on the loss function)."""
+  return jax.jit(lambda o, t: jnp.mean(per_example(o, t)))
+
+
+_NO_DROPOUT: dict = {}
+
+
+def without_dropout(model: Model) -> Model:
+  """The model trained in eval mode (dropout off, BatchNorm running statistics).
+
+  One wrapper per model (kept, with the model, so its functions keep their identity): every
+  run of the wrapper shares one compiled step.
+  """
+  hit = _NO_DROPOUT.get(id(model.apply))
+  if hit is not None and hit[0] is model.apply:
+    return hit[1]
+
+  def apply_with_state(variables, x, train=False, rngs=None):
+    del train, rngs
+    state = {k: v for k, v in variables.items() if k != "params"}
+    return model.apply(variables, x, False, None), state
+
+  def apply(variables, x, train=False, rngs=None):
+    return apply_with_state(variables, x, train, rngs)[0]
+
+  wrapped = Model(init=model.init, apply=apply, apply_with_state=apply_with_state,
+                  name=f"{model.name} (dropout off)", module=model.module, has_dropout=False,
+                  has_batchnorm=False, widen=None)
+  _NO_DROPOUT[id(model.apply)] = (model.apply, wrapped)
+  return wrapped

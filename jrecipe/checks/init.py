@@ -1,0 +1,282 @@
+"""The checks at initialisation (recipe stage 2): 'verify loss @ init' and 'init well'.
+
+  loss_at_init  'verify loss @ init' (CS231n: 'look for correct loss at chance')
+  init_bias     'init well': the data-derived final-layer bias predicts the base rates
+
+Both measure the model before any training; `head_bias` / `copy_head_bias` read and write
+the final layer's bias, which 'init well' sets from the data.
+"""
+
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from jrecipe.checks.base import CheckResult, verdict
+from jrecipe.checks.fitting import evaluate, mean_loss_fn
+from jrecipe.checks.registry import register_check
+from jrecipe.types import Loss, Model
+
+# Tolerances, with the reasoning in each check's docstring.
+INIT_LOSS_PASS_REL = 0.15  # loss_at_init: pass within 15% of the reference...
+INIT_LOSS_FAIL_REL = 0.50  # ...warn up to 50%, fail beyond
+INIT_LOSS_ATOL = 0.05  # absolute band for references near zero (regression)
+BASE_RATE_TV = 0.05  # init_bias: total variation between predicted and label frequencies
+
+
+def head_bias(variables: dict) -> Optional[np.ndarray]:
+  """params['head']['bias'] as numpy, or None when the model has no 'head' with a bias."""
+  params = variables.get("params") if hasattr(variables, "get") else None
+  head = params.get("head") if hasattr(params, "get") else None
+  if head is None or not hasattr(head, "get") or head.get("bias") is None:
+    return None
+  return np.asarray(head["bias"])
+
+
+def copy_head_bias(variables: dict, bias: Optional[np.ndarray]) -> dict:
+  """variables with params['head']['bias'] = bias when both exist with the same shape."""
+  current = head_bias(variables)
+  if bias is None or current is None or current.shape != bias.shape:
+    return variables
+  params = dict(variables["params"])
+  head = dict(params["head"])
+  head["bias"] = jnp.asarray(bias, current.dtype)
+  params["head"] = head
+  return {**variables, "params": params}
+
+
+def _constant_reference(loss: Loss, outputs: np.ndarray, y, bias: Optional[np.ndarray]):
+  """The loss of the outputs a vanishingly small init gives: the head bias (or 0) everywhere."""
+  const = np.zeros(outputs.shape, np.float32)
+  if bias is not None and bias.shape and bias.shape[-1] == outputs.shape[-1]:
+    const = const + bias.astype(np.float32)
+  return float(mean_loss_fn(loss.per_example)(jnp.asarray(const), jnp.asarray(y)))
+
+
+def loss_at_init(model: Model, loss: Loss, variables: dict, x, y, *,
+                 num_classes: Optional[int]) -> CheckResult:
+  """'Verify loss @ init' (recipe stage 2; CS231n 'look for correct loss at chance').
+
+  Measures the data loss (no regularisation) at initialisation and compares it with the
+  loss of the outputs a vanishingly small init produces: the 'head' bias broadcast over the
+  outputs, zeros when there is none. With a zero bias that is exactly `loss.chance` for the
+  standard losses (-ln(1/C) for softmax, C-1 for the Weston-Watkins SVM); with a
+  data-derived bias it is the cross-entropy of the class priors (or, for L2, the target
+  variance), which is what a correct 'init well' model starts at. `loss.chance(num_classes,
+  y)` is reported beside it in `details`.
+
+  Tolerance: the excess loss of small random logits with spread s is about s^2/2, so a
+  default (LeCun) init sits a few percent above chance; 15% allows logits of std ~0.8 at
+  C=10. Pass when |loss - reference| <= max(15% of |reference|, 0.05) + 3 standard errors
+  of the batch mean (a small batch measures the loss with noise; the 0.05 absolute band
+  handles references near 0, e.g. regression targets near their mean); warn up to 50%;
+  fail beyond (an init scale 10x too large gives losses many times chance).
+
+  A softmax applied before a loss that expects logits also starts near -ln(1/C) and passes
+  here; the check `logits_not_probabilities` catches it.
+
+  Args:
+    model, loss, variables: the model at init (without any training).
+    x, y: a batch (a few hundred examples measure the mean well).
+    num_classes: C for classification (None for regression).
+
+  Returns:
+    A CheckResult with value = measured loss, expected = the reference.
+  """
+  ev = evaluate(model, loss, variables, x, y)
+  measured = ev["loss"]
+  bias = head_bias(variables)
+  bias_set = bias is not None and bool(np.any(np.abs(bias) > 1e-6))
+  reference = _constant_reference(loss, ev["outputs"], y, bias if bias_set else None)
+  try:
+    chance = float(loss.chance(num_classes, np.asarray(y)))
+  except Exception as e:  # a user loss without a closed form: the reference still stands
+    chance = None
+    details_chance = f"loss.chance failed: {e}"
+  else:
+    details_chance = None
+  ref_name = ("the loss of predicting the head bias (class priors / target mean)" if bias_set
+              else "chance (all outputs zero)")
+  dev = measured - reference
+  rel = abs(dev) / max(abs(reference), 1e-12)
+  noise = 3.0 * ev["se"]
+  pass_band = max(INIT_LOSS_PASS_REL * abs(reference), INIT_LOSS_ATOL) + noise
+  fail_band = max(INIT_LOSS_FAIL_REL * abs(reference), 2 * INIT_LOSS_ATOL) + noise
+  details = {"loss": measured, "reference": reference, "reference_kind": ref_name,
+             "chance": chance, "relative_deviation": rel, "standard_error": ev["se"],
+             "pass_band": pass_band, "fail_band": fail_band, "head_bias_set": bias_set}
+  if details_chance:
+    details["chance_error"] = details_chance
+  result = verdict("loss_at_init", value=measured,
+                   expected=f"{reference:.4g} +/- {pass_band:.3g}", details=details)
+  head = (f"Verify loss @ init: {measured:.4g} vs {reference:.4g} expected "
+          f"({ref_name}{'' if chance is None else f'; loss.chance={chance:.4g}'}), "
+          f"{100 * rel:.0f}% off")
+  if not np.isfinite(measured):
+    return result("fail", f"{head}: the loss at init is not finite; likely causes: "
+                  "non-finite inputs, log of zero, overflow from a huge init scale.")
+  if dev > 0:
+    causes = ("init scale too large (logits spread widely), inputs not normalised, or a "
+              "final bias set badly")
+  else:
+    causes = ("labels off (wrong or leaked labels, wrong num_classes), a loss that does not "
+              "expect these outputs, or a bias fit to this batch")
+  side = "above" if dev > 0 else "below"
+  if abs(dev) <= pass_band:
+    return result("pass", f"{head}: within tolerance.")
+  if abs(dev) <= fail_band:
+    return result("warn", f"{head}: {side} the expected value; likely causes: {causes}.")
+  return result("fail", f"{head}: far {side} the expected value; likely causes: {causes}.")
+
+
+def _softmax_rates(outputs, axis_mean: bool) -> np.ndarray:
+  """Softmax of the batch-mean logits (axis_mean) or mean of the per-example softmaxes."""
+  z = np.asarray(outputs, np.float64)
+  if axis_mean:
+    z = z.reshape(-1, z.shape[-1]).mean(axis=0)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+  p = np.exp(z - z.max(axis=-1, keepdims=True))
+  p /= p.sum(axis=-1, keepdims=True)
+  return p.reshape(-1, p.shape[-1]).mean(axis=0)
+
+
+def _base_rate_mismatch(ev0: dict, ev1: dict, y: np.ndarray, num_classes, details: dict):
+  """Logits: (mismatch with, mismatch without, tolerance, what with, what without).
+
+  The rates the bias sets are the softmax of the batch-mean logits; the mean of per-example
+  softmaxes also depends on the spread of the logits at init (Jensen), which the bias does
+  not control: it is kept in details as 'mean_softmax_with'.
+  """
+  c = int(num_classes or ev1["outputs"].shape[-1])
+  freq = np.bincount(y.ravel().astype(np.int64), minlength=c)[:c] / max(y.size, 1)
+  p_with = _softmax_rates(ev1["outputs"], True)
+  p_without = _softmax_rates(ev0["outputs"], True)
+  tv_with = 0.5 * float(np.abs(p_with - freq).sum())
+  tv_without = 0.5 * float(np.abs(p_without - freq).sum())
+  noise = 0.5 * float(np.sum(np.sqrt(2 * freq * (1 - freq) / (np.pi * max(y.size, 1)))))
+  tol = BASE_RATE_TV + 2 * noise
+  details.update(label_frequencies=freq.tolist(), predicted_with=p_with.tolist(),
+                 predicted_without=p_without.tolist(), tv_with=tv_with,
+                 mean_softmax_with=_softmax_rates(ev1["outputs"], False).tolist(),
+                 tv_without=tv_without, tolerance=tol,
+                 imbalance_tv=0.5 * float(np.abs(freq - 1.0 / c).sum()))
+  return (tv_with, tv_without, tol,
+          f"predicted base rates vs label frequencies TV {tv_with:.3f} (tol {tol:.3f})",
+          f"base-rate TV {tv_without:.3f} without the bias (tol {tol:.3f})")
+
+
+def _target_mean_mismatch(ev0: dict, ev1: dict, y: np.ndarray, details: dict):
+  """Regression: the same tuple, in target standard deviations of the mean prediction."""
+  out1 = ev1["outputs"].reshape(len(y), -1)
+  out0 = ev0["outputs"].reshape(len(y), -1)
+  t = y.reshape(len(y), -1).astype(np.float64)
+  std = t.std(axis=0) + 1e-12
+  mismatch = float(np.max(np.abs(out1.mean(0) - t.mean(0)) / std))
+  mismatch_without = float(np.max(np.abs(out0.mean(0) - t.mean(0)) / std))
+  tol = 0.1 + 2.0 / np.sqrt(max(len(t), 1))
+  details.update(target_mean=t.mean(0).tolist(), predicted_mean_with=out1.mean(0).tolist(),
+                 mismatch_with_std=mismatch, mismatch_without_std=mismatch_without,
+                 tolerance=tol)
+  return (mismatch, mismatch_without, tol,
+          f"mean prediction vs target mean {mismatch:.3f} std (tol {tol:.3f})",
+          f"mean prediction {mismatch_without:.3f} std from the target mean without the bias "
+          f"(tol {tol:.3f})")
+
+
+def init_bias(model: Model, loss: Loss, variables_without: dict, variables_with: dict, x, y,
+              *, num_classes: Optional[int]) -> CheckResult:
+  """'Init well' (recipe stage 2): the data-derived final-layer bias and the base rates.
+
+  Compares the data loss at init without and with the data-derived 'head' bias (log class
+  priors for softmax classification and sequences, the target mean for regression) and
+  checks that the model then predicts the base rates: the softmax of the batch-mean logits
+  against the label frequencies (total variation distance), or the mean prediction against
+  the target mean (in target standard deviations).
+
+  Tolerance: TV < 0.05 plus twice the expected sampling TV of the batch's own label
+  frequencies (0.5 * sum_c sqrt(2 f_c (1 - f_c) / (pi n)): a batch of a few hundred
+  examples does not have exactly the training priors); for regression |mean prediction -
+  mean target| < 0.1 std + 2 std/sqrt(n). The bias must not raise the loss by more than 2%
+  (plus 3 standard errors). On a balanced dataset both losses are nearly equal: that passes.
+
+  Args:
+    model, loss: the model and loss.
+    variables_without: variables at init, head bias as initialised (usually zeros).
+    variables_with: the same variables with the data-derived head bias
+      (`jrecipe.experiment.set_head_bias(v, experiment.head_bias())`).
+    x, y: a batch (larger is better; the whole train split is cheap at init).
+    num_classes: C for classification; None for regression.
+
+  Returns:
+    skip for the SVM (no priors for hinge scores) or a model without a 'head' bias; fail when
+    the bias raises the loss; warn when the bias is set but the base rates still mismatch
+    (the weights dominate it), or when the bias was not set (the two variables agree) and
+    the labels are imbalanced; else pass.
+  """
+  skip = verdict("init_bias")
+  if loss.expects == "scores":
+    return skip("skip", "Init well: skipped, the SVM's hinge scores have no class-prior bias "
+                "(the loss at init is C-1 whatever the priors).")
+  if loss.expects not in ("logits", "values"):
+    return skip("skip", f"Init well: skipped, loss.expects={loss.expects!r} has no "
+                "data-derived bias.")
+  b_with, b_without = head_bias(variables_with), head_bias(variables_without)
+  if b_with is None or b_without is None:
+    return skip("skip", "Init well: skipped, the model has no final Dense named 'head' with a "
+                "bias, so there is no bias to set from the data.")
+  ev0 = evaluate(model, loss, variables_without, x, y)
+  ev1 = evaluate(model, loss, variables_with, x, y)
+  bias_set = not np.array_equal(b_with, b_without)
+  details = {"loss_without": ev0["loss"], "loss_with": ev1["loss"], "bias_set": bias_set}
+  y_np = np.asarray(y)
+  if loss.expects == "logits":
+    measured = _base_rate_mismatch(ev0, ev1, y_np, num_classes, details)
+  else:
+    measured = _target_mean_mismatch(ev0, ev1, y_np, details)
+  result = verdict("init_bias", value=ev1["loss"], details=details,
+                   expected=f"<= {ev0['loss']:.4g} and base rates matched")
+  return _init_bias_verdict(result, ev0, ev1, bias_set, *measured)
+
+
+def _init_bias_verdict(result, ev0, ev1, bias_set, mismatch, mismatch_without, tol, what,
+                       what_without) -> CheckResult:
+  """init_bias's rules (see its docstring) on the measured losses and base rates."""
+  losses = f"loss at init {ev0['loss']:.4g} without the bias, {ev1['loss']:.4g} with it"
+  slack = 0.02 * abs(ev0["loss"]) + 3 * max(ev0["se"], ev1["se"])
+  if not bias_set:
+    if mismatch_without > tol:
+      return result("warn", f"Init well: {losses}: the head bias is not set from the data and "
+                    f"the labels are imbalanced ({what_without}); set the final bias to the "
+                    "log class priors / target mean (config.init_bias) to remove the hockey "
+                    "stick.")
+    return result("pass", f"Init well: {losses}; the bias is not set, but the labels are "
+                  f"balanced so the model already predicts the base rates ({what_without}).")
+  if ev1["loss"] - ev0["loss"] > slack:
+    return result("fail", f"Init well: {losses}; the bias raises the loss ({what}); likely "
+                  "causes: priors from the wrong split or label mapping, a bias without the "
+                  "log, or a head whose outputs are not logits/values.")
+  if mismatch > tol:
+    return result("warn", f"Init well: {losses}; the bias is set but the outputs at init do "
+                  f"not predict the base rates ({what}): the weights dominate the bias; a "
+                  "smaller head init, or inputs centred per feature, lets the bias set the "
+                  "rates.")
+  if abs(ev1["loss"] - ev0["loss"]) <= slack:
+    note = "nearly equal, as expected for balanced labels"
+  else:
+    note = f"the bias lowers it by {ev0['loss'] - ev1['loss']:.4g} (no hockey stick)"
+  return result("pass", f"Init well: {losses}: {note}; {what}.")
+
+
+@register_check("loss_at_init", stage="init", needs=("data_before_net",))
+def check_loss_at_init(ctx) -> CheckResult:
+  """The loss at init on held-out examples against the loss of a vanishingly small init."""
+  return loss_at_init(ctx.model, ctx.loss, ctx.variables, ctx.x_val, ctx.y_val,
+                      num_classes=ctx.spec.num_classes)
+
+
+@register_check("init_bias", stage="init", needs=("loss_at_init",))
+def check_init_bias(ctx) -> CheckResult:
+  """The head bias from the data against the same draw without it, on the train sample."""
+  return init_bias(ctx.model, ctx.loss, ctx.variables_plain, ctx.variables, ctx.x, ctx.y,
+                   num_classes=ctx.spec.num_classes)
