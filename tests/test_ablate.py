@@ -7,6 +7,7 @@ over two seeds, and checks that a second table on the same runs reuses them.
 
 import os
 
+import numpy as np
 import pytest
 
 from jrecipe.ablate import mode as ablate
@@ -73,6 +74,53 @@ def test_verdicts_and_effect_sign():
   assert ablate.effect([1.0, 1.2], [0.5, 0.7], "loss")["effect"] == pytest.approx(0.5)
 
 
+def _flipped(n_seeds, flips, n=270, base_right=240):
+  """Per-example accuracy (points) of base and variant runs on one split of n examples: the
+  variant gets `flips` more examples right in every seed, the same ones each time (the issue's
+  case: two examples are all the evidence, however many seeds repeat them)."""
+  order = np.random.default_rng(0).permutation(n)
+  base, var = [], []
+  for _ in range(n_seeds):
+    b = np.zeros(n)
+    b[order[:base_right]] = 100.0
+    v = b.copy()
+    v[np.flatnonzero(b == 0)[:flips]] = 100.0
+    base.append(b)
+    var.append(v)
+  return base, var
+
+
+def test_no_verdict_below_three_seeds_and_intervals_of_a_discrete_split():
+  """Issue 22: 2 seeds whose variants both get the same 2 of 270 examples right: not 'held
+  0.74 +- 0' but no verdict (too few seeds), and an interval that admits no change."""
+  base, var = _flipped(2, 2)
+  means = lambda runs: [float(r.mean()) for r in runs]  # noqa: E731
+  e = ablate.effect(means(base), means(var), "accuracy")
+  assert e["effect"] == pytest.approx(200 / 270) and e["se"] == 0.0
+  lo, hi = ablate.paired_bootstrap(base, var, "accuracy")
+  assert lo <= 0.0 < e["effect"] < hi  # 2 examples' worth of evidence is not a change
+  v = ablate.verdict(e["effect"], e["se"], "better", None, "points", interval=(lo, hi),
+                     seeds=2)
+  assert v["verdict"] == "no verdict" and "fewer than 3 seeds" in v["text"]
+  assert "+- 0" not in v["text"] and "95% interval" in v["text"]
+  # Three seeds, the same 2 flips: a verdict, and it is that no change was shown.
+  base, var = _flipped(3, 2)
+  lo, hi = ablate.paired_bootstrap(base, var, "accuracy")
+  v = ablate.verdict(200 / 270, 0.0, "better", None, "points", interval=(lo, hi), seeds=3)
+  assert v["verdict"] == "inconclusive" and v["observed"] == "same"
+  # 30 flips per seed is a change the interval shows.
+  base, var = _flipped(3, 30)
+  lo, hi = ablate.paired_bootstrap(base, var, "accuracy")
+  assert 0 < lo < 3000 / 270 < hi
+  assert ablate.verdict(3000 / 270, 0.0, "better", None, "points", interval=(lo, hi),
+                        seeds=3)["verdict"] == "held"
+  # Identical predictions (a change that cannot affect training): exactly no change.
+  assert ablate.paired_bootstrap(base, base, "accuracy") == (0.0, 0.0)
+  # Loss: lower is better, so the interval is of base - variant.
+  lo, hi = ablate.paired_bootstrap([np.full(50, 1.0)] * 3, [np.full(50, 0.5)] * 3, "loss")
+  assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
 @pytest.mark.slow
 def test_ablation_end_to_end(tmp_path):
   wd = str(tmp_path / "abl")
@@ -86,8 +134,12 @@ def test_ablation_end_to_end(tmp_path):
   assert res["base"]["values"][0] != res["base"]["values"][1]  # two seeds, two results
   tiny, = res["variants"]
   assert tiny["name"] == "tiny_lr" and tiny["observed"] == "worse"
-  assert tiny["verdict"] == "refuted" and tiny["text"].startswith("expected better, got worse by")
+  # Two seeds: the direction is shown, no verdict is given.
+  assert tiny["verdict"] == "no verdict" and tiny["text"].startswith(
+      "expected better, got worse by") and "fewer than 3 seeds" in tiny["text"]
   assert tiny["effect"] < -10 and tiny["se"] is not None
+  lo, hi = tiny["interval"]  # a paired bootstrap over the 270 validation examples and seeds
+  assert lo <= tiny["effect"] <= hi < 0
   for name in ("base", "tiny_lr"):
     for k in range(2):
       summary = read_json(os.path.join(wd, "ablate", name, f"seed{k}", "summary.json"))
@@ -95,7 +147,7 @@ def test_ablation_end_to_end(tmp_path):
   cfg = read_json(os.path.join(wd, "ablate", "tiny_lr", "seed1", "config.json"))
   assert cfg["optimizer"]["learning_rate"] == 1e-6 and cfg["seed"] == 1
   md = open(os.path.join(wd, "ablation.md")).read()
-  assert "| base |" in md and "| + tiny_lr |" in md and "refuted" in md
+  assert "| base |" in md and "| + tiny_lr |" in md and "no verdict" in md
 
   # The reverse table on the same runs: every run is reused, nothing retrains.
   stamps = {p: os.path.getmtime(p) for p in _summaries(wd)}

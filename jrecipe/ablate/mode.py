@@ -20,10 +20,11 @@ Python literal (`1e-3`, `(64, 64)`, `True`, `'cosine'`) or a bare string (`cosin
 The base and every variant train `ablate.seeds` times (seeds config.seed, +1, ...) with
 `train_and_evaluate` into DIR/ablate/<name>/seed<k> (a finished run is reused, so adding a
 variant later trains only the new one). Each change's effect is the difference of the mean
-validation metric from the base, signed so that positive means better, with the standard
-error of that difference as its spread (paired by seed: base and variant share seeds); a change is 'better' or 'worse' only when it
-exceeds twice its standard error, and 'same' otherwise. The hypothesis is 'held',
-'refuted' (the opposite happened) or 'inconclusive' (expected a change, saw noise).
+validation metric from the base, signed so that positive means better, with its 95% interval
+from a paired bootstrap over seeds and validation examples (stats.py: base and variant share
+seeds and examples); a change is 'better' or 'worse' only when the interval excludes 0, and
+'same' otherwise. The hypothesis is 'held', 'refuted' (the opposite happened) or
+'inconclusive' (expected a change, saw noise); with fewer than 3 seeds, 'no verdict'.
 
 Writes DIR/ablation.json and DIR/ablation.md (the table), and prints the table.
 """
@@ -31,15 +32,18 @@ Writes DIR/ablation.json and DIR/ablation.md (the table), and prints the table.
 import ast
 import dataclasses
 import logging
-import math
 import os
 import re
 from typing import Any, Optional
 
 import numpy as np
 
+from jrecipe.ablate.stats import (MIN_SEEDS, effect, paired_bootstrap, per_example_scores,
+                                  verdict)
 from jrecipe.errors import UserError
 from jrecipe.train.writer import write_json_atomic
+
+__all__ = ["MIN_SEEDS", "effect", "paired_bootstrap", "run_ablation", "run_mode", "verdict"]
 
 log = logging.getLogger("jrecipe")
 
@@ -208,64 +212,6 @@ def _score(summary: dict, metric: str) -> float:
   return 100.0 * v if metric == "accuracy" else v
 
 
-def effect(base: list[float], variant: list[float], metric: str) -> dict:
-  """Improvement of `variant` over `base` (positive = better) and its standard error.
-
-  Base and variant run with the same seeds (same init and data order), so the difference
-  is taken per seed (paired) and its spread is the standard error of those differences:
-  a change that cannot affect training gives exactly 0 +- 0. Unequal lengths fall back to
-  the unpaired standard error.
-  """
-  b, v = np.asarray(base, float), np.asarray(variant, float)
-  sign = -1.0 if metric == "loss" else 1.0
-  se = None
-  if len(b) == len(v):
-    d = sign * (v - b)
-    diff = float(d.mean())
-    if len(d) > 1:
-      se = float(d.std(ddof=1) / math.sqrt(len(d)))
-  else:
-    diff = float(sign * (v.mean() - b.mean()))
-    if len(b) > 1 and len(v) > 1:
-      se = float(math.sqrt(b.var(ddof=1) / len(b) + v.var(ddof=1) / len(v)))
-  return {"effect": diff, "se": se, "paired": len(b) == len(v)}
-
-
-def verdict(eff: float, se: Optional[float], direction: str, size: Optional[float],
-            unit: str) -> dict:
-  """Observed direction and the hypothesis verdict, with a sentence."""
-  noise = 2 * se if se is not None else 0.0
-  if se is None:
-    observed = "better" if eff > 0 else ("worse" if eff < 0 else "same")
-  elif abs(eff) <= noise:
-    observed = "same"
-  else:
-    observed = "better" if eff > 0 else "worse"
-  if observed == direction:
-    result = "held"
-  elif observed == "same" or direction == "same" and se is None:
-    result = "inconclusive"
-  else:
-    result = "refuted"
-  if se is None and result == "held" and direction != "same":
-    result = "held (one seed: no spread)"
-  spread = f" +- {se:.2g}" if se is not None else ""
-  if observed == "same":
-    got = f"no change beyond noise ({eff:+.2f}{spread} {unit})"
-  else:
-    got = f"{observed} by {abs(eff):.2f}{spread} {unit}"
-  expected = direction + (f" by {size:g}" if size else "")
-  text = f"expected {expected}, got {got}"
-  if size and observed == direction and direction != "same":
-    if abs(eff) + noise < size / 2:
-      text += f"; smaller than the {size:g} expected"
-    elif abs(eff) - noise > 2 * size:
-      text += f"; larger than the {size:g} expected"
-    else:
-      text += "; about the size expected (within a factor of 2)"
-  return {"observed": observed, "verdict": result, "text": text}
-
-
 def _fmt(mean: float, std: Optional[float]) -> str:
   return f"{mean:.2f}" + (f" +- {std:.2f}" if std is not None else "")
 
@@ -276,14 +222,19 @@ def markdown(result: dict) -> str:
   base_label = "full config" if result["kind"] == "remove" else "base"
   lines = [f"# Ablation ({'remove one at a time' if result['kind'] == 'remove' else 'add one at a time'})",
            "", f"Validation {metric} ({unit}), mean +- std over {result['seeds']} seeds; effect "
-           "= variant - base (paired by seed), positive = better, +- its standard error.", "",
+           "= variant - base (paired by seed), positive = better, with its 95% interval (a "
+           "paired bootstrap over seeds and validation examples). No verdict below "
+           f"{MIN_SEEDS} seeds.", "",
            f"| variant | overrides | validation {metric} | effect | hypothesis | verdict |",
            "|---|---|---|---|---|---|",
            f"| {base_label} | - | {_fmt(result['base']['mean'], result['base']['std'])} | - | - | - |"]
   for v in result["variants"]:
     label = f"- {v['name']}" if result["kind"] == "remove" else f"+ {v['name']}"
     ov = ", ".join(f"{k}={val!r}" for k, val in v["overrides"].items())
-    eff = f"{v['effect']:+.2f}" + (f" +- {v['se']:.2f}" if v["se"] is not None else "")
+    if v.get("interval"):
+      eff = f"{v['effect']:+.2f} [{v['interval'][0]:+.2f}, {v['interval'][1]:+.2f}]"
+    else:
+      eff = f"{v['effect']:+.2f}" + (f" +- {v['se']:.2f}" if v["se"] else "")
     hyp = v["direction"] + (f" by {v['size']:g}" if v["size"] else "")
     lines.append(f"| {label} | `{ov}` | {_fmt(v['mean'], v['std'])} | {eff} | {hyp} | "
                  f"{v['verdict']}: {v['text']} |")
@@ -310,6 +261,16 @@ def _train(cfg, workdir: str) -> dict:
   return loop.train_and_evaluate(cfg, workdir)
 
 
+def _per_example(workdir: str, metric: str) -> Optional[np.ndarray]:
+  """The run's per-example validation scores, or None (with a warning) if unreadable."""
+  try:
+    return per_example_scores(workdir, metric)
+  except (UserError, OSError, ValueError, KeyError) as e:
+    log.warning("ablate: no per-example scores for %s (%s); its interval is left out.",
+                workdir, e)
+    return None
+
+
 def run_ablation(config, workdir: str) -> dict:
   """Trains base and variants over seeds; returns (and writes) the ablation result."""
   s = settings(config)
@@ -318,9 +279,9 @@ def run_ablation(config, workdir: str) -> dict:
   for v in variants:
     variant_config(config, v.overrides, config.seed)
   unit = "points" if metric == "accuracy" else "loss"
-  runs = {}
+  runs, examples = {}, {}
   for name, overrides in [("base", {})] + [(v.name, v.overrides) for v in variants]:
-    scores = []
+    scores, per_example = [], []
     for k in range(seeds):
       cfg = variant_config(config, overrides, config.seed + k)
       with cfg.unlocked():
@@ -328,7 +289,8 @@ def run_ablation(config, workdir: str) -> dict:
       wd = os.path.join(workdir, "ablate", name, f"seed{k}")
       log.info("ablate: training %s, seed %d (%s)", name, config.seed + k, wd)
       scores.append(_score(_train(cfg, wd), metric))
-    runs[name] = scores
+      per_example.append(_per_example(wd, metric))
+    runs[name], examples[name] = scores, per_example
 
   def stats(values):
     a = np.asarray(values, float)
@@ -339,9 +301,13 @@ def run_ablation(config, workdir: str) -> dict:
             "seeds": seeds, "base": {"name": "base", **stats(runs["base"])}, "variants": []}
   for v in variants:
     e = effect(runs["base"], runs[v.name], metric)
+    pairs = [(b, x) for b, x in zip(examples["base"], examples[v.name])
+             if b is not None and x is not None and len(b) == len(x)]
+    interval = paired_bootstrap(*zip(*pairs), metric) if len(pairs) == seeds else None
     entry = {"name": v.name, "spec": v.text, "overrides": v.overrides, "direction": v.direction,
-             "size": v.size, **stats(runs[v.name]), **e,
-             **verdict(e["effect"], e["se"], v.direction, v.size, unit),
+             "size": v.size, **stats(runs[v.name]), **e, "interval": interval,
+             **verdict(e["effect"], e["se"], v.direction, v.size, unit, interval=interval,
+                       seeds=seeds),
              "runs": [os.path.join("ablate", v.name, f"seed{k}") for k in range(seeds)]}
     result["variants"].append(entry)
   os.makedirs(workdir, exist_ok=True)
