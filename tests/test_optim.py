@@ -118,6 +118,36 @@ def test_linear(unit, warmup, w):
   np.testing.assert_allclose(values(fn, T), expected, rtol=1e-6)
 
 
+OPTAX_TWINS = [  # (jrecipe schedule in steps, the optax schedule it adapts)
+    ({'name': 'step', 'boundaries': (20, 50), 'decay_factor': 0.1},
+     optax.piecewise_constant_schedule(1.0, {20: 0.1, 50: 0.1})),
+    ({'name': 'step', 'every': 30, 'decay_factor': 0.5},
+     optax.exponential_decay(1.0, 30, 0.5, staircase=True)),
+    ({'name': 'exponential', 'decay_rate': 0.03}, optax.exponential_decay(1.0, 1, math.exp(-0.03))),
+    ({'name': 'cosine', 'end_value': 0.1, 'decay_steps': 60},
+     optax.cosine_decay_schedule(1.0, 60, alpha=0.1)),
+    ({'name': 'linear', 'end_value': 0.25, 'decay_steps': 40}, optax.linear_schedule(1.0, 0.25, 40)),
+    ({'name': 'constant'}, optax.constant_schedule(1.0)),
+]
+
+
+@pytest.mark.parametrize('cfg,ref', OPTAX_TWINS)
+def test_named_schedules_are_optax_schedules(cfg, ref):
+  fn = sched(dict(cfg, unit='steps'))
+  np.testing.assert_allclose(values(fn, T), values(ref, T), rtol=1e-6, atol=1e-7)
+
+
+def test_missing_fields_take_the_base_config_defaults():
+  from jrecipe.config_base import base_config
+  base = base_config().schedule
+  partial = sched({'name': 'step', 'boundaries': (2, 5)})  # no unit: the base config's
+  full = sched(dict(base.to_dict(), name='step', boundaries=(2, 5)))
+  np.testing.assert_array_equal(values(partial, T), values(full, T))
+  # alpha, optax's name for the end fraction, may be given beside the default end_value.
+  fn = sched({'name': 'cosine', 'end_value': 0.0, 'alpha': 0.2})
+  assert float(fn(TOTAL)) == pytest.approx(0.2)
+
+
 def test_schedule_table():
   fn = sched({'name': 'linear', 'end_value': 0.0})
   steps, vals = optim.schedule_table(fn, TOTAL, n=11)
@@ -233,7 +263,7 @@ def test_constant_momentum_uses_optimizer_momentum():
 
 
 def test_momentum_starting_at_zero():
-  mom = {'name': 'linear', 'start': 0.0, 'end': 0.9, 'decay_steps': 10}
+  mom = {'name': 'linear', 'start': 0.0, 'end': 0.9, 'unit': 'steps', 'decay_steps': 10}
   tx = make(opt_cfg(name='momentum'), None, mom)
   _, _, state = run_updates(tx, {'w': jnp.zeros(1)}, {'w': jnp.ones(1)}, 5)
   assert float(state.hyperparams['momentum']) == pytest.approx(0.45)
