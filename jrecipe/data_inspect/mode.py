@@ -19,55 +19,24 @@ import ast
 import logging
 import os
 
+from jrecipe import validate
 from jrecipe.errors import UserError
+from jrecipe.sections import complete
 
 log = logging.getLogger("jrecipe")
 
-MISTAKES = ("auto", "on", "off")
-
-
-def _get(section, key, default):
-  if section is None:
-    return default
-  v = section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
-  return default if v is None else v
-
 
 def inspect_settings(config) -> dict:
-  """The `config.inspect` fields with their defaults, validated (UserError if not)."""
-  sec = config.get("inspect", None) if hasattr(config, "get") else None
-  s = {
-      "filter": _get(sec, "filter", ""), "sort_by": _get(sec, "sort_by", ""),
-      "descending": _get(sec, "descending", True), "top_k": _get(sec, "top_k", 32),
-      "outlier_k": _get(sec, "outlier_k", 8),
-      "samples_per_class": _get(sec, "samples_per_class", 10),
-      "near_dup_threshold": _get(sec, "near_dup_threshold", 0.985),
-      "near_dup_neighbors": _get(sec, "near_dup_neighbors", 8),
-      "max_shift": _get(sec, "max_shift", 1),
-      "label_neighbors": _get(sec, "label_neighbors", 10),
-      "value_range": _get(sec, "value_range", ()), "mistakes": _get(sec, "mistakes", "auto"),
-      "split": _get(sec, "split", "test"),
-  }
-  for key in ("filter", "sort_by", "mistakes", "split"):
-    if not isinstance(s[key], str):
-      raise UserError(f"config.inspect.{key}={s[key]!r} must be a string.")
-  for key, lo in (("top_k", 1), ("outlier_k", 1), ("samples_per_class", 1),
-                  ("near_dup_neighbors", 1), ("max_shift", 0), ("label_neighbors", 0)):
-    v = s[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-      raise UserError(f"config.inspect.{key}={v!r} must be an integer >= {lo}.")
-  if not isinstance(s["descending"], bool):
-    raise UserError(f"config.inspect.descending={s['descending']!r} must be true or false.")
-  t = s["near_dup_threshold"]
-  if isinstance(t, bool) or not isinstance(t, (int, float)) or not -1.0 <= t <= 1.0:
-    raise UserError(f"config.inspect.near_dup_threshold={t!r} must be a cosine similarity in "
-                    "[-1, 1] (default 0.985; higher finds fewer pairs).")
-  if s["mistakes"] not in MISTAKES:
-    raise UserError(f"config.inspect.mistakes={s['mistakes']!r}: use one of "
-                    f"{', '.join(MISTAKES)}.")
-  vr = tuple(s["value_range"]) if not isinstance(s["value_range"], str) else None
-  if vr is None or (vr and (len(vr) != 2 or not all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) for v in vr) or vr[0] > vr[1])):
+  """The `config.inspect` fields, validated (UserError if not), before any data is loaded.
+
+  Types and ranges come from the schema (`jrecipe.config.schema.INSPECT`); a field missing
+  from a partial section takes its schema default. Checked here beyond that: value_range is
+  () or (min, max), and the filter parses as an expression.
+  """
+  validate.check_fields(config, "inspect")
+  s = dict(complete(config.get("inspect"), "inspect").items())
+  vr = tuple(s["value_range"])
+  if vr and (len(vr) != 2 or vr[0] > vr[1]):
     raise UserError(f"config.inspect.value_range={s['value_range']!r} must be () or "
                     "(min, max) with min <= max, e.g. '(0,255)'.")
   s["value_range"] = vr or None

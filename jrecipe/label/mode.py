@@ -26,12 +26,14 @@ import os
 import select
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
+from jrecipe import validate
 from jrecipe.errors import UserError
 from jrecipe.label import render
+from jrecipe.sections import complete
 from jrecipe.train.writer import write_json_atomic
 
 SESSION_FILE = "label_session.json"
@@ -40,29 +42,13 @@ KEYS_HELP = ("keys: digit/name+Enter answer   - or \u2192 skip   < or \u2190 und
              "Esc/Ctrl-C quit (progress is saved)")
 
 
-def _get(section: Any, key: str, default: Any) -> Any:
-  if section is None:
-    return default
-  v = section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
-  return default if v is None else v
-
-
 def settings(config) -> dict:
-  """The validated `config.label` fields."""
-  section = config.get("label") if hasattr(config, "get") else None
-  s = {"num_examples": _get(section, "num_examples", 50), "split": _get(section, "split", "test"),
-       "second_pass": _get(section, "second_pass", 0), "scale": _get(section, "scale", 0)}
-  for key in ("num_examples", "second_pass", "scale"):
-    if not isinstance(s[key], (int, np.integer)) or isinstance(s[key], bool):
-      raise UserError(f"label.{key}={s[key]!r} must be an integer.")
-  if s["num_examples"] < 1:
-    raise UserError(f"label.num_examples={s['num_examples']} must be at least 1.")
-  if s["second_pass"] < -1:
-    raise UserError(f"label.second_pass={s['second_pass']} must be 0 (none), a count, or -1 "
-                    "(the whole sample again).")
-  if s["scale"] < 0:
-    raise UserError(f"label.scale={s['scale']} must be 0 (auto) or a positive integer.")
-  return s
+  """The validated `config.label` fields (types and ranges: `jrecipe.config.schema.LABEL`).
+
+  A field missing from a partial section takes its schema default.
+  """
+  validate.check_fields(config, "label")
+  return dict(complete(config.get("label"), "label").items())
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
