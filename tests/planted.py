@@ -23,17 +23,21 @@ class _MLP(nn.Module):
   softmax_out: bool = False
   zero_input: bool = False
   dropout_in_eval: bool = False
+  detach_output: bool = False  # outputs behind a stop_gradient: nothing can be learned
+  hidden: int = 32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape((x.shape[0], -1))
     if self.zero_input:
       x = x * 0.0
-    h = nn.relu(nn.Dense(32, name="dense_0")(x))
+    h = nn.relu(nn.Dense(self.hidden, name="dense_0")(x))
     if self.mix_batch:  # view-vs-transpose: reshape to (features, batch) and transpose back
       h = h.reshape((h.shape[1], h.shape[0])).T
     h = nn.Dropout(0.5, deterministic=not (train or self.dropout_in_eval))(h)
     out = nn.Dense(self.num_outputs, name="head")(h)
+    if self.detach_output:
+      out = jax.lax.stop_gradient(out)
     return jax.nn.softmax(out) if self.softmax_out else out
 
 
@@ -122,3 +126,39 @@ def width_three_regressor(spec, bn_axis_name):
 def width_two_regressor(spec, bn_axis_name):
   """The correct regressor for 2-wide targets (the control case)."""
   return _MLP(2)
+
+
+# --- plain wrappers for tests that call the checks directly (no model or loss registry) ------
+
+def linen_model(module, *, widen=None, has_dropout=None):
+  """A Linen module without BatchNorm as a `jrecipe.types.Model`.
+
+  `has_dropout` defaults to the module's `dropout` field being nonzero.
+  """
+  from jrecipe.types import Model
+  if has_dropout is None:
+    has_dropout = bool(getattr(module, "dropout", 0.0))
+
+  def apply_with_state(variables, x, train=False, rngs=None):
+    return module.apply(variables, x, train=train, rngs=rngs), {}
+
+  def apply(variables, x, train=False, rngs=None):
+    return apply_with_state(variables, x, train, rngs)[0]
+
+  return Model(init=jax.jit(lambda r, x: dict(module.init(r, x))), apply=apply,
+               apply_with_state=apply_with_state, name=type(module).__name__, module=module,
+               has_dropout=has_dropout, widen=widen)
+
+
+def xent_loss():
+  """Softmax cross-entropy with integer labels as a `jrecipe.types.Loss`."""
+  import numpy as np
+  import optax
+  from jrecipe.types import Loss
+  return Loss(
+      name="softmax_xent",
+      per_example=optax.softmax_cross_entropy_with_integer_labels,
+      expects="logits",
+      chance=lambda c, t: float(np.log(c)),
+      predict=lambda o: jnp.argmax(o, -1),
+      correct=lambda o, y: (jnp.argmax(o, -1) == y).astype(jnp.float32))

@@ -1,9 +1,10 @@
 """The training-based sanity checks: a correct model passes, each planted bug is caught.
 
-Tiny hand-written Linen models wrapped as `jrecipe.types.Model` and a local softmax
-cross-entropy, on 256 scikit-learn digits: nothing here depends on jrecipe's model or loss
-registries. One optimizer object and one model object are shared by module fixtures, so the
-checks reuse one compiled train step (compile time dominates on a small CPU).
+Tiny hand-written Linen models wrapped as `jrecipe.types.Model` and a softmax cross-entropy
+(`tests.planted.linen_model`, `xent_loss`), on 256 scikit-learn digits: nothing here
+depends on jrecipe's model or loss registries. One optimizer object and one model object are
+shared by module fixtures, so the checks reuse one compiled train step (compile time
+dominates on a small CPU).
 """
 
 import dataclasses
@@ -18,7 +19,8 @@ from flax import linen as nn
 
 from jrecipe.checks import baselines, determinism, fitting, init, overfit, regularization
 from jrecipe.train import trainer as trainer_lib
-from jrecipe.types import Loss, Model
+from jrecipe.types import Loss
+from tests.planted import linen_model, xent_loss
 
 N = 256
 
@@ -47,31 +49,6 @@ class MLP(nn.Module):
     if self.bug == "stop_gradient":
       out = jax.lax.stop_gradient(out)
     return out
-
-
-def linen_model(module: nn.Module, *, widen=None) -> Model:
-  """A Linen module as a jrecipe Model (no BatchNorm)."""
-  has_dropout = bool(getattr(module, "dropout", 0.0))
-
-  def apply_with_state(variables, x, train=False, rngs=None):
-    return module.apply(variables, x, train=train, rngs=rngs), {}
-
-  def apply(variables, x, train=False, rngs=None):
-    return apply_with_state(variables, x, train, rngs)[0]
-
-  return Model(init=jax.jit(lambda r, x: dict(module.init(r, x))), apply=apply,
-               apply_with_state=apply_with_state, name=type(module).__name__, module=module,
-               has_dropout=has_dropout, widen=widen)
-
-
-def xent_loss() -> Loss:
-  return Loss(
-      name="softmax_xent",
-      per_example=optax.softmax_cross_entropy_with_integer_labels,
-      expects="logits",
-      chance=lambda c, t: float(np.log(c)),
-      predict=lambda o: jnp.argmax(o, -1),
-      correct=lambda o, y: (jnp.argmax(o, -1) == y).astype(jnp.float32))
 
 
 def svm_loss() -> Loss:
