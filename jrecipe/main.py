@@ -46,6 +46,19 @@ def _setup_logging():
     logger.addHandler(handler)
 
 
+def _workdir_lock(mode: modes.Mode, distributed: bool):
+  """The work directory's lock for a mode that writes a run, taken before it writes anything.
+
+  Process 0 of a multi-host job takes it (the others share that job's directory).
+  """
+  from jrecipe.train import workdir as workdir_lib
+  enabled = mode.locks_workdir
+  if enabled and distributed:
+    import jax
+    enabled = jax.process_index() == 0
+  return workdir_lib.locked(FLAGS.workdir, enabled=enabled)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors are a paragraph and exit status 2, not a usage dump."""
   from jrecipe import config_errors

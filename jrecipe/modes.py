@@ -35,6 +35,9 @@ class Mode:
     needs_config: False when the mode can rebuild everything from the work directory.
     multihost: whether it may run with `parallel.distributed=True` on several hosts.
     internal: launched by jrecipe itself, never by a person; hidden from `--help`.
+    locks_workdir: it writes a run into --workdir, so the entry point takes the work
+      directory's lock first (a second process exits 2 at once); modes that only read, and
+      the search worker (its master holds the lock), take none.
   """
 
   name: str
@@ -43,6 +46,7 @@ class Mode:
   needs_config: bool = True
   multihost: bool = False
   internal: bool = False
+  locks_workdir: bool = False
 
   def load(self) -> Callable:
     module, _, fn = self.target.partition(":")
@@ -51,22 +55,27 @@ class Mode:
 
 _ALL = (
     Mode("train", "jrecipe.train.loop:run_mode",
-         "train and evaluate; resumes from the latest checkpoint in --workdir", multihost=True),
+         "train and evaluate; resumes from the latest checkpoint in --workdir", multihost=True,
+         locks_workdir=True),
     Mode("check", "jrecipe.checks.runner:run_mode",
          "the recipe's sanity-check battery; exit 1 if a check fails"),
     Mode("inspect", "jrecipe.data_inspect.mode:run_mode",
          "'become one with the data': duplicates, leakage, outliers, label errors, mistakes"),
     Mode("report", "jrecipe.report.mode:run_mode",
          "rebuild report.html from the work directory", needs_config=False),
-    Mode("lr_find", "jrecipe.search.lr_find:run_mode", "learning-rate range test"),
+    Mode("lr_find", "jrecipe.search.lr_find:run_mode", "learning-rate range test",
+         locks_workdir=True),
     Mode("search", "jrecipe.search.mode:run_mode",
-         "random (or TPE) hyperparameter search, coarse to fine, over local workers"),
+         "random (or TPE) hyperparameter search, coarse to fine, over local workers",
+         locks_workdir=True),
     Mode("search_worker", "jrecipe.search.worker:run_mode",
          "one search worker (launched by --mode=search)", internal=True),
-    Mode("ablate", "jrecipe.ablate.mode:run_mode", "one change at a time, over seeds"),
+    Mode("ablate", "jrecipe.ablate.mode:run_mode", "one change at a time, over seeds",
+         locks_workdir=True),
     Mode("label", "jrecipe.label.mode:run_mode", "the human baseline: label examples yourself"),
     Mode("ensemble", "jrecipe.ensemble.mode:run_mode",
-         "ensembles of runs, checkpoints, EMA or search trials; optional distillation"),
+         "ensembles of runs, checkpoints, EMA or search trials; optional distillation",
+         locks_workdir=True),
 )
 MODES: dict[str, Mode] = {m.name: m for m in _ALL}
 

@@ -1,14 +1,17 @@
 """Checkpoints through orbax: the latest for resuming, plus the best K by validation loss.
 
 A run that finds a checkpoint in its work directory resumes from it (data position
-included: batches are a function of the step). A damaged latest checkpoint gives a warning
-and a fall-back to the previous good one, never a crash and never a silent fresh start.
-A checkpoint that cannot be written (full disk, quota, read-only or failing storage) stops
-the run with a RunFailure (exit 1) that says the earlier checkpoints are intact: orbax
-writes into a temporary directory and renames it only once complete, and deletes old
-checkpoints only after a new one is committed, so a failed write never damages them.
-"""
+included: batches are a function of the step). Every checkpoint carries a SHA-256 manifest
+of its files (`jrecipe.train.integrity`), checked before it is restored: a damaged one
+(changed or truncated bytes, a missing item, a half-deleted step) is moved to
+`checkpoints/damaged/<step>` with one line, and the newest intact one is used; never a crash
+and never a silent fresh start. A checkpoint that cannot be written (full disk, quota,
+read-only or failing storage) stops the run with a RunFailure (exit 1) that says the earlier
+checkpoints are intact: orbax writes into a temporary directory and renames it only once
+complete, and old checkpoints are deleted (renamed into the trash first) only after a new
+one is committed, so a failed write never damages them."""
 
+import collections
 import contextlib
 import errno
 import logging
@@ -19,7 +22,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from jrecipe.errors import RunFailure
+from jrecipe.errors import RunFailure, UserError
+from jrecipe.train import integrity
 
 log = logging.getLogger("jrecipe")
 
@@ -111,18 +115,19 @@ def _ocp():
   return ocp
 
 
-def _val_metric(metrics: dict) -> float:
-  return float(metrics.get("val_loss", np.inf))
-
-
 class Checkpointer:
-  """Saves (state, meta) pairs under `workdir/checkpoints/<step>/`.
+  """Saves (state, meta) pairs under `workdir/checkpoints/<step>/`, each with a manifest.
+
+  Retention: the newest checkpoint, plus the `keep_best` with the lowest validation loss
+  (recorded in each step's manifest). A checkpoint without one (a preemption's stop
+  checkpoint) is kept only while it is the newest. Deletion is crash-safe and a damaged step
+  is moved aside, not deleted (`jrecipe.train.integrity`).
 
   Args:
     workdir: the run's work directory.
     keep_best: how many of the best checkpoints (lowest validation loss) to keep beside
-      the latest one. The validation loss is stored with each checkpoint (orbax metrics),
-      and `list_checkpoints` shows it.
+      the latest one.
+    read_only: never write, move or delete (ensembles, init_from, tests).
   """
 
   def __init__(self, workdir: str, keep_best: int = 2, read_only: bool = False):
@@ -130,45 +135,78 @@ class Checkpointer:
     self.keep_best = keep_best
     self.read_only = read_only
     self._manager = None
+    self._pending: collections.deque = collections.deque()  # (step, val_loss) being written
+    self._primary: Optional[bool] = None
     _quiet_storage_error_tracebacks()
 
   @property
+  def primary(self) -> bool:
+    """Whether this process writes manifests and moves or deletes steps (process 0)."""
+    if self._primary is None:
+      self._primary = jax.process_index() == 0
+    return self._primary
+
+  @property
   def manager(self):
-    """The orbax CheckpointManager, created at first use (see `_ocp`)."""
+    """The orbax CheckpointManager, created at first use (see `_ocp`).
+
+    It keeps every step (jrecipe's `_prune` deletes), and seals each step with its manifest
+    after the data is complete and before the step's directory gets its final name.
+    """
     if self._manager is None:
       ocp = _ocp()
-      from orbax.checkpoint import checkpoint_managers as cm
-      policy = cm.AnyPreservationPolicy([
-          cm.LatestN(n=1),
-          cm.BestN(get_metric_fn=_val_metric, reverse=True, n=max(self.keep_best, 0)),
-      ])
       options = ocp.CheckpointManagerOptions(
-          best_fn=_val_metric, best_mode="min", preservation_policy=policy,
           create=not self.read_only, read_only=self.read_only,
-          enable_async_checkpointing=True, cleanup_tmp_directories=not self.read_only)
+          enable_async_checkpointing=True, cleanup_tmp_directories=not self.read_only,
+          async_options=None if self.read_only else ocp.AsyncOptions(
+              post_finalization_callback=self._seal))
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("state", "meta"))
     return self._manager
 
+  def _seal(self) -> None:
+    """orbax's post-finalization callback (process 0, every process done): the manifest.
+
+    Runs in orbax's background thread while the step is still `<step>.orbax-checkpoint-tmp`,
+    so the rename that commits the step also commits its manifest.
+    """
+    step, val = self._pending.popleft()
+    prefix = f"{step}{integrity.TMP_SUFFIX}"
+    tmp = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
+    if len(tmp) != 1:
+      raise RuntimeError(f"cannot find the temporary directory of step {step} under "
+                         f"{self.directory} (found {tmp})")
+    integrity.write_manifest(os.path.join(self.directory, tmp[0]), step, val)
+
   def save(self, step: int, state: Any, meta: dict, val_loss: Optional[float] = None) -> None:
     """Saves a host copy of `state` and the JSON `meta` at `step` (asynchronously).
+
+    The previous save is finished (orbax waits for it anyway) and retention applied first.
 
     Raises:
       RunFailure: this write, or the previous asynchronous one (orbax reports it here),
         failed in the storage.
     """
-    metrics = {"val_loss": float(val_loss)} if val_loss is not None and np.isfinite(
-        val_loss) else None
+    val = float(val_loss) if val_loss is not None and np.isfinite(val_loss) else None
     ocp = _ocp()
     with self._storage_guard(f"the checkpoint of step {step} (or the one before it, still "
                              "being written in the background)"):
+      self.manager.wait_until_finished()
+      self._prune()
+      self._pending.append((int(step), val))
       self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                        metrics=metrics, force=True)
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _digit_steps(self) -> list[int]:
+    return sorted(int(n) for n in self._names() if n.isdigit())
 
   def committed_steps(self) -> list[int]:
-    """Steps whose checkpoint is complete on disk (orbax's finished, renamed directories)."""
-    return sorted(int(n) for n in self._names() if n.isdigit())
+    """Steps whose checkpoint is complete on disk: renamed by orbax, every file of its
+    manifest present at its size (a half-deleted or unsealed step is not committed)."""
+    return [s for s in self._digit_steps() if integrity.quick_problem(self._step_dir(s)) is None]
 
   def unfinished_steps(self) -> list[int]:
     """Steps whose checkpoint is still (or forever, after a failure) a temporary directory."""
@@ -179,6 +217,26 @@ class Checkpointer:
       return os.listdir(self.directory)
     except OSError:
       return []
+
+  def _writer(self) -> bool:
+    return not self.read_only and self.primary
+
+  def _prune(self) -> None:
+    """Retention: keeps the newest committed step and the `keep_best` lowest validation losses.
+
+    A step without a validation loss (a preemption's stop) is kept only while it is newest.
+    Deletion renames first (`integrity.delete`), so a kill never leaves a half step.
+    """
+    if not self._writer():
+      return
+    steps = self.committed_steps()
+    if not steps:
+      return
+    scored = [(v, s) for s in steps if (v := integrity.val_loss(self._step_dir(s))) is not None]
+    keep = {steps[-1]} | {s for _, s in sorted(scored)[:max(self.keep_best, 0)]}
+    for s in steps:
+      if s not in keep:
+        integrity.delete(self.directory, s)
 
   @contextlib.contextmanager
   def _storage_guard(self, what: str):
@@ -217,57 +275,83 @@ class Checkpointer:
       pass
 
   def steps(self) -> list[int]:
-    return sorted(self.manager.all_steps())
+    """The committed steps, oldest first."""
+    return self.committed_steps()
+
+  def _set_aside(self, step: int, why: str) -> None:
+    if self._writer():
+      integrity.move_aside(self.directory, step, why)
+      if self._manager is not None:
+        self._manager.reload()  # orbax lists steps in memory: it must forget this one
+    else:
+      log.warning("Checkpoint at step %d is damaged or corrupt (%s) and is skipped.", step, why)
 
   def restore(self, target: Any, step: Optional[int] = None):
-    """Restores (state, meta) at `step` or the newest readable step; None if there is none.
+    """Restores (state, meta) at `step` or the newest intact step; None if there is none.
 
-    A checkpoint that fails to restore is reported and skipped in favour of the one
-    before it. If checkpoints exist but none can be read, raises RunFailure rather than
-    starting over silently.
+    Each candidate's files are checked against its manifest first; a damaged one is moved to
+    `checkpoints/damaged/` (read-only: skipped) with one line, and the one before it is used.
+    The process holding the work directory also empties what a killed run left (the trash,
+    unfinished temporary steps).
+
+    Raises:
+      RunFailure: checkpoints exist but every one is damaged (never a silent fresh start).
+      UserError: an intact checkpoint does not fit `target` (the config's state changed).
     """
-    if step is None and not self.committed_steps():
-      return None  # a fresh run: nothing to read, and no need for orbax yet
-    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if self._writer():
+      integrity.clean_leftovers(self.directory)
+    steps = [step] if step is not None else self._digit_steps()[::-1]
     if not steps:
-      return None
+      return None  # a fresh run: nothing to read, and no need for orbax yet
     ocp = _ocp()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    errors = []
+    skipped = []
     for s in steps:
+      why = integrity.problem(self._step_dir(s))
+      if why:
+        self._set_aside(s, why)
+        skipped.append(s)
+        continue
       try:
         out = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        if errors:
-          log.warning("Resuming from checkpoint %d instead (the newer ones could not be read).",
-                      s)
-        return out["state"], dict(out["meta"]), s
-      except Exception as e:  # noqa: BLE001 - any damage to a checkpoint lands here
-        log.warning("Checkpoint at step %d is incomplete or corrupt and is skipped: %s", s,
-                    str(e).splitlines()[0][:300])
-        errors.append((s, e))
+      except Exception as e:  # noqa: BLE001 - the bytes are intact: the target differs
+        raise UserError(
+            f"The checkpoint at step {s} in {self.directory} is intact (its files match their "
+            "SHA-256 manifest) but does not fit this config's training state: "
+            f"{str(e).splitlines()[0][:300]}. The config changed in a way a resume cannot "
+            "follow (a parameter shape, the optimizer or its state): train this config in a "
+            "new --workdir.") from e
+      if skipped:
+        log.warning("Resuming from checkpoint %d instead (newer ones were damaged: %s).", s,
+                    ", ".join(map(str, skipped)))
+      return out["state"], dict(out["meta"]), s
+    where = (f"moved to {os.path.join(self.directory, integrity.DAMAGED)}; a rerun starts "
+             "from scratch" if self._writer() else "left in place")
     raise RunFailure(
-        f"None of the {len(steps)} checkpoints in {self.directory} could be read "
-        f"(steps {steps}). Refusing to start from scratch silently: move the directory away "
-        "to start a fresh run, or restore a backup.")
+        f"None of the {len(steps)} checkpoints in {self.directory} could be read intact "
+        f"(steps {steps}; {where}). Refusing to start from scratch silently in this run: "
+        "restore a backup, or rerun to start a fresh run.")
 
   def best_step(self) -> Optional[int]:
-    return self.manager.best_step()
+    """The committed step with the lowest recorded validation loss, or None."""
+    scored = [(v, s) for s in self.committed_steps()
+              if (v := integrity.val_loss(self._step_dir(s))) is not None]
+    return min(scored)[1] if scored else None
 
   def list_checkpoints(self) -> list[dict]:
-    """[{'step': s, 'val_loss': v}] for every kept checkpoint (val_loss None if unknown)."""
-    out = []
-    for info in self.manager._checkpoints:  # noqa: SLF001 - orbax keeps metrics here
-      m = info.metrics or {}
-      out.append({"step": int(info.step), "val_loss": m.get("val_loss")})
-    return out
+    """[{'step': s, 'val_loss': v}] for every committed checkpoint (val_loss None if unknown)."""
+    return [{"step": s, "val_loss": integrity.val_loss(self._step_dir(s))}
+            for s in self.committed_steps()]
 
   def wait(self) -> None:
-    """Blocks until the asynchronous save is on disk; RunFailure if the storage refused it."""
+    """Blocks until the asynchronous save is on disk (retention applied); RunFailure if the
+    storage refused it."""
     if self._manager is None:
       return
     with self._storage_guard("the latest checkpoint (written in the background)"):
       self._manager.wait_until_finished()
+      self._prune()
 
   def close(self) -> None:
     """Finishes the pending save and closes; RunFailure if the storage refused it."""
@@ -275,4 +359,5 @@ class Checkpointer:
       return
     with self._storage_guard("the latest checkpoint (written in the background)"):
       self._manager.wait_until_finished()
+      self._prune()
       self._manager.close()

@@ -74,7 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and returns the summary.
 
   Writes config.json, metrics.jsonl, TensorBoard events, checkpoints/ and summary.json.
-  Process 0 writes; every process computes.
+  Process 0 writes, holding the work directory's lock (`workdir.locked`: a second process
+  gets a UserError naming it); every process computes.
 
   Args:
     config, workdir: the run.
@@ -83,20 +84,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     hooks: your own hooks (`jrecipe.train.trainer.Hook`), run after evaluation and the
       monitor and before patience and checkpointing (so a stop they ask for is saved).
   """
-  primary, user_hooks = jax.process_index() == 0, list(hooks)
+  primary = jax.process_index() == 0
   placement = parallel.make_placement(config.parallel.mode, config.parallel.num_devices)
   parallel.check_batch_divisible(config.batch_size, placement)
   exp = exp or experiment_lib.build(config, bn_axis_name=placement.axis_name)
-  workdir_lib.prepare(workdir, config, allow_config_change=allow_config_change,
-                      primary=primary)
+  with workdir_lib.locked(workdir, enabled=primary):
+    workdir_lib.prepare(workdir, config, allow_config_change=allow_config_change,
+                        primary=primary)
+    return _train(config, exp, placement, workdir, list(hooks), primary)
 
+
+def _train(config, exp, placement, workdir: str, user_hooks: list,
+           primary: bool) -> dict[str, Any]:
+  """The body of `train_and_evaluate`, inside the work directory's lock."""
   trainer = Trainer.from_experiment(exp, placement,
                                     extra_metrics=_monitor_norms(config, exp.total_steps))
   host_state = trainer.initial_state()
   ckpt = Checkpointer(workdir, keep_best=config.checkpoint.keep_best)
-  patience_hook = _patience(config)
   restored = ckpt.restore(host_state)
-  start_step, fresh = 0, restored is None
+  start_step, fresh, meta = 0, restored is None, {}
   if fresh:
     if primary and exp.init_from_report:
       from jrecipe.train import init_from
@@ -105,38 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     host_state, meta, start_step = restored
     log.info("Resuming from the checkpoint at step %d (epoch %s).", start_step, meta["epoch"])
-
   writer = MetricWriter(workdir, enabled=primary, resume_step=None if fresh else start_step)
-  evaluator = Evaluator(exp, placement)
-  chance = exp.loss.chance(exp.spec.num_classes, exp.data.arrays["train"]["y"])
-
-  def on_nonfinite(loop, bad_step):
-    return nonfinite.report(trainer, trainer.to_host(loop.state), bad_step,
-                            debug_nans=config.debug_nans)
-
-  logger = hooks_lib.MetricLogger(writer, log_every=config.log_every_steps,
-                                  step_losses=config.monitor.enabled
-                                  and config.monitor.step_losses,
-                                  on_nonfinite=on_nonfinite)
-  stateful = [patience_hook, logger]
-  if not fresh:
-    hooks_lib.restore_hook_states(meta, stateful)
-  hooks = [hooks_lib.Preemption(), logger,
-           hooks_lib.EpochEvaluation(evaluator, writer, ema=config.ema_decay > 0,
-                                     at_init=chance if fresh else None)]
-  if config.progress and primary:
-    hooks.append(hooks_lib.Progress(exp.total_steps, start_step))
-  monitor = None
-  if config.monitor.enabled:
-    from jrecipe.monitor.recorder import Monitor
-    monitor = Monitor(exp, workdir, writer, placement, params=host_state.params,
-                      primary=primary, total_steps=exp.total_steps,
-                      resume_step=None if fresh else start_step)
-    hooks.append(hooks_lib.MonitorHook(monitor, fresh=fresh))
-  hooks += [*user_hooks, patience_hook,
-            hooks_lib.CheckpointHook(ckpt, every_epochs=config.checkpoint.every_epochs,
-                                     stateful=stateful)]
   try:
+    evaluator = Evaluator(exp, placement)
+    hooks, monitor = _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir,
+                            host_state=host_state, meta=None if fresh else meta,
+                            start_step=start_step, primary=primary)
     try:
       loop = trainer.run(trainer.to_device(host_state), start_step=start_step,
                          end_step=exp.total_steps, hooks=hooks)
@@ -156,6 +136,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     writer.close()
   return summary
+
+
+def _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir, *, host_state,
+           meta: Optional[dict], start_step: int, primary: bool):
+  """(the hooks of a training run in their order, the Monitor or None); `meta` None: fresh."""
+  fresh = meta is None
+  chance = exp.loss.chance(exp.spec.num_classes, exp.data.arrays["train"]["y"])
+
+  def on_nonfinite(loop, bad_step):
+    return nonfinite.report(trainer, trainer.to_host(loop.state), bad_step,
+                            debug_nans=config.debug_nans)
+
+  patience_hook = _patience(config)
+  logger = hooks_lib.MetricLogger(writer, log_every=config.log_every_steps,
+                                  step_losses=config.monitor.enabled
+                                  and config.monitor.step_losses,
+                                  on_nonfinite=on_nonfinite)
+  stateful = [patience_hook, logger]
+  if not fresh:
+    hooks_lib.restore_hook_states(meta, stateful)
+  hooks = [hooks_lib.Preemption(), logger,
+           hooks_lib.EpochEvaluation(evaluator, writer, ema=config.ema_decay > 0,
+                                     at_init=chance if fresh else None)]
+  if config.progress and primary:
+    hooks.append(hooks_lib.Progress(exp.total_steps, start_step))
+  monitor = None
+  if config.monitor.enabled:
+    from jrecipe.monitor.recorder import Monitor
+    monitor = Monitor(exp, workdir, writer, trainer.placement, params=host_state.params,
+                      primary=primary, total_steps=exp.total_steps,
+                      resume_step=None if fresh else start_step)
+    hooks.append(hooks_lib.MonitorHook(monitor, fresh=fresh))
+  hooks += [*user_hooks, patience_hook,
+            hooks_lib.CheckpointHook(ckpt, every_epochs=config.checkpoint.every_epochs,
+                                     stateful=stateful)]
+  return hooks, monitor
 
 
 def _metric_text(m: dict) -> str:

@@ -1,11 +1,17 @@
-"""The work directory: one per run; it refuses to mix two different configs.
+"""The work directory: one per run, one process at a time; it refuses to mix two configs.
 
 A work directory that holds a run of another config is not resumed into (that would
-silently blend two experiments) unless the user says so.
+silently blend two experiments) unless the user says so. A work directory in use by a live
+process is refused (`locked`): the second process exits 2 naming the holder.
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
+from typing import Optional
 
 import ml_collections
 
@@ -56,3 +62,115 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, allow_config_cha
   if primary:
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(path, new)
+
+
+LOCK_FILE = "jrecipe.lock"
+_HELD: dict[str, "WorkdirLock"] = {}  # realpath -> the lock this process holds
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def _holder_text(path: str) -> str:
+  """'pid 123 on host h, since 2025-01-01 12:00:00 UTC (5 s ago)' from a lock file."""
+  try:
+    with open(path) as f:
+      h = json.load(f)
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(h["since"])))
+    text = (f"pid {h['pid']} on host {h['host']}, since {since} "
+            f"({time.time() - float(h['since']):.0f} s ago)")
+    if h["host"] == socket.gethostname() and not _pid_alive(int(h["pid"])):
+      text += (", a process that no longer runs: a process it started (a data or search "
+               "worker) still holds the lock")
+    return text
+  except (OSError, ValueError, KeyError, TypeError):
+    return "a process that has not written its name yet"
+
+
+class WorkdirLock:
+  """An exclusive lock on a work directory: `workdir/jrecipe.lock`, held with flock.
+
+  flock is released by the OS when its holder dies (even by SIGKILL), so a dead run never
+  blocks the next one; the file records the holder's host, pid and start time for the
+  message a second process gets. On several hosts only process 0 takes it (the others
+  write nothing but checkpoint shards orbax coordinates). flock on a network file system
+  may not exclude processes on different hosts: run one job per work directory there.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd: Optional[int] = None
+    self._depth = 0
+
+  def acquire(self) -> "WorkdirLock":
+    """Takes the lock or raises UserError naming the holder; creates `workdir` if needed."""
+    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+      raise UserError(f"--workdir={self.workdir} exists and is not a directory: pass a "
+                      "directory (it is created if missing).")
+    while True:
+      try:
+        os.makedirs(self.workdir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise UserError(f"Cannot write in the work directory {self.workdir}: "
+                        f"{e.strerror or e}. Pass a --workdir you can write to (it is created "
+                        "if missing).") from None
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"The work directory {self.workdir} is in use by another jrecipe process: "
+            f"{_holder_text(self.path)} (lock file {self.path}). Two processes in one run "
+            "would mix their checkpoints and metrics. Wait for it to finish, stop it (a "
+            "SIGTERM saves a checkpoint and exits 75), or use another --workdir.") from None
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:  # else the holder we waited for unlinked it on release: lock the new file
+        break
+      os.close(fd)
+    info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (info + "\n").encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    """Removes the lock file and releases the lock (unlink first: see `acquire`)."""
+    if self._fd is None:
+      return
+    with contextlib.suppress(OSError):
+      os.unlink(self.path)
+    os.close(self._fd)
+    self._fd = None
+
+
+@contextlib.contextmanager
+def locked(workdir: str, enabled: bool = True):
+  """Holds the work directory's lock for the block (re-entrant within a process).
+
+  Recipe stage 2 ('resume exactly'): one process per run, so a resume never reads a
+  checkpoint another live process is writing. `enabled=False` (processes other than 0 of a
+  multi-host job, read-only modes) takes nothing.
+  """
+  key = os.path.realpath(workdir)
+  if not enabled or key in _HELD:
+    yield
+    return
+  lock = WorkdirLock(workdir).acquire()
+  _HELD[key] = lock
+  try:
+    yield
+  finally:
+    del _HELD[key]
+    lock.release()
