@@ -200,7 +200,7 @@ def _parallel(values: dict) -> None:
   if mode is None or batch is None or mode == "single" or not _backend_started():
     return
   import jax
-  requested = int(values.get("parallel.num_devices", 0))
+  requested = int(values.get("parallel.num_devices", schema.default("parallel.num_devices")))
   available = len(jax.local_devices()) if mode == "pmap" else jax.device_count()
   if requested > available:
     raise _fail("parallel.num_devices", requested,
