@@ -32,13 +32,14 @@ from jrecipe.types import DataSpec
 from tests import planted
 
 N = 256
+_MLP = planted._MLP  # pylint: disable=protected-access
 SPEC = DataSpec(name="digits", task="classification", input_shape=(8, 8, 1), num_classes=10,
                 class_names=None, value_range=(0.0, 16.0), splits={"train": N})
 
 
 def mlp(**bug):
   """tests.planted's MLP (dropout 0.5 in train mode) as a Model, with one planted bug."""
-  return planted.linen_model(planted._MLP(10, **bug), has_dropout=True)  # pylint: disable=protected-access
+  return planted.linen_model(_MLP(10, **bug), has_dropout=True)
 
 
 @dataclasses.dataclass
@@ -62,8 +63,8 @@ def make_kit() -> Kit:
   x = d.images[idx].astype(np.float32)[..., None] / 16.0
   x = (x - x.mean()) / x.std()
   y = d.target[idx].astype(np.int32)
-  wide = lambda f: planted.linen_model(planted._MLP(10, hidden=int(32 * f)), has_dropout=True)  # pylint: disable=protected-access
-  model = planted.linen_model(planted._MLP(10), has_dropout=True, widen=wide)  # pylint: disable=protected-access
+  wide = lambda f: planted.linen_model(_MLP(10, hidden=int(32 * f)), has_dropout=True)
+  model = planted.linen_model(_MLP(10), has_dropout=True, widen=wide)
   variables = model.init(jax.random.PRNGKey(0), x[:2])
   config = ml_collections.ConfigDict({
       "seed": 0, "l2": 0.0, "batch_size": 64,
@@ -90,7 +91,7 @@ def _imbalanced(kit, reverse_priors: bool):
   rs = np.random.RandomState(1)
   x = rs.randn(N, 8, 8, 1).astype(np.float32)
   y = (rs.rand(N) < 0.1).astype(np.int32)
-  model = planted.linen_model(planted._MLP(2))  # pylint: disable=protected-access
+  model = planted.linen_model(_MLP(2))
   v = model.init(jax.random.PRNGKey(0), x[:2])
   freq = np.bincount(y, minlength=2) / len(y)
   bias = np.log(freq) - np.log(freq).mean()

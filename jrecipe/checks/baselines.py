@@ -71,11 +71,10 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
     return result("pass", head + ": the model uses its input.")
   if not np.isfinite(lr_) or not np.all(np.isfinite(tr_real)):
     return result("fail", head + ": training on the real inputs diverged (non-finite "
-                       "loss); lower the learning rate, check the inputs for inf/NaN.")
+                  "loss); lower the learning rate, check the inputs for inf/NaN.")
   return result("fail", head + ": the model is not using its input; likely causes: inputs "
-                     "zeroed, replaced or detached inside the model or pipeline, labels not "
-                     "matching inputs, or a budget/learning rate too small to learn anything.")
-
+                "zeroed, replaced or detached inside the model or pipeline, labels not "
+                "matching inputs, or a budget/learning rate too small to learn anything.")
 
 
 @register_check("input_independent_baseline", stage="baselines",

@@ -229,9 +229,8 @@ def capacity_decreases_loss(model: Model, loss: Loss, variables: dict, x, y, *, 
   if max(l1, lw) <= 1e-3 * abs(l0):
     return result("pass", head + ": both fit the data to ~0, capacity is not the limit.")
   return result("warn", head + ": the wider model is not lower; likely causes: the "
-                     "bottleneck is elsewhere (optimisation, learning rate for the wider model, "
-                     "data), or widen() does not change the layers that matter.")
-
+                "bottleneck is elsewhere (optimisation, learning rate for the wider model, "
+                "data), or widen() does not change the layers that matter.")
 
 
 @register_check("overfit_one_batch", stage="overfit",

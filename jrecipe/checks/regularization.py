@@ -3,8 +3,6 @@ increase the loss' (recipe stage 4, 'regularize': the penalty must reach the gra
 
 from typing import Optional
 
-import numpy as np
-
 from jrecipe.checks.base import CheckResult, verdict
 from jrecipe.checks.fitting import evaluate, fit, fit_metrics
 from jrecipe.checks.registry import register_check
@@ -48,14 +46,14 @@ def regularization_increases_loss(model: Model, loss: Loss, variables: dict, x, 
   result = verdict(name, value=totals, expected=expected, details=details)
   if penalty == 0.0:
     return result("warn", ("Increasing regularization increases the loss: the L2 penalty "
-                                "at init is 0 (no kernel weights with ndim > 1 are nonzero), so "
-                                "regularization changes nothing."))
+                           "at init is 0 (no kernel weights with ndim > 1 are nonzero), so "
+                           "regularization changes nothing."))
   monotone = all(b > a for a, b in zip(totals, totals[1:]))
   if not monotone:
     return result("fail", (f"Increasing regularization increases the loss: totals "
-                                f"{[round(t, 4) for t in totals]} for strengths {list(strengths)} "
-                                "are not increasing; likely causes: a negative strength or "
-                                "penalty sign, or the penalty not added to the loss."))
+                           f"{[round(t, 4) for t in totals]} for strengths {list(strengths)} "
+                           "are not increasing; likely causes: a negative strength or "
+                           "penalty sign, or the penalty not added to the loss."))
   msg = (f"Increasing regularization increases the loss: at init {totals[0]:.4g} -> "
          f"{totals[-1]:.4g} for strengths {strengths[0]:g} -> {strengths[-1]:g}")
   if tx is None or not steps:
@@ -75,13 +73,12 @@ def regularization_increases_loss(model: Model, loss: Loss, variables: dict, x, 
           "without")
   if m_reg["bad_step"] >= 0:
     return result("warn", msg + f": training with l2={s:g} diverged at step "
-                       f"{m_reg['bad_step']} (too strong for this learning rate); lower "
-                       "train_strength to test the trained comparison.")
+                  f"{m_reg['bad_step']} (too strong for this learning rate); lower "
+                  "train_strength to test the trained comparison.")
   if not l_reg > l_none:
     return result("fail", msg + ": the penalty does not pull against the data; likely "
-                       "causes: the penalty is reported but not differentiated, or its sign.")
+                  "causes: the penalty is reported but not differentiated, or its sign.")
   return result("pass", msg + ", higher as it should be.")
-
 
 
 @register_check("regularization_increases_loss", stage="regularize",

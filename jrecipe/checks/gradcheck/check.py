@@ -7,7 +7,6 @@ module runs them in order (see the package docstring for the whole procedure).
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jrecipe.checks.base import CheckResult, verdict

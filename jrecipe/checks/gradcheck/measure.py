@@ -39,11 +39,8 @@ def to_f64(tree):
   return jax.tree.map(cast, tree)
 
 
-
-
 def _leaf_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/") or "(root)"
-
 
 
 def _patterns_differ(p, q) -> jax.Array:
@@ -52,6 +49,7 @@ def _patterns_differ(p, q) -> jax.Array:
 
 
 def flat_loss(loss_fn: Callable, rebuild: Callable) -> Callable:
+  """`f(theta, args)`: the scalar loss as a function of the flat parameter vector."""
   def f(theta, args):
     return jnp.reshape(loss_fn(rebuild(theta), *args), ())
   return f
@@ -82,6 +80,10 @@ def make_runner(loss_fn: Callable, rebuild: Callable, kink_fn: Optional[Callable
 
 
 def run_numbers(run, theta, idx, h, args):
+  """(analytic, centred difference, kinked, resolution) per sampled coordinate, as numpy.
+
+  `resolution` is the smallest gradient the centred difference resolves at this h.
+  """
   a, fp, fm, k, step = run(theta, idx, jnp.asarray(h, jnp.float64), args)
   a, fp, fm, step = (np.asarray(v, np.float64) for v in (a, fp, fm, step))
   # Smallest gradient the centred difference resolves: float64 roundoff in f(x+-h) / h.
@@ -89,7 +91,6 @@ def run_numbers(run, theta, idx, h, args):
       np.maximum(np.abs(fp), np.abs(fm)), np.finfo(np.float64).tiny) / h
   # Centred difference over the step actually taken ((x+h) - (x-h) is 2h up to rounding).
   return a, (fp - fm) / step, np.asarray(k, bool), resolution
-
 
 
 def check_grads_outcome(f_flat: Callable, theta: np.ndarray, args) -> str:
@@ -117,14 +118,13 @@ def check_grads_outcome(f_flat: Callable, theta: np.ndarray, args) -> str:
 
 
 def seed_generator(rng) -> np.random.Generator:
+  """A numpy Generator for the coordinate sampling from a seed, a Generator or a JAX key."""
   if isinstance(rng, np.random.Generator):
     return rng
   if isinstance(rng, jax.Array):
     data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
     return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
   return np.random.default_rng(0 if rng is None else rng)
-
-
 
 
 @dataclasses.dataclass

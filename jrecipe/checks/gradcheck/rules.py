@@ -25,7 +25,6 @@ def _rel_error(a: np.ndarray, n: np.ndarray) -> np.ndarray:
   return np.where(denom == 0, 0.0, rel)
 
 
-
 def table(names, shapes, leaf_of, local_idx, a, n, kinked, resolution, h, fail_above,
            warn_above):
   """Per-leaf rows: errors over the coordinates that crossed no kink and are resolvable."""
@@ -67,8 +66,6 @@ def table(names, shapes, leaf_of, local_idx, a, n, kinked, resolution, h, fail_a
         "max_abs_grad": float(np.max(big[sel])), "tiny": tiny_rows,
         "systematic_ratio": systematic, "status": status, "samples": samples})
   return rows
-
-
 
 
 def overall_status(rows: list) -> str:
