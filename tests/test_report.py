@@ -8,6 +8,7 @@ data exists is on the page, images are embedded, nothing crashes.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -152,3 +153,61 @@ def test_cli_rebuilds_the_report_without_a_config(full_workdir, tmp_path):
   assert "checks" in page.sections  # checks/*.png alone still make the section
   res = run_cli(["--mode=report", f"--workdir={tmp_path / 'nope'}"])
   assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+# --- issue 22: designed pages for search, ensemble and ablation directories ----------------
+
+
+def _page_dirs(tmp_path):
+  """A search, an ensemble and an ablation directory as their modes write them (no training
+  of their own: no metrics.jsonl)."""
+  from tests.test_search import _fake_search, _tell
+  from jrecipe.search import summary
+  s = _fake_search(tmp_path, "optimizer.learning_rate=loguniform(1e-5,1e-1); "
+                   "model.hidden=choice((16,),(32,))", "12x1,20x1")
+  _tell(s, 0, lambda v: 0.9 - 0.1 * abs(np.log10(v["optimizer.learning_rate"]) + 3.5))
+  _tell(s, 1, lambda v: 0.5 + 0.01 * np.log10(v["optimizer.learning_rate"]))
+  summary.summarize(s, events=[{"time": 1796000000.5, "trial": 3, "study": "x.stage1",
+                                "event": "worker pid 12 exited with status -9",
+                                "requeued_as": 13}])
+  ens = tmp_path / "ens"
+  member = {"accuracy": 0.9593, "ci95": [0.93, 0.976], "nll": 0.14, "steps": 45,
+            "examples": 2880}
+  dump(str(ens / "ensemble.json"), {
+      "source": "runs", "split": "test", "combine": "prob", "count": 270, "num_members": 2,
+      "members": [{"name": "s0@45", **member}, {"name": "s1@45", **member, "accuracy": 0.9667}],
+      "ensemble": {"accuracy": 0.9741, "ci95": [0.95, 0.987], "nll": 0.1},
+      "best_member": {"name": "s0@45", "accuracy": 0.9593, "chosen_on": "validation"},
+      "gain_points": 1.48,
+      "distill": {"steps": 400, "examples": 25600, "run_dir": "/r/ens/student",
+                  "student": {"accuracy": 0.9630, "ci95": [0.933, 0.98], "nll": 0.13}}})
+  abl = tmp_path / "abl"
+  dump(str(abl / "ablation.json"), {
+      "kind": "add", "metric": "accuracy", "unit": "points", "seeds": 2,
+      "base": {"mean": 96.3, "std": 0.0},
+      "variants": [{"name": "no_ema", "overrides": {"ema_decay": 0.0}, "mean": 97.04, "std": 0.0,
+                    "effect": 0.74, "se": 0.0, "interval": [0.0, 1.48], "direction": "better",
+                    "size": None, "verdict": "no verdict",
+                    "text": "expected better, got no change beyond noise; no verdict: fewer "
+                            "than 3 seeds"}]})
+  return {"search": s.workdir, "ensemble": str(ens), "ablation": str(abl)}
+
+
+def test_search_ensemble_and_ablation_pages_are_designed_not_raw(tmp_path):
+  dirs = _page_dirs(tmp_path)
+  for kind, wd in dirs.items():
+    assert report_mode.run_mode(None, wd) == 0
+    page, text = parse(os.path.join(wd, "report.html"))
+    assert kind in page.sections and "diagnoses" not in page.sections, page.sections
+    assert "looks healthy" not in text and "look healthy" not in text  # no training here
+    shown = re.sub(r"data:[^\"']+", "", text)  # the page's own text, not its images
+    assert "e+09" not in shown and "e+0" not in shown  # readable numbers
+    assert not page.external
+  _, text = parse(os.path.join(dirs["search"], "report.html"))
+  assert "2026-" in text and "Trials, best first" in text and "stage 2" in text  # a warning
+  assert "the best of the longest budget" in text
+  _, text = parse(os.path.join(dirs["ensemble"], "report.html"))
+  assert "95% interval (Wilson)" in text and "96.3" in text and "25,600" in text
+  assert "chosen on the validation split" in text
+  _, text = parse(os.path.join(dirs["ablation"], "report.html"))
+  assert "no verdict" in text and "[+0.00, +1.48]" in text

@@ -376,8 +376,9 @@ class Report:
     return f"<details open><summary>config.json</summary>{generic(self.config)}</details>"
 
   def build(self) -> str:
+    from jrecipe.report import pages  # designed search/ablation/ensemble sections
     self.add("summary", "Result", self.summary)
-    self.add("diagnoses", "Diagnoses", self.diagnoses)
+    self.add("diagnoses", "Diagnoses", lambda: pages.diagnoses(self))
     self.add("curves", "Curves", self.curves)
     self.add("babysitting", "Babysitting: updates, gradients and units", self.babysitting)
     self.add("filters", "First-layer filters over time", self.filters)
@@ -385,10 +386,9 @@ class Report:
     self.add("checks", "Check battery", self.checks)
     self.add("inspect", "Data inspection", self.inspect)
     self.add("lr_find", "Learning-rate finder", self.json_section("lr_find.json", "lr_find.png"))
-    self.add("search", "Hyperparameter search", self.json_section("search.json",
-                                                                   image_dir="search"))
-    self.add("ablation", "Ablations", self.json_section("ablation.json"))
-    self.add("ensemble", "Ensemble", self.json_section("ensemble.json"))
+    self.add("search", "Hyperparameter search", lambda: pages.search(self))
+    self.add("ablation", "Ablations", lambda: pages.ablation(self))
+    self.add("ensemble", "Ensemble", lambda: pages.ensemble(self))
     self.add("config", "Config", self.config_section)
     name = os.path.basename(os.path.abspath(self.dir))
     nav = "".join(f"<a href='#{a}'>{esc(t)}</a>" for a, t, _ in self.sections)
