@@ -253,7 +253,8 @@ SEARCH = Section("search", "--mode=search: 'tune' with random search (or TPE), c
     "keep_top": F(5, "Stage k narrows each range around the best trials of stage k-1.", lo=1),
     "sampler": F("random", "'random' (Bergstra & Bengio) or 'tpe' (Bayesian)."),
     "storage": F("", "'' = sqlite:///DIR/study.db; postgresql+psycopg://... for many hosts."),
-    "study_name": F("", "'' = derived from DIR (workers elsewhere must use the same)."),
+    "study_name": F("", "'' = the name drawn once and kept in DIR/study.json (workers with "
+                    "another DIR must pass it)."),
     "workers": F(1, "Local worker processes launched by the master.", lo=1),
     "metric": F("accuracy", "Validation metric to maximise ('loss' is minimised).",
                 choices=("accuracy", "loss"),
