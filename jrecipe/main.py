@@ -5,6 +5,7 @@ status 2, and hands the resolved config to one mode (jrecipe/modes.py). The work
 importable functions.
 """
 
+import contextlib
 import logging
 import sys
 
@@ -46,17 +47,22 @@ def _setup_logging():
     logger.addHandler(handler)
 
 
-def _workdir_lock(mode: modes.Mode, distributed: bool):
-  """The work directory's lock for a mode that writes a run, taken before it writes anything.
+def _lock_workdir(held: contextlib.ExitStack, mode: modes.Mode, distributed: bool,
+                  early: bool) -> None:
+  """Takes the work directory's lock for a mode that writes a run, before it writes anything.
 
-  Process 0 of a multi-host job takes it (the others share that job's directory).
+  One process: `early`, before JAX is even imported, so a second process on the same
+  directory exits 2 within about a second. Several: after `jax.distributed.initialize()`
+  (the process index is known only then), and only process 0 takes it.
   """
+  if not mode.locks_workdir or early == distributed:
+    return
   from jrecipe.train import workdir as workdir_lib
-  enabled = mode.locks_workdir
-  if enabled and distributed:
+  enabled = True
+  if distributed:
     import jax
     enabled = jax.process_index() == 0
-  return workdir_lib.locked(FLAGS.workdir, enabled=enabled)
+  held.enter_context(workdir_lib.locked(FLAGS.workdir, enabled=enabled))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -87,19 +93,22 @@ def main(argv: list[str]) -> int:
   if distributed and not mode.multihost:
     _fail(f"--mode={mode.name} runs on one host: drop --config.parallel.distributed.")
   _setup_logging()
-  from jrecipe import runtime
-  run_mode = mode.load()
-  try:
-    # First: nothing may create the JAX backend before jax.distributed.initialize().
-    runtime.setup_processes(distributed, FLAGS.config, mode.name)
-    runtime.enable_compilation_cache(FLAGS.compilation_cache)
-    options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change,
-                                new_study=FLAGS.new_study)
-    result = run_mode(FLAGS.config, FLAGS.workdir, options)
-  except UserError as e:
-    _fail(str(e), 2)
-  except RunFailure as e:
-    _fail(str(e), 1)
+  with contextlib.ExitStack() as held:
+    try:
+      _lock_workdir(held, mode, distributed, early=True)
+      from jrecipe import runtime
+      run_mode = mode.load()
+      # First: nothing may create the JAX backend before jax.distributed.initialize().
+      runtime.setup_processes(distributed, FLAGS.config, mode.name)
+      runtime.enable_compilation_cache(FLAGS.compilation_cache)
+      _lock_workdir(held, mode, distributed, early=False)
+      options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change,
+                                  new_study=FLAGS.new_study)
+      result = run_mode(FLAGS.config, FLAGS.workdir, options)
+    except UserError as e:
+      _fail(str(e), 2)
+    except RunFailure as e:
+      _fail(str(e), 1)
   return int(result) if isinstance(result, int) else 0
 
 

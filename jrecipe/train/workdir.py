@@ -108,13 +108,14 @@ class WorkdirLock:
     self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd: Optional[int] = None
-    self._depth = 0
+    self._created = False
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock or raises UserError naming the holder; creates `workdir` if needed."""
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
       raise UserError(f"--workdir={self.workdir} exists and is not a directory: pass a "
                       "directory (it is created if missing).")
+    self._created = not os.path.exists(self.workdir)
     while True:
       try:
         os.makedirs(self.workdir, exist_ok=True)
@@ -146,13 +147,20 @@ class WorkdirLock:
     return self
 
   def release(self) -> None:
-    """Removes the lock file and releases the lock (unlink first: see `acquire`)."""
+    """Removes the lock file and releases the lock (unlink first: see `acquire`).
+
+    A work directory this lock created and nothing else wrote into (input refused) is
+    removed too: bad input leaves nothing behind.
+    """
     if self._fd is None:
       return
     with contextlib.suppress(OSError):
       os.unlink(self.path)
     os.close(self._fd)
     self._fd = None
+    if self._created:
+      with contextlib.suppress(OSError):
+        os.rmdir(self.workdir)  # only when empty
 
 
 @contextlib.contextmanager
