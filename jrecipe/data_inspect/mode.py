@@ -62,8 +62,11 @@ def run_mode(config, workdir: str, options=None) -> int:
   if s["split"] not in data.raw:
     raise UserError(f"config.inspect.split={s['split']!r} is not a split of {spec.name!r}. "
                     f"Valid splits: {', '.join(data.raw)}.")
+  # 'auto' shows mistakes where they exist: a trained classifier (on: asked for, so refused
+  # with the reason when the run cannot have any).
   want_mistakes = s["mistakes"] == "on" or (
-      s["mistakes"] == "auto" and after_training.has_checkpoint(workdir))
+      s["mistakes"] == "auto" and spec.task == "classification"
+      and after_training.has_checkpoint(workdir))
   if want_mistakes and not after_training.has_checkpoint(workdir):
     raise UserError(f"--config.inspect.mistakes=on, but {workdir} holds no checkpoint: train "
                     "it first (jrecipe --mode=train) or use mistakes=auto/off.")
