@@ -3,8 +3,8 @@
 The entry point hands every module a locked config that already holds every field. Tests,
 notebooks and library callers may instead pass a partial dict (`{'name': 'digits'}`) or None.
 `complete` turns either into the same complete section, taking each missing field's default
-from `jrecipe.config_base.base_config()`, the one place defaults are written, so a module never
-restates a default (the recipe's 'fix the random seed' and 'don't trust defaults' both rely on
+from `jrecipe.config.schema` (through `jrecipe.config.base.defaults_dict`, what `base_config()`
+is built from), the one place defaults are written, so a module never restates a default (the recipe's 'fix the random seed' and 'don't trust defaults' both rely on
 every run reading the same values).
 """
 
@@ -17,8 +17,8 @@ import ml_collections
 
 @functools.cache
 def _defaults() -> dict:
-  from jrecipe.config_base import base_config
-  return base_config().to_dict()
+  from jrecipe.config.base import defaults_dict
+  return defaults_dict()
 
 
 def _section_dict(section: Any) -> dict:
@@ -37,7 +37,7 @@ def complete(section: Any, *paths: str) -> ml_collections.ConfigDict:
   Args:
     section: a ConfigDict, a dict, an object with attributes, or None (all defaults). A field
       that is missing or None takes the default; fields the base config lacks are kept.
-    *paths: dotted paths of base-config sections whose fields are the defaults (e.g. 'data',
+    *paths: dotted paths of schema sections whose fields are the defaults (e.g. 'data',
       'data.augment'); a later path's fields override an earlier one's.
 
   Returns:

@@ -17,6 +17,7 @@ import numpy as np
 from jrecipe.data_inspect import duplicates as dup_lib
 from jrecipe.data_inspect import mistakes as mistakes_lib
 from jrecipe.data_inspect import stats as stats_lib
+from jrecipe.data_inspect import summary as summary_lib
 
 DEFAULT_THRESHOLD = 0.985
 CORRUPT_KINDS = ("non_finite", "constant", "out_of_range", "wrong_shape")
@@ -77,14 +78,6 @@ def _stack(x, expected: Optional[tuple]) -> tuple[np.ndarray, np.ndarray, tuple]
   return out, wrong, tuple(expected)
 
 
-def _ref(split: str, ident, label) -> dict:
-  out = {"split": split, "id": int(ident)}
-  if label is not None and np.ndim(label) == 0:
-    f = float(label)
-    out["label"] = int(f) if np.isfinite(f) and f == int(f) else f
-  return out
-
-
 def inspect_splits(splits: dict, *, task: str = "classification",
                    num_classes: Optional[int] = None, class_names: Optional[tuple] = None,
                    value_range: Optional[tuple] = None, expected_shape: Optional[tuple] = None,
@@ -118,6 +111,72 @@ def inspect_splits(splits: dict, *, task: str = "classification",
   Returns:
     Findings (summary, per-example table, inputs for the grids).
   """
+  rows = _stack_splits(splits, expected_shape)
+  n = len(rows.x)
+  image = stats_lib.is_image(rows.shape, task)
+  value_range, declared = _value_range(rows, value_range)
+
+  cols, corrupt = _statistics_and_corrupt(rows, image, value_range)
+  bad_label = stats_lib.label_masks(rows.y, task, num_classes)
+  groups, near = _duplicates(rows, image, near_dup_threshold, neighbors, max_shift)
+
+  # --- the table ---------------------------------------------------------------------------
+  table = _base_table(rows, task, cols, near, num_classes, image)
+  exact_mask, near_mask, leak = _duplicate_masks(groups, near["pairs"], rows.split, n)
+  any_corrupt = np.any([np.zeros(n, bool), *corrupt.values()], axis=0)
+  table.update(exact_dup=exact_mask, near_dup=near_mask, leak=leak, corrupt=any_corrupt,
+               bad_label=bad_label)
+
+  # --- likely label errors from out-of-sample predictions of a cheap model ---------------
+  issues, label_summary, extra = _label_errors_if_asked(
+      rows, task, num_classes, label_neighbors, seed, bad_label | any_corrupt, image)
+  table.update(extra)
+  table["flags"] = _flags(table, [("exact_dup", exact_mask), ("near_dup", near_mask),
+                                  ("leak", leak), ("bad_label", bad_label)]
+                          + list(corrupt.items()))
+  assert list(table) == table_columns(task, image, num_classes, label_neighbors and (
+      issues is not None)), "table_columns() is out of date"
+
+  # --- the summary ---------------------------------------------------------------------------
+  summary = {
+      "dataset": name, "task": task, "splits": dict(zip(rows.names, rows.sizes)),
+      "example_shape": list(rows.shape), "image": bool(image), "num_classes": num_classes,
+      "value_range": list(value_range), "value_range_declared": declared,
+      "per_split": summary_lib.per_split(rows, task, num_classes)}
+  summary.update(summary_lib.finding_summaries(
+      rows, table, near=near, groups=groups, corrupt=corrupt, value_range=value_range,
+      threshold=near_dup_threshold, top_k=top_k))
+  summary["statistics"] = summary_lib.statistics(cols, n)
+  if issues is not None:
+    label_summary["examples"] = summary_lib.label_error_examples(rows, table, issues, top_k)
+  summary["label_errors"] = label_summary
+  return Findings(summary=summary, table=table, x=rows.x, image=image, value_range=value_range,
+                  class_names=class_names, near_pairs=near["pairs"],
+                  near_similarity=near["similarity"], exact_groups=groups,
+                  label_issues=issues)
+
+
+@dataclasses.dataclass
+class _Rows:
+  """Every split's examples stacked into one array, with where each row came from."""
+
+  names: list  # split names, the reference split first
+  sizes: list  # examples per split
+  offsets: dict  # split -> its first row
+  shape: tuple  # the shape of one example
+  first_x: np.ndarray  # the reference split's inputs
+  first_wrong: np.ndarray  # its rows of a wrong shape
+  ys: list  # labels per split
+  x: np.ndarray
+  y: np.ndarray
+  id: np.ndarray
+  wrong: np.ndarray
+  split: np.ndarray
+  index: np.ndarray
+
+
+def _stack_splits(splits: dict, expected_shape: Optional[tuple]) -> _Rows:
+  """The splits as one table of rows (x of a wrong shape become zeros, flagged in `wrong`)."""
   names = list(splits)
   xs, ys, ids, wrongs = [], [], [], []
   shape = tuple(expected_shape) if expected_shape is not None else None
@@ -129,55 +188,76 @@ def inspect_splits(splits: dict, *, task: str = "classification",
     ys.append(np.asarray(y))
     ids.append(np.arange(len(x), dtype=np.int64) if i is None else np.asarray(i, np.int64))
   dtype = np.result_type(*[x.dtype for x in xs])
-  x_all = np.concatenate([x.astype(dtype, copy=False) for x in xs]) if xs else np.zeros(0)
-  y_all = np.concatenate(ys)
-  id_all = np.concatenate(ids)
-  wrong_all = np.concatenate(wrongs)
-  split_all = np.concatenate([np.full(len(x), s) for s, x in zip(names, xs)])
-  index_all = np.concatenate([np.arange(len(x)) for x in xs])
-  offsets = dict(zip(names, np.cumsum([0] + [len(x) for x in xs])[:-1].tolist()))
-  n = len(x_all)
-  image = stats_lib.is_image(shape, task)
-  if value_range is None:
-    ref = xs[0].astype(np.float64)[~wrongs[0]] if len(xs[0]) else np.zeros(1)
-    fin = ref[np.isfinite(ref)]
-    value_range = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
-    declared = False
-  else:
-    declared = True
-  value_range = (float(value_range[0]), float(value_range[1]))
+  sizes = [len(x) for x in xs]
+  return _Rows(
+      names=names, sizes=sizes, offsets=dict(zip(names, np.cumsum([0] + sizes)[:-1].tolist())),
+      shape=shape, first_x=xs[0], first_wrong=wrongs[0], ys=ys,
+      x=np.concatenate([x.astype(dtype, copy=False) for x in xs]) if xs else np.zeros(0),
+      y=np.concatenate(ys), id=np.concatenate(ids), wrong=np.concatenate(wrongs),
+      split=np.concatenate([np.full(len(x), s) for s, x in zip(names, xs)]),
+      index=np.concatenate([np.arange(len(x)) for x in xs]))
 
-  # --- per-example statistics and corrupt records ---------------------------------------
-  cols = stats_lib.example_stats(x_all, image=image, value_range=value_range)
+
+def _duplicates(rows: _Rows, image: bool, threshold: float, neighbors: int,
+                max_shift: int) -> tuple[list, dict]:
+  """(exact groups by content hash, near duplicates); a wrong-shape row copies nothing."""
+  hashes = dup_lib.content_hashes(rows.x)
+  hashes[rows.wrong] = [f"wrong_shape:{i}" for i in np.flatnonzero(rows.wrong)]
+  near = dup_lib.near_duplicates(rows.x, image=image, threshold=threshold, k=neighbors,
+                                 max_shift=max_shift, exclude_same=hashes)
+  return dup_lib.exact_groups(hashes), near
+
+
+def _statistics_and_corrupt(rows: _Rows, image: bool, value_range: tuple) -> tuple[dict, dict]:
+  """(per-example statistic columns, corrupt-record masks by kind); rows of a wrong shape get
+  NaN statistics (their zeros are no data)."""
+  cols = stats_lib.example_stats(rows.x, image=image, value_range=value_range)
   for c in cols:
     if c != "non_finite":
-      cols[c][wrong_all] = np.nan
-  corrupt = stats_lib.corrupt_masks(x_all, cols, value_range=value_range, wrong_shape=wrong_all)
-  bad_label = stats_lib.label_masks(y_all, task, num_classes)
+      cols[c][rows.wrong] = np.nan
+  corrupt = stats_lib.corrupt_masks(rows.x, cols, value_range=value_range,
+                                    wrong_shape=rows.wrong)
+  return cols, corrupt
 
-  # --- exact duplicates (content hash) ---------------------------------------------------
-  hashes = dup_lib.content_hashes(x_all)
-  hashes[wrong_all] = [f"wrong_shape:{i}" for i in np.flatnonzero(wrong_all)]
-  groups = dup_lib.exact_groups(hashes)
 
-  # --- near duplicates -------------------------------------------------------------------
-  near = dup_lib.near_duplicates(x_all, image=image, threshold=near_dup_threshold, k=neighbors,
-                                 max_shift=max_shift, exclude_same=hashes)
-  pairs = near["pairs"]
+def _label_errors_if_asked(rows: _Rows, task: str, num_classes, label_neighbors: int, seed: int,
+                           exclude, image: bool) -> tuple:
+  """(issue rows or None, the label_errors summary, extra table columns)."""
+  if not will_rank_label_errors(task, num_classes, label_neighbors, rows.sizes[0]):
+    return None, {"skipped": "classification only" if task != "classification" else
+                  "label_neighbors=0"}, {}
+  return _label_errors(rows.x, rows.y, rows.names, rows.offsets, rows.sizes, num_classes,
+                       label_neighbors, seed, exclude, image)
 
-  # --- the table ---------------------------------------------------------------------------
-  scalar_labels = y_all.ndim == 1
-  table = {"split": split_all, "index": index_all, "id": id_all}
-  if scalar_labels:
-    table["label"] = y_all.astype(np.float64) if task == "regression" else y_all
+
+def _value_range(rows: _Rows, value_range: Optional[tuple]) -> tuple[tuple, bool]:
+  """(lo, hi) and whether it was declared; else the reference split's finite range."""
+  if value_range is not None:
+    return (float(value_range[0]), float(value_range[1])), True
+  first = rows.first_x
+  ref = first.astype(np.float64)[~rows.first_wrong] if len(first) else np.zeros(1)
+  fin = ref[np.isfinite(ref)]
+  return ((float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)), False
+
+
+def _base_table(rows: _Rows, task: str, cols: dict, near: dict, num_classes, image) -> dict:
+  """The per-example table's identity, label, statistics and nearest-neighbour columns."""
+  table = {"split": rows.split, "index": rows.index, "id": rows.id}
+  if rows.y.ndim == 1:
+    table["label"] = rows.y.astype(np.float64) if task == "regression" else rows.y
   table.update(cols)
   nn = near["nn_index"]
   table["nn_similarity"] = near["nn_similarity"]
-  table["nn_split"] = np.where(nn >= 0, split_all[np.maximum(nn, 0)], "")
-  table["nn_id"] = np.where(nn >= 0, id_all[np.maximum(nn, 0)], -1)
+  table["nn_split"] = np.where(nn >= 0, rows.split[np.maximum(nn, 0)], "")
+  table["nn_id"] = np.where(nn >= 0, rows.id[np.maximum(nn, 0)], -1)
   if task == "classification" and num_classes:
-    table["class_distance"] = _class_distance(x_all, y_all, num_classes, image,
-                                              train_rows=np.arange(len(xs[0])))
+    table["class_distance"] = _class_distance(rows.x, rows.y, num_classes, image,
+                                              train_rows=np.arange(rows.sizes[0]))
+  return table
+
+
+def _duplicate_masks(groups, pairs, split_all, n: int) -> tuple:
+  """(exact_dup, near_dup, leak) row masks; leak: a copy or near copy in another split."""
   exact_mask = np.zeros(n, bool)
   leak = np.zeros(n, bool)
   for g in groups:
@@ -188,107 +268,17 @@ def inspect_splits(splits: dict, *, task: str = "classification",
   near_mask[pairs.ravel()] = True
   cross = split_all[pairs[:, 0]] != split_all[pairs[:, 1]] if len(pairs) else np.zeros(0, bool)
   leak[pairs[cross].ravel()] = True
-  any_corrupt = np.zeros(n, bool)
-  for m in corrupt.values():
-    any_corrupt |= m
-  table.update(exact_dup=exact_mask, near_dup=near_mask, leak=leak, corrupt=any_corrupt,
-               bad_label=bad_label)
+  return exact_mask, near_mask, leak
 
-  # --- likely label errors from out-of-sample predictions of a cheap model ---------------
-  issues = None
-  label_summary = {"skipped": "classification only" if task != "classification" else
-                   "label_neighbors=0"}
-  if will_rank_label_errors(task, num_classes, label_neighbors, len(xs[0])):
-    issues, label_summary, extra = _label_errors(
-        x_all, y_all, names, offsets, [len(x) for x in xs], num_classes, label_neighbors, seed,
-        bad_label | any_corrupt, image)
-    table.update(extra)
 
-  flags = np.full(n, "", dtype=object)
-  for key, m in [("exact_dup", exact_mask), ("near_dup", near_mask), ("leak", leak),
-                 ("bad_label", bad_label)] + list(corrupt.items()) + (
-                     [("label_issue", table["label_issue"])] if "label_issue" in table else []):
+def _flags(table: dict, masks: list) -> np.ndarray:
+  """Each row's findings as 'name;name' (the label_issue column joins when present)."""
+  if "label_issue" in table:
+    masks = masks + [("label_issue", table["label_issue"])]
+  flags = np.full(len(table["split"]), "", dtype=object)
+  for key, m in masks:
     flags[m] = flags[m] + key + ";"
-  table["flags"] = np.array([f.rstrip(";") for f in flags], dtype=object)
-  assert list(table) == table_columns(task, image, num_classes, label_neighbors and (
-      issues is not None)), "table_columns() is out of date"
-
-  # --- the summary ---------------------------------------------------------------------------
-  def refs(rows):
-    return [_ref(split_all[r], id_all[r], y_all[r] if scalar_labels else None)
-            for r in list(rows)[:top_k]]
-
-  per_split = {}
-  for s, y in zip(names, ys):
-    per_split[s] = stats_lib.class_counts(y, num_classes) if task != "regression" else {
-        "count": int(len(y))}
-  summary = {
-      "dataset": name, "task": task, "splits": {s: int(len(x)) for s, x in zip(names, xs)},
-      "example_shape": list(shape), "image": bool(image), "num_classes": num_classes,
-      "value_range": list(value_range), "value_range_declared": declared,
-      "per_split": per_split,
-      "bad_labels": {"count": int(bad_label.sum()), "by_split": _by_split(bad_label, split_all,
-                                                                           names),
-                     "examples": refs(np.flatnonzero(bad_label))},
-  }
-  within = collections.Counter()
-  across = collections.Counter()
-  conflicts = 0
-  for g in groups:
-    ss = sorted(set(split_all[g]), key=names.index)
-    if len(ss) == 1:
-      within[ss[0]] += 1
-    else:
-      across["/".join(ss)] += 1
-    if scalar_labels and len(set(y_all[g].tolist())) > 1:
-      conflicts += 1
-  summary["exact_duplicates"] = {
-      "method": "BLAKE2b-128 hash of each example's stored bytes",
-      "groups": len(groups), "examples": int(sum(len(g) for g in groups)),
-      "extra_copies": int(sum(len(g) - 1 for g in groups)),
-      "within_split": dict(within), "across_splits": dict(across),
-      "conflicting_labels": conflicts,
-      "example_groups": [refs(g) for g in groups[:top_k]]}
-  nwithin, nacross = collections.Counter(), collections.Counter()
-  for a, b in pairs:
-    sa, sb = split_all[a], split_all[b]
-    if sa == sb:
-      nwithin[sa] += 1
-    else:
-      nacross["/".join(sorted((sa, sb), key=names.index))] += 1
-  summary["near_duplicates"] = {
-      "similarity": near["description"], "threshold": float(near_dup_threshold),
-      "pairs": int(len(pairs)), "examples": int(near_mask.sum()),
-      "within_split": dict(nwithin), "across_splits": dict(nacross),
-      "example_pairs": [{"a": refs([a])[0], "b": refs([b])[0], "similarity": float(v)}
-                        for (a, b), v in list(zip(pairs, near["similarity"]))[:top_k]]}
-  summary["leakage"] = {
-      "examples": int(leak.sum()), "by_split": _by_split(leak, split_all, names),
-      "exact_groups_across_splits": int(sum(across.values())),
-      "near_pairs_across_splits": int(sum(nacross.values())),
-      "examples_listed": refs(np.flatnonzero(leak))}
-  summary["corrupt"] = {"count": int(any_corrupt.sum()),
-                        "by_split": _by_split(any_corrupt, split_all, names)}
-  for k, m in corrupt.items():
-    summary["corrupt"][k] = {"count": int(m.sum()), "by_split": _by_split(m, split_all, names),
-                             "examples": refs(np.flatnonzero(m))}
-  summary["corrupt"]["out_of_range"]["range"] = list(value_range)
-  summary["corrupt"]["wrong_shape"]["expected_shape"] = list(shape)
-  summary["statistics"] = {
-      c: {"min": _num(np.nanmin(cols[c])) if n else None,
-          "median": _num(np.nanmedian(cols[c])) if n else None,
-          "max": _num(np.nanmax(cols[c])) if n else None,
-          "description": stats_lib.COLUMN_DOCS[c]} for c in cols}
-  if issues is not None:
-    label_summary["examples"] = [
-        {**refs([r])[0], "suggested": int(table["suggested"][r]),
-         "p_label": float(table["p_label"][r]), "p_suggested": float(table["p_suggested"][r])}
-        for r in issues[:top_k]]
-  summary["label_errors"] = label_summary
-  return Findings(summary=summary, table=table, x=x_all, image=image, value_range=value_range,
-                  class_names=class_names, near_pairs=pairs,
-                  near_similarity=near["similarity"], exact_groups=groups,
-                  label_issues=issues)
+  return np.array([f.rstrip(";") for f in flags], dtype=object)
 
 
 def table_columns(task: str, image: bool, num_classes: Optional[int],
@@ -309,15 +299,6 @@ def will_rank_label_errors(task: str, num_classes: Optional[int], label_neighbor
                            num_train: int) -> bool:
   return bool(task == "classification" and num_classes and label_neighbors
               and num_train > label_neighbors)
-
-
-def _num(v) -> Optional[float]:
-  v = float(v)
-  return v if np.isfinite(v) else None
-
-
-def _by_split(mask, split_all, names) -> dict:
-  return {s: int(np.sum(mask & (split_all == s))) for s in names}
 
 
 def _class_distance(x, y, num_classes, image, train_rows) -> np.ndarray:
@@ -392,8 +373,8 @@ def _label_errors(x_all, y_all, names, offsets, sizes, num_classes, folds, seed,
                 f"example's own label never votes); the other splits' neighbours are "
                 f"{names[0]} examples",
       "model_accuracy": acc, "count": int(len(rows)),
-      "by_split": _by_split(issue, np.concatenate([np.full(k, s) for s, k in zip(names, sizes)]),
-                            names)}
+      "by_split": summary_lib.by_split(
+          issue, np.concatenate([np.full(k, s) for s, k in zip(names, sizes)]), names)}
   extra = {"predicted": pred, "p_label": p_label, "label_issue": issue,
            "suggested": suggested, "p_suggested": p_suggested}
   return rows, summary, extra

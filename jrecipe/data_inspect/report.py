@@ -63,15 +63,31 @@ def _grid_rows(f, rows, caption, per_row: int) -> tuple[list, list]:
 def write_grids(f, outdir: str, *, outlier_k: int = 8, samples_per_class: int = 10,
                 top_k: int = 32, seed: int = 0, selection=None,
                 selection_title: str = "") -> list[str]:
-  """The PNG grids of an image dataset; returns the paths written (none for other data)."""
+  """The PNG grids of an image dataset; returns the paths written (none for other data).
+
+  Recipe stage 1, 'become one with the data': outliers along every statistic, class means and
+  random samples, duplicates side by side, corrupt records, likely label errors and the rows a
+  filter selected.
+  """
   if not f.image or len(f.x) == 0:
     return []
-  t = f.table
-  vr = f.value_range
-  out = []
-  rng = np.random.default_rng(seed)
+  out = [_outlier_grid(f, outdir, outlier_k)]
+  if "label" in f.table and f.summary.get("num_classes"):
+    out += [_class_means_grid(f, outdir),
+            _samples_grid(f, outdir, samples_per_class, np.random.default_rng(seed))]
+  out += [_duplicates_grid(f, outdir, top_k), _corrupt_grid(f, outdir, top_k),
+          _label_errors_grid(f, outdir, top_k)]
+  if selection is not None and len(selection):
+    srows, scaps = _grid_rows(f, selection[:max(top_k, 1)],
+                              lambda r: f"{_who(f, r)} y{_label(f, r)}", 8)
+    out.append(grids.save_grid(os.path.join(outdir, "selection.png"), srows, scaps,
+                               value_range=f.value_range, title=selection_title))
+  return [p for p in out if p]
 
-  # Outliers at both ends of every axis.
+
+def _outlier_grid(f, outdir: str, outlier_k: int) -> Optional[str]:
+  """Outliers at both ends of every axis (None when no axis has finite values)."""
+  t = f.table
   rows, caps, labels = [], [], []
   for axis in OUTLIER_AXES:
     if axis not in t:
@@ -86,89 +102,102 @@ def write_grids(f, outdir: str, *, outlier_k: int = 8, samples_per_class: int = 
     rows.append([_image(f, r) for r in low] + [_image(f, r) for r in high])
     caps.append([f"{_label(f, r)} {_fmt(col[r])}" for r in list(low) + list(high)])
     labels.append(f"{axis}: low | high")
-  if rows:
-    out.append(grids.save_grid(
-        os.path.join(outdir, "outliers.png"), rows, caps, row_labels=labels, value_range=vr,
-        gap_after=outlier_k,
-        title=f"Outliers along every axis: the {outlier_k} lowest | {outlier_k} highest "
-              "(caption: label value)"))
+  if not rows:
+    return None
+  return grids.save_grid(
+      os.path.join(outdir, "outliers.png"), rows, caps, row_labels=labels,
+      value_range=f.value_range, gap_after=outlier_k,
+      title=f"Outliers along every axis: the {outlier_k} lowest | {outlier_k} highest "
+            "(caption: label value)")
 
-  # Per-class mean images (one row per split) and random samples per class.
-  if "label" in t and f.summary.get("num_classes"):
-    c = int(f.summary["num_classes"])
-    y = np.asarray(t["label"])
-    splits = list(f.summary["splits"])
-    mrows, mcaps = [], []
-    for s in splits:
-      sel = np.asarray(t["split"]) == s
-      row, cap = [], []
-      for j in range(c):
-        m = sel & (y == j)
-        row.append(f.x[m].astype(np.float64).mean(axis=0)[..., 0] if m.any() and
-                   f.x.shape[-1] == 1 else (f.x[m].astype(np.float64).mean(axis=0) if m.any()
-                                            else None))
-        cap.append(f"{j} n={int(m.sum())}")
-      mrows.append(row)
-      mcaps.append(cap)
-    out.append(grids.save_grid(os.path.join(outdir, "class_means.png"), mrows, mcaps,
-                               row_labels=splits, value_range=vr,
-                               title="Mean image per class (rows: splits)"))
-    first = np.asarray(t["split"]) == splits[0]
-    srows, scaps, slabels = [], [], []
-    for j in range(min(c, 100)):
-      pool = np.flatnonzero(first & (y == j))
-      pick = rng.choice(pool, min(samples_per_class, len(pool)), replace=False) if len(
-          pool) else []
-      srows.append([_image(f, r) for r in pick])
-      scaps.append([str(int(t["id"][r])) for r in pick])
-      slabels.append(f"class {_label_name(f, j)}")
-    out.append(grids.save_grid(os.path.join(outdir, "samples.png"), srows, scaps,
-                               row_labels=slabels, value_range=vr,
-                               title=f"Random {splits[0]} examples per class (caption: id)"))
 
-  # Exact and near duplicates, side by side.
+def _class_means_grid(f, outdir: str) -> Optional[str]:
+  """The mean image of every class, one row per split."""
+  t = f.table
+  c = int(f.summary["num_classes"])
+  y = np.asarray(t["label"])
+  splits = list(f.summary["splits"])
+  mrows, mcaps = [], []
+  for s in splits:
+    sel = np.asarray(t["split"]) == s
+    row, cap = [], []
+    for j in range(c):
+      m = sel & (y == j)
+      row.append(f.x[m].astype(np.float64).mean(axis=0)[..., 0] if m.any() and
+                 f.x.shape[-1] == 1 else (f.x[m].astype(np.float64).mean(axis=0) if m.any()
+                                          else None))
+      cap.append(f"{j} n={int(m.sum())}")
+    mrows.append(row)
+    mcaps.append(cap)
+  return grids.save_grid(os.path.join(outdir, "class_means.png"), mrows, mcaps,
+                         row_labels=splits, value_range=f.value_range,
+                         title="Mean image per class (rows: splits)")
+
+
+def _samples_grid(f, outdir: str, samples_per_class: int, rng) -> Optional[str]:
+  """Random examples of the first split, one row per class (at most 100 classes)."""
+  t = f.table
+  y = np.asarray(t["label"])
+  splits = list(f.summary["splits"])
+  first = np.asarray(t["split"]) == splits[0]
+  srows, scaps, slabels = [], [], []
+  for j in range(min(int(f.summary["num_classes"]), 100)):
+    pool = np.flatnonzero(first & (y == j))
+    pick = rng.choice(pool, min(samples_per_class, len(pool)), replace=False) if len(
+        pool) else []
+    srows.append([_image(f, r) for r in pick])
+    scaps.append([str(int(t["id"][r])) for r in pick])
+    slabels.append(f"class {_label_name(f, j)}")
+  return grids.save_grid(os.path.join(outdir, "samples.png"), srows, scaps,
+                         row_labels=slabels, value_range=f.value_range,
+                         title=f"Random {splits[0]} examples per class (caption: id)")
+
+
+def _duplicates_grid(f, outdir: str, top_k: int) -> Optional[str]:
+  """Exact and near duplicates, side by side (None when there are none)."""
   pairs = []
   for g in (f.exact_groups or [])[:top_k]:
     pairs.append((g[0], g[1], "exact"))
   near_sim = f.near_similarity if f.near_similarity is not None else []
   for (a, b), v in list(zip(f.near_pairs if f.near_pairs is not None else [], near_sim))[:top_k]:
     pairs.append((a, b, f"~{v:.3f}"))
-  if pairs:
-    per_row = 4  # pairs per row
-    drows, dcaps = [], []
-    for start in range(0, len(pairs), per_row):
-      chunk = pairs[start:start + per_row]
-      drows.append([im for a, b, _ in chunk for im in (_image(f, a), _image(f, b))])
-      dcaps.append([c for a, b, kind in chunk for c in (
-          f"{_who(f, a)} y{_label(f, a)}", f"{_who(f, b)} {kind}")])
-    out.append(grids.save_grid(os.path.join(outdir, "duplicates.png"), drows, dcaps,
-                               value_range=vr, title="Duplicates: pairs side by side (exact, "
-                               "then near with their similarity); tr:/va:/te: = split:id"))
+  if not pairs:
+    return None
+  per_row = 4  # pairs per row
+  drows, dcaps = [], []
+  for start in range(0, len(pairs), per_row):
+    chunk = pairs[start:start + per_row]
+    drows.append([im for a, b, _ in chunk for im in (_image(f, a), _image(f, b))])
+    dcaps.append([c for a, b, kind in chunk for c in (
+        f"{_who(f, a)} y{_label(f, a)}", f"{_who(f, b)} {kind}")])
+  return grids.save_grid(os.path.join(outdir, "duplicates.png"), drows, dcaps,
+                         value_range=f.value_range, title="Duplicates: pairs side by side "
+                         "(exact, then near with their similarity); tr:/va:/te: = split:id")
 
-  # Corrupt records and labels outside the classes.
+
+def _corrupt_grid(f, outdir: str, top_k: int) -> Optional[str]:
+  """Corrupt records and labels outside the classes (None when there are none)."""
+  t = f.table
   bad = np.flatnonzero(np.asarray(t["corrupt"]) | np.asarray(t["bad_label"]))[:top_k]
-  if len(bad):
-    flags = t["flags"]
-    crows, ccaps = _grid_rows(f, bad, lambda r: f"{_who(f, r)} {str(flags[r])[:14]}", 8)
-    out.append(grids.save_grid(os.path.join(outdir, "corrupt.png"), crows, ccaps,
-                               value_range=vr, title="Corrupt records and bad labels"))
+  if not len(bad):
+    return None
+  flags = t["flags"]
+  crows, ccaps = _grid_rows(f, bad, lambda r: f"{_who(f, r)} {str(flags[r])[:14]}", 8)
+  return grids.save_grid(os.path.join(outdir, "corrupt.png"), crows, ccaps,
+                         value_range=f.value_range, title="Corrupt records and bad labels")
 
-  # Likely label errors (out-of-sample votes).
-  if f.label_issues is not None and len(f.label_issues):
-    li = f.label_issues[:top_k]
-    lrows, lcaps = _grid_rows(
-        f, li, lambda r: f"y{_label(f, r)}->{int(t['suggested'][r])} "
-                         f"p{_fmt(t['p_suggested'][r])}", 8)
-    out.append(grids.save_grid(os.path.join(outdir, "label_errors.png"), lrows, lcaps,
-                               value_range=vr, title="Likely label errors: given -> suggested "
-                               "(p of the suggestion, out-of-sample)"))
 
-  if selection is not None and len(selection):
-    srows, scaps = _grid_rows(f, selection[:max(top_k, 1)],
-                              lambda r: f"{_who(f, r)} y{_label(f, r)}", 8)
-    out.append(grids.save_grid(os.path.join(outdir, "selection.png"), srows, scaps,
-                               value_range=vr, title=selection_title))
-  return [p for p in out if p]
+def _label_errors_grid(f, outdir: str, top_k: int) -> Optional[str]:
+  """Likely label errors (out-of-sample votes), given -> suggested; None when none."""
+  if f.label_issues is None or not len(f.label_issues):
+    return None
+  t = f.table
+  lrows, lcaps = _grid_rows(
+      f, f.label_issues[:top_k], lambda r: f"y{_label(f, r)}->{int(t['suggested'][r])} "
+                                           f"p{_fmt(t['p_suggested'][r])}", 8)
+  return grids.save_grid(os.path.join(outdir, "label_errors.png"), lrows, lcaps,
+                         value_range=f.value_range, title="Likely label errors: given -> "
+                         "suggested (p of the suggestion, out-of-sample)")
 
 
 def _label_name(f, j: int) -> str:

@@ -330,6 +330,54 @@ def _typed_key(key):
   return jax.random.wrap_key_data(key)
 
 
+def _nnx_module(obj: Any, name: str) -> tuple[Any, Optional[Callable]]:
+  """(a module instance, its constructor or None) from what `from_nnx` accepts."""
+  from flax import nnx
+  if isinstance(obj, nnx.Module):
+    return obj, None
+  if isinstance(obj, tuple) and len(obj) >= 2 and isinstance(obj[0], nnx.GraphDef):
+    return nnx.merge(*obj), None
+  if not callable(obj):
+    raise UserError(f"from_nnx({name!r}) needs an nnx.Module, a (graphdef, state) pair or a "
+                    f"constructor make(rngs); got {type(obj).__name__}.")
+  with jax.threefry_partitionable(False):
+    module = obj(nnx.Rngs(0))
+  if not isinstance(module, nnx.Module):
+    raise UserError(f"The NNX constructor for {name!r} returned {type(module).__name__}, "
+                    "not an nnx.Module.")
+  return module, obj
+
+
+def _nnx_init(make: Optional[Callable], variables_of: Callable, fixed: dict) -> Callable:
+  """`init(rng, x)`: copies of `fixed` (a built module), or fresh weights from `make`."""
+  from flax import nnx
+  if make is None:
+    def init(rng, x):
+      del rng, x
+      return jax.tree.map(jnp.copy, fixed)
+    return init
+
+  @fast_random
+  @jax.jit
+  def init_fresh(rng, x):
+    del x
+    _, params, stats, _ = nnx.split(make(nnx.Rngs(rng)), nnx.Param, nnx.BatchStat, ...)
+    return variables_of(params, stats)
+
+  return init_fresh
+
+
+def _reseed_streams(model, key) -> None:
+  """Every RNG stream of a merged NNX model restarts from fold_in(key, its index)."""
+  from flax import nnx
+  i = 0
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.RngStream):
+      node.key.set_value(jax.random.fold_in(key, i))
+      node.count.set_value(jnp.zeros(node.count.get_value().shape, jnp.uint32))
+      i += 1
+
+
 def from_nnx(graphdef_and_state_or_module: Any, name: str, *,
              widen: Optional[Callable] = None) -> Model:
   """Adapts a Flax NNX module to the same pure-apply `Model` contract as Linen models.
@@ -362,23 +410,7 @@ def from_nnx(graphdef_and_state_or_module: Any, name: str, *,
     A `jrecipe.types.Model` with `module=None`.
   """
   from flax import nnx
-  obj = graphdef_and_state_or_module
-  make = None
-  if isinstance(obj, nnx.Module):
-    module = obj
-  elif isinstance(obj, tuple) and len(obj) >= 2 and isinstance(obj[0], nnx.GraphDef):
-    module = nnx.merge(*obj)
-  elif callable(obj):
-    make = obj
-    with jax.threefry_partitionable(False):
-      module = make(nnx.Rngs(0))
-    if not isinstance(module, nnx.Module):
-      raise UserError(f"The NNX constructor for {name!r} returned {type(module).__name__}, "
-                      "not an nnx.Module.")
-  else:
-    raise UserError(f"from_nnx({name!r}) needs an nnx.Module, a (graphdef, state) pair or a "
-                    f"constructor make(rngs); got {type(obj).__name__}.")
-
+  module, make = _nnx_module(graphdef_and_state_or_module, name)
   graphdef, params_t, stats_t, rest_t = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
   has_batchnorm = bool(jax.tree.leaves(stats_t))
   has_dropout = _nnx_has_dropout(module)
@@ -392,20 +424,7 @@ def from_nnx(graphdef_and_state_or_module: Any, name: str, *,
       variables["batch_stats"] = nnx.to_pure_dict(stats)
     return variables
 
-  if make is None:
-    fixed = variables_of(params_t, stats_t)
-
-    def init(rng, x):
-      del rng, x
-      return jax.tree.map(jnp.copy, fixed)
-  else:
-    @fast_random
-    @jax.jit
-    def init(rng, x):
-      del x
-      fresh = make(nnx.Rngs(rng))
-      _, params, stats, _ = nnx.split(fresh, nnx.Param, nnx.BatchStat, ...)
-      return variables_of(params, stats)
+  init = _nnx_init(make, variables_of, variables_of(params_t, stats_t))
 
   @fast_random
   def apply_with_state(variables, x, train=False, rngs=None):
@@ -421,13 +440,7 @@ def from_nnx(graphdef_and_state_or_module: Any, name: str, *,
     else:
       model.eval()
     if train and rngs and "dropout" in rngs:
-      key = _typed_key(rngs["dropout"])
-      i = 0
-      for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.RngStream):
-          node.key.set_value(jax.random.fold_in(key, i))
-          node.count.set_value(jnp.zeros(node.count.get_value().shape, jnp.uint32))
-          i += 1
+      _reseed_streams(model, _typed_key(rngs["dropout"]))
     out = model(x)
     if not (train and has_batchnorm):
       return out, {}
