@@ -88,13 +88,19 @@ def _cells(values_rgb: np.ndarray, cell: int = 10) -> np.ndarray:
   return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def _true_token_probs(p: np.ndarray, y: np.ndarray) -> bool:
+  """Whether `probs` already hold the probability of the true label (sequences: [N, T] for
+  [N, T] labels), rather than one probability per class ([N, C] for [N] labels)."""
+  return p.shape == y.shape
+
+
 def prediction_image(record: dict) -> np.ndarray:
   """An HWC uint8 image of one evaluation's predictions (see the module docstring)."""
   if "probs" in record:
     p = np.asarray(record["probs"], np.float32)
     y = np.asarray(record["y"]).astype(int)
     rgb = np.zeros(p.shape + (3,), np.float32)
-    if p.ndim == 2:  # [N, C]
+    if not _true_token_probs(p, y):  # [N, C]
       true = np.zeros_like(p, bool)
       true[np.arange(len(y)), y] = True
       rgb[..., 1] = np.where(true, p, 0)
@@ -131,14 +137,14 @@ def prediction_record(outputs: np.ndarray, y: np.ndarray, task: str, loss_expect
 
 def dynamics_image(records: list[dict]) -> Optional[np.ndarray]:
   """Rows = examples, columns = evaluations: probability of the true class (green) or of
-  the rest (red). Classification only; None otherwise."""
+  the rest (red); for sequences, its mean over the time steps. None for regression."""
   cols = []
   for r in records:
     if "probs" not in r or np.ndim(r["probs"]) != 2:
       return None
     p = np.asarray(r["probs"], np.float32)
     y = np.asarray(r["y"]).astype(int)
-    cols.append(p[np.arange(len(y)), y])
+    cols.append(p.mean(1) if _true_token_probs(p, y) else p[np.arange(len(y)), y])
   if not cols:
     return None
   m = np.stack(cols, 1)
