@@ -298,14 +298,18 @@ class Checkpointer:
       RunFailure: checkpoints exist but every one is damaged (never a silent fresh start).
       UserError: an intact checkpoint does not fit `target` (the config's state changed).
     """
+    skipped = []
     if self._writer():
       integrity.clean_leftovers(self.directory)
+      for s in self._digit_steps():  # half-deleted or unsealed: never committed, set aside
+        if step in (None, s) and (why := integrity.quick_problem(self._step_dir(s))):
+          self._set_aside(s, why)
+          skipped.append(s)
     steps = [step] if step is not None else self._digit_steps()[::-1]
-    if not steps:
+    if not steps and not skipped:
       return None  # a fresh run: nothing to read, and no need for orbax yet
     ocp = _ocp()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    skipped = []
     for s in steps:
       why = integrity.problem(self._step_dir(s))
       if why:
@@ -323,14 +327,14 @@ class Checkpointer:
             "follow (a parameter shape, the optimizer or its state): train this config in a "
             "new --workdir.") from e
       if skipped:
-        log.warning("Resuming from checkpoint %d instead (newer ones were damaged: %s).", s,
-                    ", ".join(map(str, skipped)))
+        log.warning("Resuming from checkpoint %d (damaged checkpoints were set aside: %s).",
+                    s, ", ".join(map(str, sorted(skipped))))
       return out["state"], dict(out["meta"]), s
     where = (f"moved to {os.path.join(self.directory, integrity.DAMAGED)}; a rerun starts "
              "from scratch" if self._writer() else "left in place")
     raise RunFailure(
-        f"None of the {len(steps)} checkpoints in {self.directory} could be read intact "
-        f"(steps {steps}; {where}). Refusing to start from scratch silently in this run: "
+        f"None of the {len(set(steps + skipped))} checkpoints in {self.directory} could be "
+        f"read intact (steps {sorted(set(steps + skipped))}; {where}). Refusing to start from scratch silently in this run: "
         "restore a backup, or rerun to start a fresh run.")
 
   def best_step(self) -> Optional[int]:

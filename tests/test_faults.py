@@ -1,0 +1,255 @@
+"""Fault injection: damaged checkpoints, two processes on one work directory, a kill while an
+old checkpoint is being deleted. Each fault is detected, reported in one line, and the rerun
+finishes bit-identical to an uninterrupted run (bench/soak.py repeats these at random)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jrecipe.errors import UserError
+from jrecipe.train import integrity, loop
+from jrecipe.train import workdir as workdir_lib
+from jrecipe.train.checkpoint import Checkpointer
+from tests.helpers import REPO, load_params, read_json, tiny_config
+
+# 19 steps per epoch; a checkpoint every epoch: steps 19, 38, 57 (newest + best 2 kept).
+CFG = dict(num_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("ref") / "run")
+  loop.train_and_evaluate(tiny_config(**CFG), wd)
+  return wd
+
+
+def _ckdir(wd):
+  return os.path.join(wd, "checkpoints")
+
+
+def _data_files(step_dir):
+  m = integrity.read_manifest(step_dir)
+  return sorted((f for f in m["files"] if "/d/" in f or f.startswith("d/")),
+                key=lambda f: -m["files"][f]["size"])
+
+
+def _overwrite_bytes(step_dir, rng):
+  path = os.path.join(step_dir, _data_files(step_dir)[0])
+  data = bytearray(open(path, "rb").read())
+  for off in rng.choice(len(data), size=int(rng.integers(1, 65)), replace=False):
+    data[off] ^= int(rng.integers(1, 256))  # never the same byte
+  open(path, "wb").write(bytes(data))
+
+
+def _truncate(step_dir, rng):
+  path = os.path.join(step_dir, _data_files(step_dir)[0])
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+DAMAGE = {
+    "bytes_overwritten": _overwrite_bytes,
+    "truncated": _truncate,
+    "manifest_missing": lambda d, rng: os.remove(os.path.join(d, integrity.MANIFEST)),
+    "meta_missing": lambda d, rng: shutil.rmtree(os.path.join(d, "meta")),
+    "half_deleted": lambda d, rng: _half_delete(d),
+}
+
+
+def _half_delete(step_dir):
+  """What a kill during a plain rmtree of the step left: only `state/` of it."""
+  for name in os.listdir(step_dir):
+    path = os.path.join(step_dir, name)
+    if name != "state":
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _rows(wd):
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  return sorted((r["split"], r["step"]) for r in rows)
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_rerun_finishes(reference, tmp_path,
+                                                                       damage, caplog):
+  """Issue 19 item 1: the rerun used to retrain to the damaged step and die on
+  StepAlreadyExistsError forever; now it is moved aside and the run ends bit-identical."""
+  wd = str(tmp_path / "run")
+  shutil.copytree(reference, wd)
+  latest = Checkpointer(wd, read_only=True).steps()[-1]
+  DAMAGE[damage](os.path.join(_ckdir(wd), str(latest)), np.random.default_rng(0))
+  with caplog.at_level("WARNING", logger="jrecipe"):
+    summary = loop.train_and_evaluate(tiny_config(**CFG), wd)
+  lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(lines) == 1 and f"step {latest} is damaged" in lines[0], caplog.text
+  assert os.path.isdir(os.path.join(_ckdir(wd), integrity.DAMAGED, str(latest)))
+  assert summary["step"] == latest  # it trained past the damaged step's number again
+  a, b = load_params(reference), load_params(wd)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert _rows(wd) == _rows(reference)  # every row once, none missing
+  assert integrity.problem(os.path.join(_ckdir(wd), str(latest))) is None
+
+
+def test_every_byte_corruption_is_detected_before_a_restore(reference, tmp_path):
+  """Issue 19 item 2: 12 of 12 corrupted restores succeeded silently; 0 of 40 here."""
+  rng = np.random.default_rng(1)
+  src = os.path.join(_ckdir(reference), str(Checkpointer(reference, read_only=True).steps()[-1]))
+  assert integrity.problem(src) is None
+  files = sorted(integrity.read_manifest(src)["files"])
+  silent = 0
+  for trial in range(40):
+    d = str(tmp_path / f"t{trial}")
+    shutil.copytree(src, d)
+    path = os.path.join(d, files[trial % len(files)])
+    data = bytearray(open(path, "rb").read())
+    if not data:
+      continue
+    for off in rng.choice(len(data), size=min(len(data), int(rng.integers(1, 65))),
+                          replace=False):
+      data[off] ^= int(rng.integers(1, 256))
+    open(path, "wb").write(bytes(data))
+    silent += integrity.problem(d) is None
+    shutil.rmtree(d)
+  assert silent == 0
+
+
+def test_retention_keeps_the_newest_and_the_best_and_drops_a_stop_checkpoint(tmp_path):
+  """A checkpoint without a validation loss (a preemption's stop) is kept only while it is
+  the newest; old steps go through the trash (nothing half-deleted is left)."""
+  ck = Checkpointer(str(tmp_path), keep_best=1)
+  state = {"w": np.arange(3, dtype=np.float32)}
+  for step, val in [(1, 3.0), (2, 1.0), (3, None), (4, 2.0), (5, 2.5)]:
+    ck.save(step, state, {"epoch": step}, val)
+    ck.wait()
+    if step == 3:
+      assert ck.steps() == [2, 3]
+  ck.close()
+  assert ck.list_checkpoints() == [{"step": 2, "val_loss": 1.0}, {"step": 5, "val_loss": 2.5}]
+  assert ck.best_step() == 2
+  assert sorted(os.listdir(ck.directory)) == ["2", "5"]
+
+
+def test_an_intact_checkpoint_that_does_not_fit_is_a_user_error_not_damage(tmp_path):
+  ck = Checkpointer(str(tmp_path))
+  ck.save(1, {"w": np.zeros(3, np.float32)}, {"epoch": 1}, 1.0)
+  ck.close()
+  with pytest.raises(UserError, match="intact .* does not fit"):
+    Checkpointer(str(tmp_path)).restore({"w": np.zeros(3, np.float32), "b": np.zeros(2)})
+  assert Checkpointer(str(tmp_path), read_only=True).steps() == [1]  # not moved aside
+
+
+def test_every_checkpoint_damaged_is_a_run_failure_not_a_silent_fresh_start(tmp_path):
+  from jrecipe.errors import RunFailure
+  ck = Checkpointer(str(tmp_path))
+  ck.save(1, {"w": np.zeros(3, np.float32)}, {"epoch": 1}, 1.0)
+  ck.close()
+  os.remove(os.path.join(ck.directory, "1", integrity.MANIFEST))
+  with pytest.raises(RunFailure, match="None of the 1 checkpoints"):
+    Checkpointer(str(tmp_path)).restore({"w": np.zeros(3, np.float32)})
+  assert os.listdir(os.path.join(ck.directory, integrity.DAMAGED)) == ["1"]
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_at_start(reference, tmp_path):
+  wd = str(tmp_path / "run")
+  shutil.copytree(reference, wd)
+  steps = Checkpointer(wd, read_only=True).steps()
+  os.makedirs(os.path.join(_ckdir(wd), integrity.TRASH, "7.123", "state"))
+  shutil.copytree(os.path.join(_ckdir(wd), str(steps[-1])),
+                  os.path.join(_ckdir(wd), f"{steps[-1] + 19}{integrity.TMP_SUFFIX}"))
+  loop.train_and_evaluate(tiny_config(**CFG), wd)
+  names = os.listdir(_ckdir(wd))
+  assert integrity.TRASH not in names and not any(integrity.TMP_SUFFIX in n for n in names)
+
+
+def test_the_lock_names_its_holder_and_a_dead_holders_file_is_taken_over(tmp_path):
+  wd = str(tmp_path / "wd")
+  first = workdir_lib.WorkdirLock(wd).acquire()  # creates wd; removes it on release if empty
+  with pytest.raises(UserError, match=rf"in use by another jrecipe process: pid {os.getpid()} "
+                                      r"on host .*, since .* s ago\)"):
+    workdir_lib.WorkdirLock(wd).acquire()
+  first.release()
+  assert not os.path.exists(wd)
+  os.makedirs(wd)
+  # A lock file left by a process that died (no flock held any more): taken over.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  with open(os.path.join(wd, workdir_lib.LOCK_FILE), "w") as f:
+    json.dump({"host": "elsewhere", "pid": int(dead), "since": 0}, f)
+  second = workdir_lib.WorkdirLock(wd).acquire()
+  assert read_json(os.path.join(wd, workdir_lib.LOCK_FILE))["pid"] == os.getpid()
+  second.release()
+  assert not os.path.exists(os.path.join(wd, workdir_lib.LOCK_FILE))
+
+
+CLI = ["--config=configs/digits_mlp.py", "--config.model.hidden=(32,)",
+       "--config.progress=False", "--config.batch_size=64"]
+
+
+def test_a_second_process_on_a_workdir_in_use_exits_2_at_once(tmp_path):
+  wd = str(tmp_path / "wd")
+  args = [sys.executable, "-m", "jrecipe", *CLI, "--config.num_epochs=60", f"--workdir={wd}"]
+  first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.isdir(_ckdir(wd)):
+      assert first.poll() is None, first.stderr.read()[-2000:]
+      time.sleep(0.05)
+    t0 = time.time()
+    second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60)
+    took = time.time() - t0
+    _, err = first.communicate(timeout=300)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert second.returncode == 2 and took < 2.0, (second.returncode, took, second.stderr)
+  lines = second.stderr.strip().splitlines()
+  assert len(lines) == 1 and f"pid {first.pid} on host" in lines[0], second.stderr
+  assert first.returncode == 0 and "Resuming" not in err, err[-2000:]
+  rows = _rows(wd)
+  assert len(rows) == len(set(rows))
+  assert read_json(os.path.join(wd, "summary.json"))["step"] == 60 * 19
+
+
+# The real entry point, but the deletion of an old checkpoint dies (SIGKILL) after removing
+# one file: the state a kill during deletion leaves.
+_KILLED_IN_DELETE = """
+import os, signal, sys, types
+from jrecipe.train import integrity
+def dying_rmtree(path, ignore_errors=False):
+  for root, _, files in os.walk(path):
+    if files:
+      os.remove(os.path.join(root, files[0]))
+      break
+  os.kill(os.getpid(), signal.SIGKILL)
+integrity.shutil = types.SimpleNamespace(rmtree=dying_rmtree)
+sys.argv = ["jrecipe"] + sys.argv[1:]
+from jrecipe.main import run
+run()
+"""
+
+
+def test_sigkill_during_the_deletion_of_an_old_checkpoint_resumes_cleanly(tmp_path):
+  args = [*CLI, "--config.num_epochs=4", "--config.checkpoint.keep_best=0",
+          "--config.checkpoint.every_epochs=1"]
+  ref, wd = str(tmp_path / "ref"), str(tmp_path / "wd")
+  r = subprocess.run([sys.executable, "-m", "jrecipe", *args, f"--workdir={ref}"], cwd=REPO,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = subprocess.run([sys.executable, "-c", _KILLED_IN_DELETE, *args, f"--workdir={wd}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+  assert os.path.isdir(os.path.join(_ckdir(wd), integrity.TRASH))  # killed mid-deletion
+  r = subprocess.run([sys.executable, "-m", "jrecipe", *args, f"--workdir={wd}"], cwd=REPO,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "damaged" not in r.stderr, r.stderr[-2000:]
+  a, b = load_params(ref), load_params(wd)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert sorted(os.listdir(_ckdir(wd))) == sorted(os.listdir(_ckdir(ref)))
+  assert _rows(wd) == _rows(ref)
