@@ -29,6 +29,7 @@ def is_number(v: Any) -> bool:
 
 
 def is_bool(v: Any) -> bool:
+  """A Python or numpy bool."""
   return isinstance(v, (bool, np.bool_))
 
 
