@@ -11,9 +11,11 @@ same architecture (width 4) for one epoch on 512 mnist5k images downsampled to 1
 """
 
 from jrecipe.config_base import base_config
+from jrecipe.config.variants import check_variant
 
 
 def get_config(variant: str = ""):
+  check_variant(variant, ("smoke",), "cifar10_resnet18.py")
   c = base_config()
   c.data.name = "tfds:cifar10"
   c.data.augment.random_crop = 4

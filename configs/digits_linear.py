@@ -6,9 +6,11 @@ Expect about 96% test accuracy after 40 epochs (measured: 95.9%); every later mo
 """
 
 from jrecipe.config_base import base_config
+from jrecipe.config.variants import check_variant
 
 
 def get_config(variant: str = ""):
+  check_variant(variant, ("smoke",), "digits_linear.py")
   c = base_config()
   c.data.name = "digits"
   c.model.name = "linear"

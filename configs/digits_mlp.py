@@ -7,9 +7,11 @@ seconds of training on a 2-core CPU). Smoke variant: `--config=configs/digits_ml
 """
 
 from jrecipe.config_base import base_config
+from jrecipe.config.variants import check_variant
 
 
 def get_config(variant: str = ""):
+  check_variant(variant, ("smoke",), "digits_mlp.py")
   c = base_config()
   c.data.name = "digits"
   c.model.name = "mlp"

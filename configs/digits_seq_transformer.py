@@ -8,9 +8,11 @@ and a test loss well below ln(17)=2.83 after 20 epochs.
 """
 
 from jrecipe.config_base import base_config
+from jrecipe.config.variants import check_variant
 
 
 def get_config(variant: str = ""):
+  check_variant(variant, ("smoke",), "digits_seq_transformer.py")
   c = base_config()
   c.data.name = "digits_seq"
   c.data.normalize = False

@@ -8,9 +8,11 @@ Smoke variant: `--config=configs/mnist5k_cnn.py:smoke` (one epoch on 512 images)
 """
 
 from jrecipe.config_base import base_config
+from jrecipe.config.variants import check_variant
 
 
 def get_config(variant: str = ""):
+  check_variant(variant, ("smoke",), "mnist5k_cnn.py")
   c = base_config()
   c.data.name = "mnist5k"
   c.model.name = "cnn"

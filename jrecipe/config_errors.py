@@ -128,6 +128,8 @@ def _explain(error: BaseException, argv: list[str]) -> str:
     return (f"bad value {value!r} for {flag}: {detail.strip().rstrip('.')}. The value must "
             f"have the type of the field's default{_field_hint(flag[len('--config.'):])} (see "
             "the config file, or docs/config.md for every field).")
+  if "Error whilst parsing config file" in text and "unknown config variant" in text:
+    return text[text.rindex("unknown config variant"):].strip().splitlines()[0]
   if "Failed loading config file" in text or isinstance(error, (FileNotFoundError, OSError)):
     path = _config_arg(argv) or "?"
     last = text.strip().splitlines()[-1].strip() if text.strip() else type(error).__name__

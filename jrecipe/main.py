@@ -96,6 +96,9 @@ def main(argv: list[str]) -> int:
   with contextlib.ExitStack() as held:
     try:
       _lock_workdir(held, mode, distributed, early=True)
+      if FLAGS.config is not None:  # every mode, before any file or device is touched
+        from jrecipe import validate
+        validate.validate_config(FLAGS.config)
       from jrecipe import runtime
       run_mode = mode.load()
       # First: nothing may create the JAX backend before jax.distributed.initialize().

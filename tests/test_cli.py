@@ -18,6 +18,9 @@ SMOKE = "--config=configs/digits_mlp.py:smoke"
     ([SMOKE, "--config.loss.name=xent"], "softmax_xent"),
     (["--config=configs/does_not_exist.py"], "digits_mlp.py"),
     ([SMOKE, "--mode=trian"], "Valid modes"),
+    (["--config=configs/digits_mlp.py:smok"], "valid variants are digits_mlp.py:smoke"),
+    ([SMOKE, "--mode=search", "--config.search.metric=f1",
+      "--config.search.space=optimizer.learning_rate=loguniform(1e-4,1e-2)"], "search.metric"),
 ])
 def test_bad_input_exits_2_with_a_paragraph_and_writes_nothing(tmp_path, args, needle):
   wd = tmp_path / "wd"
