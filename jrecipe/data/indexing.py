@@ -9,15 +9,14 @@ run resumes exactly.
 Why not `grain.MapDataset.range(N).seed(seed).shuffle().batch(B, drop_remainder=True)
 .repeat(None)`: it has the same semantics (per-epoch reshuffle, random access by step, the
 remainder of each epoch dropped) but grain shuffles one index at a time through a 16-bit Simon
-cipher with cycle walking (`index_shuffle`: measured 15 us per index for N=4,000) plus per-element
-bookkeeping: 4.4 ms per batch of 128 on this 2-core machine, 30x the 0.15 ms training step of a
-small MLP. `IndexBatches` draws each epoch's permutation at once with numpy (about 40 us for
-N=4,000, once per epoch) and slices it per step (about 1 us).
+cipher with cycle walking (`index_shuffle`) plus per-element bookkeeping, which costs more per
+batch than the training step of a small MLP. `IndexBatches` draws each epoch's permutation at
+once with numpy and slices it per step (the figures: docs/performance.md).
 
 `ShuffledIndexBatches` is the same order as a `grain.MapDataset` (it composes with `.map`,
 `.to_iter_dataset()` and grain checkpointing). The training loop uses the plain class: importing
-grain costs 0.25-0.35 s of a warm start (it pulls in orbax.checkpoint), so grain is imported only
-when `ShuffledIndexBatches` is first named (issue 9, start-up).
+grain is a visible part of a warm start (it pulls in orbax.checkpoint), so grain is imported
+only when `ShuffledIndexBatches` is first named.
 """
 
 import sys

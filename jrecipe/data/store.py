@@ -2,9 +2,9 @@
 
 Imports no TFDS: a warm run finds its data through this module alone.
 
-Issue 9, warm start-up: reading mnist5k through TFDS costs about 0.45 s of every run (importing
-tensorflow_datasets 0.16-0.27 s, parsing 5,000 records 0.18 s); reading the same arrays from
-one .npz file takes about 0.01 s and imports nothing. TFDS stays the dataset layer: the
+Why, for a warm start: reading a dataset through TFDS imports tensorflow_datasets and parses
+every record on every run; reading the same arrays from one .npz file is tens of times faster
+and imports nothing (docs/performance.md). TFDS stays the dataset layer: the
 builders write and version the data, the first read goes through TFDS, and the copy it leaves
 is only ever used while the TFDS files it was made from are unchanged.
 

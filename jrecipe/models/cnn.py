@@ -32,9 +32,8 @@ def avg_pool2(x, n: int):
 
   Where every spatial size is even, the windows tile the input: the pool is a reshape and a
   mean, equal to `nn.avg_pool` (tested), and its gradient is a broadcast. `nn.avg_pool`'s
-  reduce_window has a pad + reduce_window gradient: on this 2-core CPU the CNN's bias, ReLU and
-  pooling, forward and backward, took 5.3 ms per 64 examples that way and 4.0 ms this way
-  (`python bench/cnn_budget.py`), about a tenth of the training step (issue 9). Odd sizes
+  reduce_window has a pad + reduce_window gradient, measurably slower on CPU for the CNN's
+  bias, ReLU and pooling (`python bench/cnn_budget.py`; docs/performance.md). Odd sizes
   (7 -> 4 with SAME padding) use `nn.avg_pool`.
   """
   spatial = x.shape[1:1 + n]

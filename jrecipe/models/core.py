@@ -195,9 +195,8 @@ def fast_random(fn: Callable) -> Callable:
 
   Why: on this stack's CPU backend (jax 0.10.2, where partitionable is the default), XLA
   compile time grows superlinearly with the number of partitionable threefry draws of rank-4
-  shapes such as conv kernels (measured, 2 loaded cores: 4 normal draws of [3, 3, 4, n] in
-  one jit 22 s vs 2.7 s non-partitionable; rank 2: 5.9 s vs 3.5 s; a width-4 ResNet-18
-  init 15-55 s vs 4 s). Init and dropout masks draw many times, so the model's own draws use
+  shapes such as conv kernels (several times slower to compile: docs/performance.md). Init
+  and dropout masks draw many times, so the model's own draws use
   the non-partitionable threefry. The flag is read at trace time, so this also holds when a
   caller jits `init` or `apply`. Results are still a deterministic function of the key;
   they differ from the partitionable stream.

@@ -1,7 +1,7 @@
 """The NNX module behind `nnx_mlp` (jrecipe/models/nnx_mlp.py registers it).
 
-A module of its own so that registering the model does not import flax.nnx (about 0.2 s of
-every process start); it is imported when an `nnx_mlp` model is built.
+A module of its own so that registering the model does not import flax.nnx (a noticeable part
+of every process start: docs/performance.md); it is imported when an `nnx_mlp` model is built.
 """
 
 from typing import Optional

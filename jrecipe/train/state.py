@@ -44,8 +44,8 @@ def create_state(variables: dict, tx, rng: jax.Array, *, ema: bool) -> TrainStat
   """A fresh TrainState from model variables ({'params': ..., 'batch_stats': ...}).
 
   One jitted function: run eagerly, the optimizer's init compiles (or, warm, loads from the
-  persistent cache) one small executable per distinct leaf shape and operation, about 0.1 s
-  of a warm start (issue 9).
+  persistent cache) one small executable per distinct leaf shape and operation, a visible
+  part of a warm start (docs/performance.md).
   """
   try:
     fn = _create_fn(tx, bool(ema))
