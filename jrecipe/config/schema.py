@@ -81,6 +81,9 @@ AUGMENT = Section("data.augment", "Training-time augmentation ('Simplify: no aug
     "random_crop": F(0, "Pad by this many pixels and crop back at a random offset; 0 = off.",
                      **_NONNEG, why="It is the padding in pixels; 0 turns it off."),
     "hflip": F(False, "Random horizontal flips."),
+    "crop_mode": F("reflect", "Padding of random_crop: 'reflect', 'constant' (zeros: the "
+                   "training mean after normalisation) or 'edge'.",
+                   choices="jrecipe.data.augmentation:CROP_MODES"),
 })
 
 MODEL = Section("model", "The model: `name` chooses the factory; every other field of this "

@@ -11,7 +11,7 @@ from jrecipe.errors import UserError
 from jrecipe.sections import complete
 
 
-_CROP_MODES = ("reflect", "constant", "edge")
+CROP_MODES = ("reflect", "constant", "edge")
 
 
 def augment(x, rng, aug_config):
@@ -30,8 +30,8 @@ def augment(x, rng, aug_config):
       random_crop: int pad pixels, 0 = off: pad each image by this many pixels on every side
         and crop back to H x W at an offset drawn per example (a shift of up to +-pad).
       hflip: bool: mirror each example left-right with probability 0.5.
-      crop_mode (optional): padding 'reflect' (default), 'constant' (zeros: the training mean
-        after normalisation) or 'edge'.
+      crop_mode: padding 'reflect' (default), 'constant' (zeros: the training mean after
+        normalisation) or 'edge'.
 
   Returns:
     The augmented batch, same shape and dtype.
@@ -48,10 +48,9 @@ def augment(x, rng, aug_config):
   b, h, w, c = x.shape
   crop_rng, flip_rng = jax.random.split(rng)
   if pad:
-    # Not a base-config field: a config file that wants it adds it to data.augment.
-    mode = cfg.get("crop_mode") or "reflect"
-    if mode not in _CROP_MODES:
-      raise UserError(f"augment.crop_mode={mode!r} is invalid. Valid: {', '.join(_CROP_MODES)}.")
+    mode = cfg.crop_mode
+    if mode not in CROP_MODES:
+      raise UserError(f"augment.crop_mode={mode!r} is invalid. Valid: {', '.join(CROP_MODES)}.")
     if mode == "reflect" and pad >= min(h, w):
       raise UserError(
           f"augment.random_crop={pad} is too large for {h}x{w} images with reflection padding: "

@@ -73,8 +73,8 @@ def guard_cpu_collectives() -> bool:
   dispatch alone was not enough: a 2-device digits MLP bench (1,400+ steps per loop, loaded
   machine) still aborted once in the rendezvous ("only 1 of them arrived on time"). So on
   several CPU devices the compiled steps also block on their results, which bounds the steps
-  in flight to one (STACK.md's other remedy); the CNN steps this is used for take 50-200 ms,
-  next to which the wait costs nothing. Returns whether to block.
+  in flight to one (STACK.md's other remedy); the CNN steps this is used for are long next
+  to the wait (docs/performance.md, 'Figures behind design choices'). Returns whether to block.
   """
   prefer_sync_cpu_dispatch()
   return jax.default_backend() == "cpu" and jax.device_count() > 1
@@ -218,12 +218,11 @@ class Placement:
 def _fast_put(leaves: list, sharding) -> Optional[list]:
   """The explicit host-to-device copy that `jax.device_put` makes, without its Python layers.
 
-  `jax.device_put` of a two-array batch costs about 0.24 ms of CPU per step on the 2-core
-  machine (more than a tenth of a digits MLP step). This calls the C++ transfer it ends in
-  (`batched_device_put`, inside JAX's explicit-transfer scope, so `jax.transfer_guard` sees
-  an explicit copy), with the abstract value, devices and shard indices of each (sharding,
-  shape, dtype) computed once: 33 us per digits batch, against 70 us when they were rebuilt
-  every step and about 40 us for the implicit copy a jitted call makes of numpy arguments.
+  `jax.device_put`'s Python layers cost a noticeable share of a small model's step on CPU
+  (figures in docs/performance.md, 'Figures behind design choices'). This calls the C++
+  transfer it ends in (`batched_device_put`, inside JAX's explicit-transfer scope, so
+  `jax.transfer_guard` sees an explicit copy), with the abstract value, devices and shard
+  indices of each (sharding, shape, dtype) computed once.
   Only numpy arrays of JAX's canonical dtypes take this path. Private API: returns None (the
   caller uses `jax.device_put`) if it moved.
   """

@@ -37,8 +37,8 @@ def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without PyTorch.
 
   tensorboardX imports torch at module load whenever it is installed (it only uses it to
-  accept torch tensors), which added about 2 s to every jrecipe start once the `bench` extra
-  was installed. Unless the user's program already loaded torch, the import sees it as absent.
+  accept torch tensors), which made every jrecipe start seconds slower once the `bench`
+  extra was installed (docs/performance.md, 'Figures behind design choices'). Unless the user's program already loaded torch, the import sees it as absent.
   """
   import sys
   if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
