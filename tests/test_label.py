@@ -263,3 +263,44 @@ def test_check_battery_summary_shows_human_beside_model(tmp_path, capsys):
   checks = read_json(os.path.join(wd, "checks.json"))
   assert checks["human_baseline"]["human_accuracy"] == 0.96
   assert checks["human_baseline"]["model_accuracy"] == 0.978
+
+
+def test_human_and_model_are_compared_on_the_same_examples(tmp_path, capsys):
+  """Planted: the 15 labelled examples are chosen so the model gets 10 right (66.7%), far from
+  its accuracy on all 270; --mode=check's line and human.json report the 15, not the 270."""
+  from jrecipe.checks import runner
+  from jrecipe.ensemble import evaluate, members as members_lib
+  from jrecipe.label import compare
+  from jrecipe.train import loop
+  from jrecipe.train.writer import write_json_atomic
+  wd = str(tmp_path)
+  c = tiny_config(num_epochs=1, **{"optimizer.learning_rate": 3e-4})
+  loop.train_and_evaluate(c, wd)
+  member = members_lib.from_runs([wd])[0]
+  test = member.data.arrays["test"]
+  pred = np.argmax(evaluate.member_outputs(member, test["x"], outputs="logits"), -1)
+  y = np.asarray(test["y"])
+  right, wrong = np.flatnonzero(pred == y), np.flatnonzero(pred != y)
+  assert len(wrong) >= 5 and len(right) >= 10
+  rows = [*right[:10].tolist(), *wrong[:5].tolist()]
+  items = [{"pass": 1, "index": int(i)} for i in rows]
+  answers = [{"label": int(y[i])} for i in rows[:14]] + [{"label": int((y[rows[14]] + 1) % 10)}]
+  session = {"dataset": "digits", "split": "test", "seed": 0, "num_examples": 15,
+             "second_pass": 0, "items": items, "answers": answers}
+  write_json_atomic(os.path.join(wd, label_mode.SESSION_FILE), session)
+  human = label_mode.compute_results(session, y, np.asarray(test["id"]),
+                                     [str(i) for i in range(10)])
+  write_json_atomic(os.path.join(wd, label_mode.RESULT_FILE), human)
+  assert human["labelled_indices"] == rows
+  same = compare.model_on_labelled(wd)
+  assert same["n"] == 15 and same["model_correct"] == 10 and same["human_correct"] == 14
+  assert same["model_ci95"] == label_mode.wilson(10, 15)
+  assert same["human_ci95"] == label_mode.wilson(14, 15)
+  assert same["only_human"] == 4 and same["only_model"] == 0 and same["both_wrong"] == 1
+  all_acc = float(np.mean(pred == y))
+  assert abs(all_acc - 10 / 15) > 0.05 and same["model_accuracy_all"] == pytest.approx(all_acc)
+  got = runner.human_baseline(wd)
+  assert got["model_accuracy"] == pytest.approx(10 / 15)
+  assert "on the same 15 examples: human 93.3%" in got["line"]
+  assert "model 66.7%" in got["line"] and f"{100 * all_acc:.1f}%" in got["line"]
+  assert got["same_examples"]["indices"] == rows

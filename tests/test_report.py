@@ -82,13 +82,14 @@ def test_every_section_with_data_is_on_the_page(full_workdir):
   assert report_mode.run_mode(None, full_workdir) == 0
   page, text = parse(os.path.join(full_workdir, "report.html"))
   assert page.sections == ["summary", "diagnoses", "curves", "checks", "inspect", "lr_find",
-                           "search", "ablation", "ensemble", "config"]
+                           "search", "ablation", "ensemble", "human", "config"]
   # checks/*.png, inspect/counts.png (twice: referenced from summary.json too), lr_find.png,
   # search/parallel.png: all embedded, nothing fetched
   assert len(page.images) >= 5 and not page.external
   assert all(s.startswith("data:image/png;base64,") for s in page.images)
   assert page.svgs >= 2  # loss (linear and log), accuracy
-  assert "0.9811" in text and "0.9632" in text  # human baseline beside the model
+  assert "98.11%" in text and "0.9632" in text  # the human baseline, the model's result
+  assert "95% Wilson interval 95.0 to 99.0" in text
   assert "max_rel_error" in text and "3.1e-09" in text  # the gradient-check table
   assert "example 0 leaks into 1" in text and "class=fail" in text
   assert "could not be rendered" in text and "JSONDecodeError" in text  # broken file, no crash

@@ -97,8 +97,10 @@ def format_row(r: CheckResult) -> str:
 def human_baseline(workdir: str) -> Optional[dict]:
   """Human accuracy (DIR/human.json, from --mode=label) beside the model's, or None.
 
-  The model's accuracy on the same split comes from DIR/summary.json when this work
-  directory also holds a finished training run. Recipe: compare with your own accuracy.
+  When DIR also holds the label session (label_session.json) and a checkpoint, the model is
+  scored on exactly the examples the human answered, both with Wilson intervals
+  (`jrecipe.label.compare`); otherwise its accuracy on the whole split comes from
+  DIR/summary.json, said so on the line. Recipe: compare with your own accuracy.
   """
   import json
   path = os.path.join(workdir, "human.json")
@@ -112,6 +114,13 @@ def human_baseline(workdir: str) -> Optional[dict]:
   split = human.get("split", "test")
   out = {"split": split, "human_accuracy": human["accuracy"], "human_ci95": human.get("ci95"),
          "n": human.get("n"), "model_accuracy": None}
+  from jrecipe.label import compare
+  same = compare.model_on_labelled(workdir)
+  if same is not None and same["split"] == split:
+    out.update(same_examples=same, model_accuracy=same["model_accuracy"],
+               model_ci95=same["model_ci95"])
+    out["line"] = f"Human baseline on {split}, {compare.same_examples_line(same)}"
+    return out
   try:
     with open(os.path.join(workdir, "summary.json")) as f:
       out["model_accuracy"] = json.load(f).get(split, {}).get("accuracy")
@@ -121,7 +130,8 @@ def human_baseline(workdir: str) -> Optional[dict]:
   line = (f"Human baseline on {split}: {100 * out['human_accuracy']:.1f}% (95% CI "
           f"{100 * lo:.1f}-{100 * hi:.1f}%, n={out['n']}, from human.json)")
   if out["model_accuracy"] is not None:
-    line += f"; model: {100 * out['model_accuracy']:.1f}% (summary.json)"
+    line += (f"; model: {100 * out['model_accuracy']:.1f}% (summary.json, on the whole split: "
+             "not the same examples, as no checkpoint and label session are here)")
   out["line"] = line
   return out
 

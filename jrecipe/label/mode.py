@@ -18,7 +18,10 @@ first pass: the human's agreement with themselves, a label-noise estimate.
 
 DIR/human.json: accuracy, ci95 (Wilson), n (answered, first pass), split, dataset,
 confusion (rows: true class, columns: your label), per_class, wrong (ids and labels),
-skipped_ids, self_agreement (when a second pass was answered), complete.
+skipped_ids, labelled_indices (rows of the split answered in the first pass),
+self_agreement (when a second pass was answered), complete, and model_same_examples: when DIR
+also holds a trained model, its accuracy on exactly those examples beside the human's, both
+with Wilson intervals (`jrecipe.label.compare`; null without a checkpoint).
 """
 
 import math
@@ -128,6 +131,7 @@ def compute_results(session: dict, y: np.ndarray, ids: np.ndarray,
       "correct": correct, "num_examples": first_total, "shown": done_first,
       "skipped": len(skipped), "skipped_ids": skipped, "class_names": list(class_names),
       "confusion": confusion.tolist(), "per_class": per_class, "wrong": wrong,
+      "labelled_indices": [int(i) for i in first],
       "complete": len(answers) == len(items),
       "self_agreement": None,
   }
@@ -329,6 +333,9 @@ def _print_summary(result: dict, workdir: str, out) -> None:
     out.write(f"; self-agreement {100 * sa['agreement']:.1f}% over {sa['n']} repeats")
   state = "complete" if result["complete"] else "incomplete: rerun the same command to resume"
   out.write(f" [{state}]. Written to {os.path.join(workdir, RESULT_FILE)}\n")
+  if result.get("model_same_examples"):
+    from jrecipe.label import compare
+    out.write(f"Human and model {compare.same_examples_line(result['model_same_examples'])}\n")
   out.flush()
 
 
@@ -366,6 +373,8 @@ def run_mode(config, workdir: str, options=None) -> int:
     sys.stdout.write("No answers recorded; nothing written.\n")
     return 0
   result = compute_results(session.data, y, ids, class_names)
+  from jrecipe.label import compare  # a trained model here: scored on the same examples
+  result["model_same_examples"] = compare.model_on_labelled(workdir)
   write_json_atomic(os.path.join(workdir, RESULT_FILE), result)
   _print_summary(result, workdir, sys.stdout)
   return 0

@@ -199,28 +199,11 @@ class Report:
         r = s[split]
         rows.append(f"<tr><th>{split}</th><td>{fmt(r.get('accuracy', ''))}</td>"
                     f"<td>{fmt(r.get('loss', ''))}</td><td>{fmt(r.get('count', ''))}</td></tr>")
-    human = ""
-    if self.exists("human.json"):
-      h = _load_json(self.path("human.json"))
-      if isinstance(h, dict):
-        acc = h.get("accuracy")
-        ci = h.get("ci95")
-        model = (s.get("test") or {}).get("accuracy") if isinstance(s.get("test"), dict) else None
-        ci_txt = ""
-        if isinstance(ci, (list, tuple)) and len(ci) == 2:
-          ci_txt = f" (95% CI {fmt(ci[0])} to {fmt(ci[1])})"
-        elif ci is not None:
-          ci_txt = f" (95% CI +- {fmt(ci)})"
-        human = (f"<h3>Human baseline</h3><table><tr><th></th><th>accuracy</th><th>n</th>"
-                 f"<th>split</th></tr><tr><th>human</th><td>{fmt(acc)}{esc(ci_txt)}</td>"
-                 f"<td>{fmt(h.get('n', ''))}</td><td>{fmt(h.get('split', ''))}</td></tr>"
-                 f"<tr><th>model (summary.json)</th><td>{fmt(model)}</td><td></td>"
-                 f"<td>test</td></tr></table>")
     head = ("<table><tr><th>split</th><th>accuracy</th><th>loss</th><th>examples</th></tr>"
             + "".join(rows) + "</table>") if rows else ""
     info = {k: s[k] for k in ("step", "epoch", "stopped", "train_seconds", "first_step_seconds")
             if k in s}
-    return head + generic(info) + human
+    return head + generic(info)
 
   # diagnoses -------------------------------------------------------------------------------
   def diagnoses(self) -> str:
@@ -376,7 +359,7 @@ class Report:
     return f"<details open><summary>config.json</summary>{generic(self.config)}</details>"
 
   def build(self) -> str:
-    from jrecipe.report import pages  # designed search/ablation/ensemble sections
+    from jrecipe.report import pages  # designed search/ablation/ensemble/label pages
     self.add("summary", "Result", self.summary)
     self.add("diagnoses", "Diagnoses", lambda: pages.diagnoses(self))
     self.add("curves", "Curves", self.curves)
@@ -389,6 +372,7 @@ class Report:
     self.add("search", "Hyperparameter search", lambda: pages.search(self))
     self.add("ablation", "Ablations", lambda: pages.ablation(self))
     self.add("ensemble", "Ensemble", lambda: pages.ensemble(self))
+    self.add("human", "Human baseline", lambda: pages.label(self))
     self.add("config", "Config", self.config_section)
     name = os.path.basename(os.path.abspath(self.dir))
     nav = "".join(f"<a href='#{a}'>{esc(t)}</a>" for a, t, _ in self.sections)

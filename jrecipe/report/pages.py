@@ -13,9 +13,13 @@ from typing import Any, Optional
 
 from jrecipe.report.html import _load_json, esc, images_in
 
+# Tables fit the page's column: headers and text cells wrap (a dotted field name breaks at its
+# dots), numbers stay on one line; a table still too wide scrolls inside its own box (.tw)
+# instead of widening the page.
 STYLE = ("<style>.pg td{max-width:26em;overflow-wrap:anywhere}.pg td.n{text-align:right;"
          "white-space:nowrap;font-variant-numeric:tabular-nums}.pg{max-width:100%}"
-         ".pg code{font-size:.9em}</style>")
+         ".pg th{overflow-wrap:anywhere;max-width:8em}"
+         ".tw{max-width:100%;overflow-x:auto}.pg code{font-size:.9em}</style>")
 MAX_TRIALS = 60
 
 
@@ -44,10 +48,10 @@ def _when(t: Any) -> str:
 
 def _table(head: list[str], rows: list[list[str]], numeric: tuple = ()) -> str:
   """An HTML table; cells are already escaped HTML; columns in `numeric` align right."""
-  th = "".join(f"<th>{esc(h)}</th>" for h in head)
+  th = "".join(f"<th>{esc(h).replace('.', '.<wbr>')}</th>" for h in head)
   body = "".join("<tr>" + "".join(f"<td{' class=n' if i in numeric else ''}>{c}</td>"
                                   for i, c in enumerate(r)) + "</tr>" for r in rows)
-  return f"<table class=pg><tr>{th}</tr>{body}</table>"
+  return f"<div class=tw><table class=pg><tr>{th}</tr>{body}</table></div>"
 
 
 def _warnings(items: list[str]) -> str:
@@ -180,3 +184,76 @@ def ablation(report) -> Optional[str]:
           "interval (paired bootstrap over seeds and validation examples).</p>")
   return STYLE + head + _table(["variant", "change", f"validation {esc(d['metric'])}",
                                 "effect [95%]", "hypothesis", "verdict"], rows, (2, 3))
+
+
+def _pct_ci(acc: Any, ci: Any) -> tuple[str, str]:
+  """('93.3', '70.2 to 98.8') from an accuracy and its interval (fractions)."""
+  a = _num(100 * acc) if isinstance(acc, (int, float)) else ""
+  c = (f"{100 * ci[0]:.1f} to {100 * ci[1]:.1f}"
+       if isinstance(ci, (list, tuple)) and len(ci) == 2 else "")
+  return a, c
+
+
+def _same_examples(report, h: dict) -> Optional[dict]:
+  """The human and the model on the same examples: human.json's, else checks.json's."""
+  same = h.get("model_same_examples")
+  if not same and report.exists("checks.json"):
+    c = _load_json(report.path("checks.json"))
+    same = ((c.get("human_baseline") or {}).get("same_examples")
+            if isinstance(c, dict) else None)
+  return same if isinstance(same, dict) and same.get("n") else None
+
+
+def label(report) -> Optional[str]:
+  """human.json: the human's accuracy with its interval, per class, self-agreement, and the
+  model on exactly the labelled examples (never the model's accuracy on the whole split
+  set beside the human's as if it were the same measurement)."""
+  if not report.exists("human.json"):
+    return None
+  h, other = _known(report, "human.json", ("accuracy", "n"))
+  if h is None:
+    return other
+  acc, ci = _pct_ci(h.get("accuracy"), h.get("ci95"))
+  state = "complete" if h.get("complete", True) else "incomplete (rerun --mode=label to resume)"
+  parts = [STYLE, f"<p>You labelled {_num(h.get('n'))} examples of the "
+           f"{esc(h.get('split', 'test'))} split of {esc(h.get('dataset', ''))} "
+           f"({_num(h.get('skipped', 0))} skipped; session {esc(state)}). Human accuracy: "
+           f"<b>{acc}%</b> (95% Wilson interval {esc(ci)}).</p>"]
+  same = _same_examples(report, h)
+  if same:
+    ha, hc = _pct_ci(same["human_accuracy"], same["human_ci95"])
+    ma, mc = _pct_ci(same["model_accuracy"], same["model_ci95"])
+    rows = [["human", _num(same["human_correct"]), ha, esc(hc)],
+            [f"model (checkpoint step {_num(same.get('step'))})", _num(same["model_correct"]),
+             ma, esc(mc)]]
+    parts.append(f"<h3>Human and model on the same {_num(same['n'])} examples</h3>" + _table(
+        ["who", "right", "accuracy (%)", "95% interval (Wilson)"], rows, (1, 2)) +
+        f"<p>Both right on {_num(same['both_right'])}, only the human on "
+        f"{_num(same['only_human'])}, only the model on {_num(same['only_model'])}, both wrong "
+        f"on {_num(same['both_wrong'])}. For reference, the model on the whole split "
+        f"({_num(same['count_all'])} examples): {_num(100 * same['model_accuracy_all'])}%; "
+        "that number is not comparable with the human's, which was measured on the sample.</p>")
+  else:
+    parts.append("<p class=muted>No trained model in this directory (or no label session): "
+                 "train here, or run --mode=check here, to score the model on the same "
+                 "examples.</p>")
+  names = h.get("class_names") or []
+  per = h.get("per_class") or {}
+  if per:
+    rows = [[esc(k), _num(v.get("n")), _num(100 * v["accuracy"]) if v.get("accuracy")
+             is not None else ""] for k, v in per.items()]
+    parts.append("<h3>Per class</h3>" + _table(["class", "labelled", "accuracy (%)"], rows,
+                                               (1, 2)))
+  sa = h.get("self_agreement")
+  if isinstance(sa, dict):
+    a, c = _pct_ci(sa.get("agreement"), sa.get("ci95"))
+    parts.append(f"<p>Self-agreement over {_num(sa.get('n'))} repeats: {a}% (95% interval "
+                 f"{esc(c)}), a label-noise estimate of "
+                 f"{_num(100 * sa.get('label_noise_estimate', 0.0))}%.</p>")
+  wrong = h.get("wrong") or []
+  if wrong:
+    rows = [[_num(w.get("id")), esc(w.get("true_name", names[w["true"]] if names else "")),
+             esc(w.get("human_name", ""))] for w in wrong[:MAX_TRIALS]]
+    parts.append("<h3>Your mistakes</h3>" + _table(["example id", "true", "your label"], rows,
+                                                   (0,)))
+  return "".join(parts)
