@@ -249,12 +249,22 @@ MONITOR = Section("monitor", "Babysitting during training, and the report (--mod
                            choices="jrecipe.report.mode:LOSS_SCALES"),
 })
 
-SEARCH = Section("search", "--mode=search: 'tune' with random search (or TPE), coarse to fine "
-                 "over stages.", {
+SEARCH = Section("search", "--mode=search: 'tune' with random, quasi-random or TPE search, "
+                 "coarse to fine over stages.", {
     "space": F("", "'field=loguniform(a,b); field=uniform(a,b); field=int(a,b); ...'."),
     "stages": F("20x1", "Coarse to fine: 'TRIALSxEPOCHS,...', e.g. '30x0.5,10x3,5x10'."),
     "keep_top": F(5, "Stage k narrows each range around the best trials of stage k-1.", lo=1),
-    "sampler": F("random", "'random' (Bergstra & Bengio) or 'tpe' (Bayesian)."),
+    "sampler": F("random", "'random' (Bergstra & Bengio), 'quasirandom' (scrambled Sobol) or "
+                 "'tpe' (Bayesian)."),
+    "pruner": F("none", "Stop unpromising trials early: 'none', 'median' or "
+                "'successive_halving' (Optuna's), on the validation metric of each evaluation.",
+                choices=("none", "median", "successive_halving"),
+                why="These are the pruners jrecipe wires to Optuna's."),
+    "scientific": F("", "Space fields whose effect is studied (comma-separated); the other "
+                    "space fields are nuisance, optimised out in the isolation plots."),
+    "fixed": F("", "Config fields held fixed for the study (comma-separated), recorded with "
+               "their values in search.json."),
+    "scientific_bins": F(5, "Bins of a numeric scientific field in its isolation plot.", lo=2),
     "storage": F("", "'' = sqlite:///DIR/study.db; postgresql+psycopg://... for many hosts."),
     "study_name": F("", "'' = the name drawn once and kept in DIR/study.json (workers with "
                     "another DIR must pass it)."),

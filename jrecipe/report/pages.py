@@ -82,8 +82,10 @@ def search(report) -> Optional[str]:
     return other
   fields = [s["field"] for s in (d.get("stages") or [{}])[0].get("space", [])]
   counts = ", ".join(f"{v} {k}" for k, v in sorted((d.get("counts") or {}).items()))
+  pruner = d.get("pruner") if d.get("pruner") not in (None, "none") else None
   parts = [STYLE, f"<p>Study <code>{esc(d.get('study'))}</code> ({esc(d.get('sampler'))} "
-           f"sampler) in <code>{esc(d.get('storage'))}</code>; validation "
+           f"sampler{', ' + esc(pruner) + ' pruner' if pruner else ''}) in "
+           f"<code>{esc(d.get('storage'))}</code>; validation "
            f"{esc(d.get('metric'))} ({'higher' if d.get('direction') == 'maximize' else 'lower'}"
            f" is better). Trials: {esc(counts)}.</p>"]
   best = d.get("best")
@@ -111,6 +113,7 @@ def search(report) -> Optional[str]:
   parts.append("<h3>Trials, best first</h3>" + _table(
       ["stage", "trial", "status", esc(d.get("metric")), *fields, "epochs", "seconds",
        "directory"], rows, (0, 1, 3, *range(4, n), n, n + 1)) + more)
+  parts.append(_isolation(d))
   events = [[_when(e.get("time")), str(e.get("trial")), esc(e.get("event")),
              esc(e.get("requeued_as"))] for e in d.get("events", [])]
   if events:
@@ -118,6 +121,31 @@ def search(report) -> Optional[str]:
                                                    events))
   parts.append(images_in(report.path("search")))
   return "".join(parts)
+
+
+def _isolation(d: dict) -> str:
+  """The roles of the hyperparameters and, per scientific field, the best trial per bin."""
+  roles = d.get("roles") or {}
+  if not roles.get("scientific") and not roles.get("fixed"):
+    return ""
+  fixed = ", ".join(f"<code>{esc(k)}={esc(v)}</code>" for k, v in roles.get("fixed", {}).items())
+  out = [f"<h3>Scientific, nuisance and fixed hyperparameters</h3><p>Scientific: "
+         f"{esc(', '.join(roles.get('scientific', [])) or 'none')}; nuisance (optimised out): "
+         f"{esc(', '.join(roles.get('nuisance', [])) or 'none')}; fixed: {fixed or 'none'}.</p>"]
+  for field, entries in (d.get("isolation") or {}).items():
+    rows = [[esc(e["label"]), _num(e["trials"]),
+             _num(e["best"]["value"]) if e["best"] else "",
+             f"{e['best']['stage']}/{e['best']['number']}" if e["best"] else "",
+             "<br>".join(f"<code>{esc(k)}={_num(v)}</code>" for k, v in
+                         (e["best"] or {}).get("params", {}).items() if k != field)]
+            for e in entries]
+    out.append(f"<p>Isolation of <code>{esc(field)}</code>: the best trial of each bin over "
+               f"the nuisance hyperparameters, trials of "
+               f"{_num(d.get('isolation_budget_epochs'))} epochs (plot "
+               f"<code>search/isolation_{esc(field)}.png</code> below).</p>" + _table(
+                   [field, "trials", f"best {d.get('metric')}", "stage/trial",
+                    "its nuisance values"], rows, (1, 2)))
+  return "".join(out)
 
 
 def _space(p: dict) -> str:

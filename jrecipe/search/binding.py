@@ -35,12 +35,15 @@ def _param_text(p) -> str:
 
 
 def fingerprint(config, params, stages) -> dict[str, Any]:
-  """What a study's trials depend on: space, stages, metric, sampler, keep_top and seed."""
+  """What a study's trials depend on: space, stages, metric, sampler, keep_top, seed, pruner."""
   s = config.search
-  return {"space": [_param_text(p) for p in params],
-          "stages": [[int(st.trials), float(st.epochs)] for st in stages],
-          "metric": str(s.metric), "sampler": str(s.sampler), "keep_top": int(s.keep_top),
-          "seed": int(config.seed)}
+  out = {"space": [_param_text(p) for p in params],
+         "stages": [[int(st.trials), float(st.epochs)] for st in stages],
+         "metric": str(s.metric), "sampler": str(s.sampler), "keep_top": int(s.keep_top),
+         "seed": int(config.seed)}
+  if str(s.get("pruner", "none")) != "none":  # absent when off: older studies still resume
+    out["pruner"] = str(s.pruner)
+  return out
 
 
 def differences(old: dict, new: dict) -> list[str]:

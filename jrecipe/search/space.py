@@ -276,3 +276,38 @@ def space_json(params: Sequence[Param]) -> list[dict]:
   return [{"field": p.field, "kind": p.kind, "low": p.low, "high": p.high,
            "choices": [repr(c) for c in p.choices] if p.choices else None, "log": p.log}
           for p in params]
+
+
+def _names(text: Any) -> list[str]:
+  return [f.strip() for f in re.split(r"[,;\s]+", str(text or "")) if f.strip()]
+
+
+def roles(config: ml_collections.ConfigDict, params: Sequence[Param]) -> dict[str, Any]:
+  """The Tuning Playbook's roles of the hyperparameters: scientific, nuisance and fixed.
+
+  `search.scientific` names the space fields whose effect the search is to measure; every
+  other space field is a nuisance hyperparameter, optimised over for each scientific value
+  (the isolation plots); `search.fixed` names config fields held at their config value for
+  the whole study (recorded with their values, so a reader knows what the result assumes).
+
+  Returns:
+    {'scientific': [fields], 'nuisance': [fields], 'fixed': {field: value}}.
+
+  Raises:
+    UserError: a scientific field outside the space, a fixed field inside it or unknown.
+  """
+  space = [p.field for p in params]
+  scientific = _names(config.search.get("scientific", ""))
+  for f in scientific:
+    if f not in space:
+      raise UserError(f"search.scientific names {f!r}, which the space does not search. Valid: "
+                      f"fields of search.space ({', '.join(space)}).")
+  fixed = {}
+  for f in _names(config.search.get("fixed", "")):
+    if f in space:
+      raise UserError(f"search.fixed names {f!r}, which search.space searches: a field is "
+                      "either searched (scientific or nuisance) or fixed, not both.")
+    value = _config_leaf(config, f)
+    fixed[f] = list(value) if isinstance(value, tuple) else value
+  return {"scientific": scientific, "nuisance": [f for f in space if f not in scientific],
+          "fixed": fixed}

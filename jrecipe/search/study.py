@@ -8,8 +8,9 @@ died does not use up the budget: it is marked FAIL and requeued with the same pa
 (a new trial number, `retry_of` naming the old one), at most `search.max_retries` times.
 
 Trial states: COMPLETE (value = validation metric), PRUNED with user attr status='diverged'
-(non-finite or exploding loss), FAIL with status='error' (a UserError in this trial's config;
-counts as done), FAIL with status='killed' or a stale heartbeat (requeued), FAIL with
+(non-finite or exploding loss), PRUNED with status='pruned' (stopped early by
+`search.pruner`; counts as done, never requeued), FAIL with status='error' (a UserError in
+this trial's config; counts as done), FAIL with status='killed' or a stale heartbeat (requeued), FAIL with
 status='excess' (a worker asked for a trial after the budget was filled by others; ignored).
 """
 
@@ -19,7 +20,7 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -29,7 +30,7 @@ from jrecipe.search import binding as binding_lib, space as space_lib
 
 log = logging.getLogger("jrecipe")
 
-DONE_STATUSES = ("complete", "diverged", "error")
+DONE_STATUSES = ("complete", "diverged", "error", "pruned")
 
 
 def storage_url(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -166,15 +167,99 @@ def sample_value(rng: np.random.Generator, dist) -> Any:
   raise TypeError(f"unsupported distribution {dist!r}")
 
 
-def make_sampler(name: str, seed: int, stage: int):
+class QuasiRandomSampler:
+  """Quasi-random search (the Deep Learning Tuning Playbook's default for exploration).
+
+  Trial number n takes point n of a scrambled Sobol sequence in [0, 1)^d, d = the fields of
+  the space, scrambled by a generator seeded with (config.seed, stage): the points fill the
+  space more evenly than random draws, and any worker, in any order, gets the same point for
+  the same trial number (Optuna's QMCSampler counts samples in a study attribute that two
+  workers can read at once, and draws its first trial at random). Each coordinate maps onto
+  its field's own scale: uniform in the log for log-scaled ranges, equal-width bins for
+  integers and choices.
+  """
+
+  def __new__(cls, seed: int, stage: int, fields: Sequence[str]):
+    import optuna
+    fields = list(fields)
+
+    class _Sampler(optuna.samplers.BaseSampler):
+
+      def infer_relative_search_space(self, study, trial):
+        return {}
+
+      def sample_relative(self, study, trial, search_space):
+        return {}
+
+      def sample_independent(self, study, trial, name, dist):
+        return from_unit(quasi_point(seed, stage, len(fields), trial.number)[
+            fields.index(name)], dist)
+
+    return _Sampler()
+
+
+def quasi_point(seed: int, stage: int, dims: int, number: int) -> np.ndarray:
+  """Point `number` of the scrambled Sobol sequence of (seed, stage) in [0, 1)^dims."""
+  import warnings
+  from scipy.stats import qmc
+  sobol = qmc.Sobol(d=max(1, dims), scramble=True, seed=np.random.default_rng([seed, stage]))
+  with warnings.catch_warnings():  # balance properties need 2^m points; one point is asked
+    warnings.simplefilter("ignore")
+    if number:
+      sobol.fast_forward(number)
+    return sobol.random(1)[0]
+
+
+def from_unit(u: float, dist) -> Any:
+  """The value of an Optuna distribution at position u in [0, 1) of its own scale."""
+  import optuna
+  d = optuna.distributions
+  if isinstance(dist, d.CategoricalDistribution):
+    return dist.choices[min(int(u * len(dist.choices)), len(dist.choices) - 1)]
+  if isinstance(dist, d.FloatDistribution):
+    if dist.log:
+      return float(math.exp(math.log(dist.low) + u * (math.log(dist.high) - math.log(dist.low))))
+    return float(dist.low + u * (dist.high - dist.low))
+  if isinstance(dist, d.IntDistribution):
+    if dist.log:
+      lo, hi = math.log(dist.low - 0.5 if dist.low > 0.5 else dist.low), math.log(dist.high + 0.5)
+      return int(min(max(round(math.exp(lo + u * (hi - lo))), dist.low), dist.high))
+    return int(min(dist.low + int(u * (dist.high - dist.low + 1)), dist.high))
+  raise TypeError(f"unsupported distribution {dist!r}")
+
+
+def make_sampler(name: str, seed: int, stage: int, fields: Sequence[str] = ()):
+  """The Optuna sampler of `search.sampler` for stage `stage` (0-based) of a search."""
   import optuna
   if name == "random":
     return NumberSeededSampler(seed, stage)
+  if name == "quasirandom":
+    return QuasiRandomSampler(seed, stage, fields)
   if name == "tpe":  # seeded per process: workers sharing a seed would propose the same points
     return optuna.samplers.TPESampler(seed=(seed * 1_000_003 + stage * 7919 + os.getpid())
                                       % 2**31)
   raise UserError(f"search.sampler={name!r} is not known. Valid: 'random' (Bergstra and Bengio's "
-                  "random search, the default) or 'tpe' (Optuna's Bayesian TPE sampler).")
+                  "random search, the default), 'quasirandom' (scrambled Sobol points, the "
+                  "Tuning Playbook's choice for exploration) or 'tpe' (Optuna's Bayesian TPE "
+                  "sampler).")
+
+
+PRUNERS = ("none", "median", "successive_halving")
+
+
+def make_pruner(name: str):
+  """Optuna's pruner of `search.pruner`: a trial reports its validation metric each epoch
+  (worker.PruneHook) and stops early when the pruner says it will not catch up."""
+  import optuna
+  if name == "none":
+    return optuna.pruners.NopPruner()
+  if name == "median":  # no pruning before 2 finished trials, nor in a trial's first epoch
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+  if name == "successive_halving":
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+  raise UserError(f"search.pruner={name!r} is not known. Valid: {', '.join(PRUNERS)} ('median': "
+                  "stop a trial whose metric is worse than the median of earlier trials at the "
+                  "same epoch; 'successive_halving': keep the best third at each rung).")
 
 
 @dataclasses.dataclass
@@ -233,6 +318,8 @@ class Search:
     if not float(s.explode_factor) > 1:
       raise UserError(f"search.explode_factor must be > 1, got {s.explode_factor!r}.")
     make_sampler(str(s.sampler), int(config.seed), 0)  # validates the name
+    make_pruner(str(s.pruner))
+    self.roles = space_lib.roles(config, self.params)
     self.url = storage_url(config, workdir)
     self.fingerprint = binding_lib.fingerprint(config, self.params, self.stages)
     self.storage = open_storage(self.url, int(s.heartbeat_seconds))
@@ -283,11 +370,13 @@ class Search:
     """The study of stage k (0-based), created on first use."""
     import optuna
     if k not in self._studies:
-      sampler = make_sampler(str(self.config.search.sampler), int(self.config.seed), k)
+      sampler = make_sampler(str(self.config.search.sampler), int(self.config.seed), k,
+                             [p.field for p in self.params])
       for attempt in range(5):
         try:
           st = optuna.create_study(storage=self.storage, study_name=f"{self.name}.stage{k + 1}",
                                    sampler=sampler, direction=self.direction,
+                                   pruner=make_pruner(str(self.config.search.pruner)),
                                    load_if_exists=True)
           break
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now

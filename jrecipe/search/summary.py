@@ -203,10 +203,13 @@ def summarize(search, events: Optional[list] = None) -> dict[str, Any]:
                                    for k in range(len(search.stages)))],
       "trials": [{**r, "params": _jsonable_params(r["params"])} for r in rows],
   }
-  write_json_atomic(os.path.join(search.workdir, "search.json"), out)
-  write_csv(os.path.join(search.workdir, "search.csv"), rows, fields, search.direction)
   plots = os.path.join(search.workdir, "search")
   os.makedirs(plots, exist_ok=True)
+  from jrecipe.search import isolation  # scientific vs nuisance (the Tuning Playbook)
+  out.update(isolation.isolation_report(search, rows, out["best_budget_epochs"], plots))
+  out["pruner"] = str(search.config.search.pruner)
+  write_json_atomic(os.path.join(search.workdir, "search.json"), out)
+  write_csv(os.path.join(search.workdir, "search.csv"), rows, fields, search.direction)
   for p in search.params:
     plot(os.path.join(plots, re.sub(r"[^\w.-]", "_", p.field) + ".png"), p, rows, search.metric)
   return out

@@ -15,7 +15,10 @@ the master that started it is gone.
 A trial diverges when the loss is not finite (train_and_evaluate's RunFailure) or when a logged
 train loss exceeds `search.explode_factor` x the loss at init: a watcher thread then asks the
 training loop to stop (its SIGTERM path: stop after the step, checkpoint) and the trial is
-recorded PRUNED, status 'diverged'. The same thread writes the trial's heartbeat.
+recorded PRUNED, status 'diverged'. The same thread writes the trial's heartbeat. With
+`search.pruner` ('median' or 'successive_halving') the trial's training reports its
+validation metric after each evaluation (PruneHook); a trial the pruner stops is recorded
+PRUNED, status 'pruned', in `pruned_stage<k>_trial<n>/`: done, not a failure, not requeued.
 """
 
 import importlib
@@ -42,7 +45,7 @@ POLL_SECONDS = 0.5
 # Trial directories the study does not count: the worker was killed (the trial was rerun,
 # possibly after it wrote a full result), its result dropped, the run diverged or failed, or it
 # is still running. A completed trial's directory is named with its score.
-UNCOUNTED_STATUSES = ("running", "killed", "dropped", "diverged", "error")
+UNCOUNTED_STATUSES = ("running", "killed", "dropped", "diverged", "error", "pruned")
 
 
 def is_counted_trial_dir(name: str) -> bool:
@@ -112,6 +115,46 @@ class _Watcher(threading.Thread):
           if self.can_signal:  # the loop's SIGTERM path: stop after this step, checkpoint
             os.kill(os.getpid(), signal.SIGTERM)
           return
+
+
+class PruneHook:
+  """Reports each new validation metric to the trial; stops the run when the pruner says so.
+
+  A training hook (`jrecipe.train.trainer.Hook`): after every evaluation the metric goes to
+  Optuna as the intermediate value of step 1, 2, ... (one per evaluation, the same cadence
+  in every trial of a stage, whatever its batch size), and `trial.should_prune()` asks
+  `search.pruner` (median or successive halving) whether it can still catch up. A pruned
+  run stops after its step (and saves its checkpoint); the trial is recorded 'pruned'.
+  """
+
+  name = None
+
+  def __init__(self, trial, metric: str):
+    self.trial, self.metric = trial, metric
+    self.seen, self.evals = None, 0
+    self.pruned: Optional[str] = None
+
+  def begin(self, loop) -> None:
+    del loop
+
+  def after_step(self, loop, metrics) -> None:
+    del metrics
+    val = loop.last_eval
+    if val is None or val is self.seen or self.pruned:
+      return
+    self.seen = val
+    value = val.get(self.metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+      return
+    self.evals += 1
+    self.trial.report(float(value), step=self.evals)
+    if self.trial.should_prune():
+      self.pruned = (f"pruned after evaluation {self.evals} (epoch {loop.epoch:.3g}): "
+                     f"validation {self.metric} {value:.4f}")
+      loop.stop(self.pruned)
+
+  def end(self, loop) -> None:
+    del loop
 
 
 class Worker:
@@ -202,7 +245,7 @@ class Worker:
       os.replace(running, final)
     if status == "complete":
       study.tell(trial, value, skip_if_finished=True)
-    elif status == "diverged":
+    elif status in ("diverged", "pruned"):  # done, not a failure: never requeued
       study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
     else:
       frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
@@ -226,8 +269,9 @@ class Worker:
     watcher = _Watcher(self.search.storage, trial._trial_id, trial_dir, float(s.explode_factor),
                        float(s.heartbeat_seconds), can_signal=main)
     watcher.start()
+    prune = PruneHook(trial, self.search.metric) if str(s.pruner) != "none" else None
     try:
-      summary = loop.train_and_evaluate(cfg, trial_dir)
+      summary = loop.train_and_evaluate(cfg, trial_dir, hooks=[prune] if prune else [])
     except RunFailure as e:  # non-finite loss or gradient
       return "diverged", None, str(e).split(". ")[0]
     except UserError as e:
@@ -241,6 +285,8 @@ class Worker:
     if watcher.exploded:
       self.stop_requested = False  # that SIGTERM was ours (the loop's stop path), not a request
       return "diverged", None, watcher.exploded
+    if prune is not None and prune.pruned:
+      return "pruned", None, prune.pruned
     val = summary.get("validation", {})
     value = val.get(self.search.metric)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
