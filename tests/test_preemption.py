@@ -51,7 +51,13 @@ def test_sigterm_mid_epoch_resumes_to_the_uninterrupted_rows_and_means(reference
   stop = summary["step"]
   assert 19 < stop < 38 and stop % 5, stop  # mid-epoch, between two log steps
   assert "test" not in summary  # no final evaluation of an unfinished run
-  loop.train_and_evaluate(tiny_config(**CFG), wd)
+  assert {"step": stop, "val_loss": None} in summary["checkpoints"]  # the stop checkpoint
+  final = loop.train_and_evaluate(tiny_config(**CFG), wd)
+  # The stop checkpoint (no validation loss to rank it) goes once a newer one exists, instead
+  # of being kept forever by keep-best.
+  assert stop not in [c["step"] for c in final["checkpoints"]], final["checkpoints"]
+  assert not os.path.exists(os.path.join(wd, "checkpoints", str(stop)))
+  assert all(c["val_loss"] is not None for c in final["checkpoints"])
   a, b = load_params(reference), load_params(wd)
   assert all(np.array_equal(a[k], b[k]) for k in a)
   ref, got = _rows(reference), _rows(wd)
