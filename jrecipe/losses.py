@@ -359,3 +359,70 @@ def build_loss(loss_config: Any, spec: DataSpec) -> Loss:
   _check_fields(name, obj, fields, tuple(sig.parameters)[:2] if sig else ())
   fn = (lambda outputs, labels: obj(outputs, labels, **fields)) if fields else obj
   return wrap_per_example(fn, spec, name)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+  z = z - z.max()
+  return z - np.log(np.sum(np.exp(z)))
+
+
+def closed_form_at_constant(loss: Loss, num_classes: Optional[int], targets,
+                            constant: Optional[np.ndarray]) -> Optional[dict]:
+  """The loss of predicting `constant` for every example, from its formula, not its code.
+
+  Recipe step 'verify the loss at init' (CS231n: 'look for correct loss at chance'): the
+  expected value must not come from the code under test, or a loss reduced over the wrong
+  axis (or divided by C, or summed over time steps) is equally wrong in the expectation.
+  The constant is what a vanishingly small init outputs: the head bias, or zeros.
+
+  Known forms: loss.expects 'logits' (softmax cross-entropy: -mean_i log softmax(b)_{y_i};
+  ln C at b = 0, per token ln V for sequences; the contract `wrap_per_example` gives a
+  user's classification loss); the registered multiclass_svm (Weston-Watkins, its margin m:
+  mean_i sum_{j != y_i} max(0, b_j - b_{y_i} + m); (C-1) m at b = 0); the registered l2 and
+  huber (their closed-form `chance` of the residual y - b). A user Loss that declares
+  another chance than ln C for logits, or any other loss, has no known form: None.
+
+  Args:
+    loss: the data loss.
+    num_classes: C (None for regression).
+    targets: the labels [B] / [B, T] or regression targets [B, ...].
+    constant: [C] (or the target width) predicted everywhere; None means zeros.
+
+  Returns:
+    {'value': float, 'formula': str} or None.
+  """
+  y = np.asarray(targets)
+  c = int(num_classes) if num_classes else None
+  if loss.expects == "logits" and c:
+    try:
+      declared = float(loss.chance(c, y))
+    except Exception:  # noqa: BLE001 - a user chance that cannot be called declares nothing
+      declared = None
+    if declared is None or abs(declared - np.log(c)) > 1e-6 * np.log(c):
+      return None  # the loss declares another value at chance (e.g. a focal loss)
+    b = np.zeros(c) if constant is None else np.asarray(constant, np.float64).reshape(c)
+    logp = _log_softmax(b)
+    value = float(-np.mean(logp[y.astype(np.int64).ravel()]))
+    what = ("ln C" if constant is None or not np.any(b) else
+            "cross-entropy of the head bias's class probabilities")
+    return {"value": value, "formula": f"softmax cross-entropy of constant logits ({what}, "
+            f"C={c}{', per token' if y.ndim > 1 else ''})"}
+  if loss.expects == "scores" and c and loss.name == "multiclass_svm":
+    margin = float(loss.chance(c, y)) / (c - 1)
+    b = np.zeros(c) if constant is None else np.asarray(constant, np.float64).reshape(c)
+    labels = y.astype(np.int64).ravel()
+    hinge = np.maximum(0.0, b[None, :] - b[labels][:, None] + margin)
+    hinge[np.arange(len(labels)), labels] = 0.0
+    return {"value": float(hinge.sum(axis=1).mean()),
+            "formula": f"Weston-Watkins hinge of constant scores ((C-1) x margin = "
+                       f"{(c - 1) * margin:g} at zero scores, C={c})"}
+  if loss.expects == "values" and loss.name in ("l2", "huber") and loss.name in LOSSES.names():
+    t = np.asarray(y, np.float64).reshape(len(y), -1)
+    b = 0.0 if constant is None else np.asarray(constant, np.float64).reshape(-1)
+    if np.ndim(b) and b.size != t.shape[1]:
+      return None
+    formula = ("0.5 * sum_d (Var[y_d] + (E[y_d] - b_d)^2)" if loss.name == "l2" else
+               "mean_i sum_d huber(y_id - b_d)")
+    return {"value": float(loss.chance(None, t - b)),
+            "formula": f"{loss.name} of a constant prediction: {formula}"}
+  return None

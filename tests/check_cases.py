@@ -137,6 +137,31 @@ def _schedule(decay_rate: float):
   return lr_schedule(fn, total_steps=360, steps_per_epoch=36, peak=1e-3)
 
 
+def _crop(pad=1, hflip=False, fixed_key=False):
+  """jrecipe's augmentation (crop of `pad` pixels, optional flip); fixed_key plants a key that
+  never changes."""
+  from jrecipe.data.augmentation import augment
+  cfg = {"random_crop": pad, "hflip": hflip}
+  if fixed_key:
+    return lambda x, rng: augment(x, jax.random.PRNGKey(0), cfg)
+  return lambda x, rng: augment(x, rng, cfg)
+
+
+def _state_updates(kit, drop_state: bool):
+  model = planted.linen_bn_model(planted._BNMLP(10), drop_state=drop_state)  # pylint: disable=protected-access
+  return kit.run("state_updates", model=model,
+                 variables=model.init(jax.random.PRNGKey(0), kit.x[:2]))
+
+
+_KERNELS = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)
+
+
+def _optimizer_probe(kit, name, tx):
+  """effective_schedule / weight_decay on the kit's parameters over a 360-step run."""
+  from jrecipe.checks import optimizer as opt_checks
+  kw = {"steps_per_epoch": 36} if name == "effective_schedule" else {}
+  return getattr(opt_checks, name)(tx, kit.ctx.variables["params"], total_steps=360, **kw)
+
 CASES = {
     "data_before_net": (
         lambda kit: data_before_net(kit.x, kit.y + 1, spec=SPEC),  # 1-based labels
@@ -183,6 +208,27 @@ CASES = {
     "lr_schedule": (
         lambda kit: _schedule(decay_rate=0.5),
         lambda kit: _schedule(decay_rate=1.0)),
+    "dropout_varies": (
+        lambda kit: kit.run("dropout_varies", model=mlp(fixed_dropout_key=True)),
+        lambda kit: kit.run("dropout_varies")),
+    "augmentation_varies": (
+        lambda kit: kit.run("augmentation_varies", augment=_crop(fixed_key=True)),
+        lambda kit: kit.run("augmentation_varies", augment=_crop())),
+    "augmentation_keeps_labels": (  # a horizontal flip of digits against a 1-pixel crop
+        lambda kit: kit.run("augmentation_keeps_labels", augment=_crop(pad=0, hflip=True)),
+        lambda kit: kit.run("augmentation_keeps_labels", augment=_crop())),
+    "state_updates": (
+        lambda kit: _state_updates(kit, drop_state=True),
+        lambda kit: _state_updates(kit, drop_state=False)),
+    "effective_schedule": (  # a decay inside the user's own optimizer, gone within 10%
+        lambda kit: _optimizer_probe(kit, "effective_schedule", optax.adam(
+            optax.exponential_decay(1e-3, transition_steps=1, decay_rate=0.5))),
+        lambda kit: _optimizer_probe(kit, "effective_schedule", optax.adam(1e-3))),
+    "weight_decay": (  # a decay of the wrong sign against AdamW on the weight matrices only
+        lambda kit: _optimizer_probe(kit, "weight_decay",
+                                     optax.adamw(1e-3, weight_decay=-0.1)),
+        lambda kit: _optimizer_probe(kit, "weight_decay", optax.adamw(
+            1e-3, weight_decay=1e-2, mask=_KERNELS))),
 }
 
 # Checks whose correct twin is legitimately inapplicable here ('skip' accepted), with why.

@@ -25,6 +25,7 @@ class _MLP(nn.Module):
   dropout_in_eval: bool = False
   detach_output: bool = False  # outputs behind a stop_gradient: nothing can be learned
   hidden: int = 32
+  fixed_dropout_key: bool = False  # the mask drawn from PRNGKey(0) at every step
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -34,7 +35,11 @@ class _MLP(nn.Module):
     h = nn.relu(nn.Dense(self.hidden, name="dense_0")(x))
     if self.mix_batch:  # view-vs-transpose: reshape to (features, batch) and transpose back
       h = h.reshape((h.shape[1], h.shape[0])).T
-    h = nn.Dropout(0.5, deterministic=not (train or self.dropout_in_eval))(h)
+    if self.fixed_dropout_key and train:
+      keep = jax.random.bernoulli(jax.random.PRNGKey(0), 0.5, h.shape)
+      h = jnp.where(keep, h / 0.5, 0.0)
+    else:
+      h = nn.Dropout(0.5, deterministic=not (train or self.dropout_in_eval))(h)
     out = nn.Dense(self.num_outputs, name="head")(h)
     if self.detach_output:
       out = jax.lax.stop_gradient(out)
@@ -129,6 +134,37 @@ def width_two_regressor(spec, bn_axis_name):
 
 
 # --- plain wrappers for tests that call the checks directly (no model or loss registry) ------
+
+class _BNMLP(nn.Module):
+  """Dense -> BatchNorm -> ReLU -> head: a model with mutable state (batch_stats)."""
+
+  num_outputs: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(32)(x.reshape((x.shape[0], -1)))
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
+    return nn.Dense(self.num_outputs, name="head")(h)
+
+
+def linen_bn_model(module, *, drop_state: bool = False):
+  """A Linen module with BatchNorm as a `jrecipe.types.Model`; `drop_state` plants the bug of
+  a train step that returns the old statistics instead of the updated ones."""
+  from jrecipe.types import Model
+
+  def apply_with_state(variables, x, train=False, rngs=None):
+    if not train:
+      return module.apply(variables, x, train=False), {"batch_stats": variables["batch_stats"]}
+    out, new = module.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+    return out, ({"batch_stats": variables["batch_stats"]} if drop_state else dict(new))
+
+  def apply(variables, x, train=False, rngs=None):
+    return apply_with_state(variables, x, train, rngs)[0]
+
+  return Model(init=jax.jit(lambda r, x: dict(module.init(r, x))), apply=apply,
+               apply_with_state=apply_with_state, name=type(module).__name__, module=module,
+               has_batchnorm=True)
+
 
 def linen_model(module, *, widen=None, has_dropout=None):
   """A Linen module without BatchNorm as a `jrecipe.types.Model`.

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 
+from jrecipe.errors import RunFailure
 from jrecipe.monitor import diagnose
 
 STEPS = 300
@@ -171,3 +172,61 @@ def test_write_diagnoses_and_missing_files(tmp_path, rng):
   with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
     f.write('{"step": 301, "split": "tra')  # a torn line from a kill is ignored
   assert diagnose.diagnose(wd) == found
+
+
+# --- real runs at both extremes of the learning rate (issue 18: diagnoses that cannot point
+# the wrong way). digits_mlp for 12 epochs (108 steps), the monitor every 50 steps.
+
+def _real_run(tmp_path, name, lr):
+  from jrecipe.checks.pytest_plugin import load_config
+  from jrecipe.train.loop import train_and_evaluate
+  from tests.helpers import REPO
+  cfg = load_config(os.path.join(REPO, "configs", "digits_mlp.py"))
+  cfg.optimizer.name, cfg.optimizer.learning_rate = name, lr
+  cfg.num_epochs = 12
+  cfg.monitor.every_steps = 50
+  cfg.checkpoint.every_epochs = 0
+  wd = str(tmp_path / f"{name}_{lr:g}")
+  try:
+    return wd, train_and_evaluate(cfg, wd)
+  except RunFailure as e:  # a non-finite loss stops the run (exit 1): still diagnosed
+    return wd, str(e)
+
+
+@pytest.mark.parametrize("name, lr, cause, wrong_way", [
+    ("adam", 1e6, "loss_exploding", "lr_too_low"),
+    ("sgd", 1e3, "loss_exploding", "lr_too_low"),
+    ("adam", 1e-7, "lr_too_low", "loss_exploding"),
+    ("sgd", 1e-7, "lr_too_low", "loss_exploding"),
+])
+def test_real_runs_at_both_extremes_are_diagnosed_the_right_way(tmp_path, name, lr, cause,
+                                                                wrong_way):
+  wd, _ = _real_run(tmp_path, name, lr)
+  found = diagnose.diagnose(wd)
+  got = [d["id"] for d in found]
+  assert got and got[0] == cause, found
+  assert wrong_way not in got and not ({"lr_too_high", "loss_exploding"} & set(got)
+                                       and {"lr_too_low", "loss_plateau"} & set(got)), got
+  if cause == "loss_exploding":
+    d = found[0]
+    assert "too high" in d["title"]
+    if "peak" in d["numbers"]:  # finite but exploded; else non-finite, named with its step
+      assert d["numbers"]["peak"] > 3 * d["numbers"]["start"]
+    assert any(ch.isdigit() for ch in d["message"])
+
+
+def test_divergence_at_the_first_step_is_too_high_not_a_plateau(tmp_path, rng):
+  # The loss explodes at step 1 and stays there: the early losses are huge too, and the
+  # update ratios of the exploded weights are tiny (the symptoms of a rate too low).
+  losses = np.full(STEPS, 4e19) * (1 + 0.01 * rng.standard_normal(STEPS))
+  wd = write_run(tmp_path, losses, monitor=healthy_monitor(1e-10), init_loss=2.45)
+  found = [d["id"] for d in diagnose.diagnose(wd)]
+  assert found[0] == "loss_exploding" and not {"lr_too_low", "loss_plateau"} & set(found)
+
+
+@pytest.mark.parametrize("factor, exploded", [(2.99, False), (3.01, True)])
+def test_explosion_threshold_both_sides(tmp_path, rng, factor, exploded):
+  losses = clean_losses(rng)
+  losses[200:] = 2.3 * factor
+  wd = write_run(tmp_path, losses, monitor=healthy_monitor(), init_loss=2.3)
+  assert ("loss_exploding" in ids(wd)) == exploded

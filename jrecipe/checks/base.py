@@ -26,6 +26,10 @@ class CheckResult:
     artifacts: paths of files the check wrote (relative to the work directory when run by
       the battery; absolute or as given otherwise).
     details: structured extras (e.g. the gradient check's per-leaf table).
+    consequence_of: set by the battery (`jrecipe.checks.rootcause`) on a fail or warn of a
+      check one of whose preconditions (`needs`, transitively) failed: the name of the
+      failed precondition it is reported as a consequence of; None for an independent
+      verdict.
   """
 
   name: str
@@ -35,6 +39,7 @@ class CheckResult:
   message: str = ""
   artifacts: list = dataclasses.field(default_factory=list)
   details: dict = dataclasses.field(default_factory=dict)
+  consequence_of: Optional[str] = None
 
   def __post_init__(self):
     if self.status not in STATUSES:

@@ -37,6 +37,8 @@ CHECK_MODULES = (
     "jrecipe.checks.dependencies",
     "jrecipe.checks.gradcheck.model",
     "jrecipe.checks.schedule",
+    "jrecipe.checks.stochastic",
+    "jrecipe.checks.optimizer",
 )
 
 

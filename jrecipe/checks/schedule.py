@@ -112,8 +112,8 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
     return verdict("lr_schedule", value=top, expected="> 0", details=details)(
         "fail", "Don't trust LR decay defaults: the learning rate is zero over the whole run; "
         "nothing will train.")
-  value = _decay_limits(steps, values / ref, total, details)
-  status, problems = _schedule_problems(details, boundaries, total, spe)
+  value = decay_limits(steps, values / ref, total, details)
+  status, problems = schedule_problems(details, boundaries, total, spe)
   if problems:
     message = ("Don't trust LR decay defaults: " + "; ".join(problems) + "; likely causes: "
                "a decay written in epochs/steps for another dataset or batch size, a decay "
@@ -133,14 +133,19 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
   return result
 
 
-def _decay_limits(steps: np.ndarray, ratio: np.ndarray, total: int, details: dict) -> float:
+def decay_limits(steps: np.ndarray, ratio: np.ndarray, total: int, details: dict) -> float:
   """The first decay-phase steps below each limit (into details); returns the check's value:
-  the smallest lr / peak within the first half of the run (from the peak on)."""
+  the smallest lr / peak within the first half of the run (from the peak on).
+
+  A step at exactly 10% (50%) of the run counts as within it: 'reaches ~0 within the first
+  10%' must not escape on the boundary. Shared by `lr_schedule` and `effective_schedule`.
+  """
   t_peak = int(steps[int(np.argmax(ratio))])
   decay = steps >= t_peak
 
   def first_below(fraction, limit):
-    mask = decay & (steps < fraction * total) & (ratio < limit)
+    # 'Within the first 10%' includes the step at exactly 10% (a cosine to 0 at 10% fails).
+    mask = decay & (steps <= fraction * total) & (ratio < limit)
     return int(steps[np.argmax(mask)]) if mask.any() else None
 
   early = first_below(EARLY_FRACTION, FAIL_RATIO)
@@ -152,8 +157,8 @@ def _decay_limits(steps: np.ndarray, ratio: np.ndarray, total: int, details: dic
   return value
 
 
-def _schedule_problems(details: dict, boundaries: list, total: int,
-                       spe: int) -> tuple[str, list]:
+def schedule_problems(details: dict, boundaries: list, total: int,
+                      spe: int) -> tuple[str, list]:
   """(status, problems) from the measured limits and the step-decay boundaries."""
   epochs = total / spe
   early, half = details["fail_step"], details["warn_step"]
@@ -180,9 +185,13 @@ def _schedule_problems(details: dict, boundaries: list, total: int,
   return status, problems
 
 
-@register_check("lr_schedule", stage="schedule")
+@register_check("lr_schedule", stage="schedule", needs=("effective_schedule",))
 def check_lr_schedule(ctx) -> CheckResult:
-  """The configured schedule over the configured run (steps and epochs of the experiment)."""
+  """The configured schedule over the configured run (steps and epochs of the experiment).
+
+  Its precondition is the measured `effective_schedule`: a decay seen there explains this
+  reading of the config.
+  """
   from jrecipe import optim
   c, exp = ctx.config, ctx.exp
   sched_fn = optim.make_schedule(c.schedule, c.optimizer.learning_rate,

@@ -26,6 +26,13 @@ DEAD_AT_INIT = 0.3  # fraction of ReLUs dead on the probe batch at step 0
 SATURATED_AT_INIT = 0.2  # fraction of tanh/sigmoid outputs beyond +-0.99 at step 0
 POOR_ACCURACY = 0.9  # final training accuracy below this, with no gap: capacity too low
 WEIGHT_LEAVES = ("kernel", "embedding", "w", "weight")
+EXPLODE_FACTOR = 3.0  # a training loss above 3x the loss at init: diverged
+# Diagnoses that read a run as under-driven (or as a capacity/generalisation question); a
+# diverged run produces their symptoms too (exploded weights make every update ratio tiny,
+# a loss stuck at 4e19 is flat), so they are not applied once a rate-too-high cause is found.
+TOO_LOW_SIDE = ("lr_too_low", "loss_plateau", "loss_linear", "capacity_too_low", "overfitting",
+                "loss_hockey_stick", "loss_noisy")
+TOO_HIGH = ("loss_exploding", "lr_too_high")
 
 
 def _finite(v) -> Optional[float]:
@@ -94,20 +101,44 @@ def nonfinite(records: dict) -> list[dict]:
   _, losses = step_losses(records)
   if events:
     s = int(events[0]["nonfinite_step"])
-    return [_d("loss_exploding", "problem", "Loss exploded (NaN/inf)",
+    return [_d("loss_exploding", "problem",
+               "TRAINING DIVERGED (NaN/inf): learning rate likely too high",
                f"The loss or a gradient became non-finite at step {s} and training stopped. "
                "Most often the learning rate is too high (try 10x lower); otherwise a log of "
                "zero or a division by zero in the model or loss, or bad inputs.", step=s)]
   finite = losses[np.isfinite(losses)]
   if len(finite) >= 5:
-    start = float(np.median(finite[:max(3, len(finite) // 20)]))
-    peak = float(np.max(finite[len(finite) // 20:]))
-    if start > 0 and peak > 3 * start:
-      return [_d("loss_exploding", "problem", "Loss exploded",
-                 f"The training loss rose to {peak:.4g}, {peak / start:.1f}x its starting "
-                 f"value {start:.4g}: the learning rate is likely too high (try 10x lower).",
-                 start=start, peak=peak)]
+    early = float(np.median(finite[:max(3, len(finite) // 20)]))
+    init = _init_loss(records)
+    # The loss at init, not the early losses: a run that explodes at its first step has
+    # exploded early losses too, and must not read as a plateau at a high level.
+    start = init if init is not None else early
+    peak = float(np.max(finite[len(finite) // 20:])) if init is None else float(finite.max())
+    if start > 0 and peak > EXPLODE_FACTOR * start:
+      end = float(np.mean(finite[-max(1, len(finite) // 10):]))
+      acc = _final_accuracy(records)
+      acc_txt = "" if acc is None else f"; final validation accuracy {acc:.1%}"
+      return [_d("loss_exploding", "problem", "TRAINING DIVERGED: learning rate too high",
+                 f"The training loss rose to {peak:.4g}, {peak / start:.3g}x the loss at init "
+                 f"{start:.4g}, and ends at {end:.4g}{acc_txt}: the learning rate is too high "
+                 "(try 10x lower, or warm-up). Rules that would read the exploded weights as "
+                 "a rate too low are not applied.", start=start, peak=peak, end=end,
+                 final_accuracy=acc)]
   return []
+
+
+def _init_loss(records: dict) -> Optional[float]:
+  """The validation loss at step 0 (or the first training step's), None when not logged."""
+  for r in records.get("validation", []):
+    if r.get("step") == 0 and _finite(r.get("loss")) is not None:
+      return _finite(r["loss"])
+  _, losses = step_losses(records)
+  return float(losses[0]) if len(losses) and np.isfinite(losses[0]) else None
+
+
+def _final_accuracy(records: dict) -> Optional[float]:
+  val = [r for r in records.get("validation", []) if _finite(r.get("accuracy")) is not None]
+  return _finite(val[-1]["accuracy"]) if val else None
 
 
 def update_ratios(records: dict) -> dict:
@@ -330,11 +361,23 @@ def units(records: dict) -> list[dict]:
 
 
 def diagnose(workdir: str) -> list[dict]:
-  """Every rule on the files of `workdir`; problems first."""
+  """Every rule on the files of `workdir`; problems first.
+
+  A diverged run (loss far above the loss at init, non-finite values, update ratios above
+  the high threshold) is diagnosed 'learning rate too high' first, and the rules that
+  would read it as under-driven (TOO_LOW_SIDE) are not applied. Such a run still exits 0:
+  it finished and wrote valid results, and a diverged trial is a legitimate result of a
+  learning-rate search; the diagnosis is printed first, titled 'TRAINING DIVERGED'.
+  """
   run = load_run(workdir)
   rec, mc = run["records"], _monitor_config(run["config"])
-  found = nonfinite(rec) + learning_rate(rec, mc) + generalisation(rec) + loss_shape(rec) + \
-      units(rec)
+  # Too high first: divergence and explosion are named with their numbers before any rule
+  # that could read the same run as a rate too low is considered.
+  found = nonfinite(rec) + learning_rate(rec, mc)
+  if {d["id"] for d in found} & set(TOO_HIGH):
+    found = [d for d in found + units(rec) + loss_shape(rec) if d["id"] not in TOO_LOW_SIDE]
+    return sorted(found, key=lambda d: (d["severity"] != "problem", d["id"] not in TOO_HIGH))
+  found += generalisation(rec) + loss_shape(rec) + units(rec)
   ids = {d["id"] for d in found}
   if ids & {"lr_too_low", "loss_plateau", "loss_exploding"}:
     # A model that did not train says nothing about its capacity: name the cause only.
