@@ -66,6 +66,11 @@ def dropout_in_eval_mlp(spec, bn_axis_name):
   return _MLP(spec.num_classes, dropout_in_eval=True)
 
 
+def detached_output_mlp(spec, bn_axis_name):
+  """Outputs behind a stop_gradient: a model that cannot learn anything."""
+  return _MLP(spec.num_classes, detach_output=True)
+
+
 @jax.custom_vjp
 def _bad_tanh(x):
   return jnp.tanh(x)

@@ -25,7 +25,7 @@ from jrecipe.checks.schedule import (EARLY_FRACTION, FAIL_RATIO, HALF_FRACTION, 
 from jrecipe.train.step import _decayed
 
 PROBE_MAX_STEPS = 200_000  # longer runs are probed over their first PROBE_MAX_STEPS steps
-WARMUP_FAIL_FRACTION = 0.90  # the step size first reaches 90% of its peak after this fraction
+WARMUP_FAIL_FRACTION = 0.80  # the step size first reaches 90% of its peak after this fraction
 WARMUP_WARN_FRACTION = 0.50
 DECAY_FAIL_FACTOR = 1e-6  # weight_decay: decay alone leaves less than this of the weights...
 DECAY_WARN_FACTOR = 1e-3  # ...(fail) or than this (warn) by the end of the run
@@ -83,8 +83,9 @@ def effective_schedule(tx: optax.GradientTransformation, params, *, total_steps:
   Thresholds (the decay phase: from the step of the largest update on): FAIL when the step
   size is below 1e-3 x its peak at any step up to and including 10% of the run (the run is
   over after a tenth of it); WARN when below 1e-2 x peak up to 50%. Warm-up: FAIL when the
-  step size first reaches 90% of its peak after 90% of the run (a warm-up longer than the
-  run: it never trains at its rate), WARN after 50%. A zero or non-finite step fails.
+  step size first reaches 90% of its peak after 80% of the run (a linear warm-up as long as
+  the run gets there at 90%: it never trains at its rate), WARN after 50% (momentum's own
+  ramp takes about 22 steps at mu = 0.9). A zero or non-finite step fails.
 
   Returns:
     value = the smallest step / peak in the first half of the decay phase; details with
