@@ -12,6 +12,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from jrecipe import losses as losses_lib
 from jrecipe.checks.base import CheckResult, verdict
 from jrecipe.checks.fitting import evaluate, mean_loss_fn
 from jrecipe.checks.registry import register_check
@@ -21,6 +22,7 @@ from jrecipe.types import Loss, Model
 INIT_LOSS_PASS_REL = 0.15  # loss_at_init: pass within 15% of the reference...
 INIT_LOSS_FAIL_REL = 0.50  # ...warn up to 50%, fail beyond
 INIT_LOSS_ATOL = 0.05  # absolute band for references near zero (regression)
+INIT_LOSS_FORMULA_REL = 1e-3  # the loss code against its formula on constant outputs
 BASE_RATE_TV = 0.05  # init_bias: total variation between predicted and label frequencies
 
 
@@ -58,19 +60,24 @@ def loss_at_init(model: Model, loss: Loss, variables: dict, x, y, *,
   """'Verify loss @ init' (recipe stage 2; CS231n 'look for correct loss at chance').
 
   Measures the data loss (no regularisation) at initialisation and compares it with the
-  loss of the outputs a vanishingly small init produces: the 'head' bias broadcast over the
-  outputs, zeros when there is none. With a zero bias that is exactly `loss.chance` for the
-  standard losses (-ln(1/C) for softmax, C-1 for the Weston-Watkins SVM); with a
-  data-derived bias it is the cross-entropy of the class priors (or, for L2, the target
-  variance), which is what a correct 'init well' model starts at. `loss.chance(num_classes,
-  y)` is reported beside it in `details`.
+  loss of the outputs a vanishingly small init produces (the 'head' bias broadcast over
+  the outputs, zeros when there is none), computed from the loss's FORMULA
+  (`jrecipe.losses.closed_form_at_constant`: ln C for softmax cross-entropy, per token for
+  sequences; (C-1) x margin for the Weston-Watkins SVM; the target variance (+ mean^2 at a
+  zero bias) for L2; the Huber of the targets), never from the code under test: a loss
+  reduced over the wrong axis, divided by C or summed over time steps is then caught. The
+  user's loss of those same constant outputs is measured too; when it disagrees with the
+  formula the loss code itself is wrong (fail). A loss with no known form (a user Loss
+  declaring another chance value, a user regression loss) is compared with its own value
+  of the constant outputs, and the message says so.
 
   Tolerance: the excess loss of small random logits with spread s is about s^2/2, so a
   default (LeCun) init sits a few percent above chance; 15% allows logits of std ~0.8 at
   C=10. Pass when |loss - reference| <= max(15% of |reference|, 0.05) + 3 standard errors
   of the batch mean (a small batch measures the loss with noise; the 0.05 absolute band
   handles references near 0, e.g. regression targets near their mean); warn up to 50%;
-  fail beyond (an init scale 10x too large gives losses many times chance).
+  fail beyond (an init scale 10x too large gives losses many times chance). The user's
+  loss of the constant outputs must match the formula within max(1e-3 relative, 1e-4).
 
   A softmax applied before a loss that expects logits also starts near -ln(1/C) and passes
   here; the check `logits_not_probabilities` catches it.
@@ -87,40 +94,52 @@ def loss_at_init(model: Model, loss: Loss, variables: dict, x, y, *,
   measured = ev["loss"]
   bias = head_bias(variables)
   bias_set = bias is not None and bool(np.any(np.abs(bias) > 1e-6))
-  reference = _constant_reference(loss, ev["outputs"], y, bias if bias_set else None)
-  try:
-    chance = float(loss.chance(num_classes, np.asarray(y)))
-  except Exception as e:  # a user loss without a closed form: the reference still stands
-    chance = None
-    details_chance = f"loss.chance failed: {e}"
+  const = bias if bias_set else None
+  own = _constant_reference(loss, ev["outputs"], y, const)
+  closed = losses_lib.closed_form_at_constant(loss, num_classes, y, const)
+  reference = closed["value"] if closed else own
+  if closed:
+    ref_name = closed["formula"]
   else:
-    details_chance = None
-  ref_name = ("the loss of predicting the head bias (class priors / target mean)" if bias_set
-              else "chance (all outputs zero)")
+    ref_name = (f"no closed form known for loss {loss.name!r} (expects {loss.expects!r}): "
+                "compared with that loss's own value of constant outputs"
+                + (" (the head bias)" if bias_set else " (zeros)"))
   dev = measured - reference
   rel = abs(dev) / max(abs(reference), 1e-12)
   noise = 3.0 * ev["se"]
   pass_band = max(INIT_LOSS_PASS_REL * abs(reference), INIT_LOSS_ATOL) + noise
   fail_band = max(INIT_LOSS_FAIL_REL * abs(reference), 2 * INIT_LOSS_ATOL) + noise
   details = {"loss": measured, "reference": reference, "reference_kind": ref_name,
-             "chance": chance, "relative_deviation": rel, "standard_error": ev["se"],
-             "pass_band": pass_band, "fail_band": fail_band, "head_bias_set": bias_set}
-  if details_chance:
-    details["chance_error"] = details_chance
+             "closed_form": closed["value"] if closed else None,
+             "loss_of_constant_outputs": own, "relative_deviation": rel,
+             "standard_error": ev["se"], "pass_band": pass_band, "fail_band": fail_band,
+             "head_bias_set": bias_set}
   result = verdict("loss_at_init", value=measured,
                    expected=f"{reference:.4g} +/- {pass_band:.3g}", details=details)
-  head = (f"Verify loss @ init: {measured:.4g} vs {reference:.4g} expected "
-          f"({ref_name}{'' if chance is None else f'; loss.chance={chance:.4g}'}), "
+  head = (f"Verify loss @ init: {measured:.4g} vs {reference:.4g} expected ({ref_name}), "
           f"{100 * rel:.0f}% off")
   if not np.isfinite(measured):
     return result("fail", f"{head}: the loss at init is not finite; likely causes: "
                   "non-finite inputs, log of zero, overflow from a huge init scale.")
+  if closed and not abs(own - closed["value"]) <= max(INIT_LOSS_FORMULA_REL * abs(
+      closed["value"]), 1e-4):
+    return result("fail", f"{head}; the loss code gives {own:.4g} for constant outputs where "
+                  f"the formula gives {closed['value']:.4g}: the loss is computed wrongly "
+                  "(reduced over the wrong axis, summed instead of averaged over classes or "
+                  "time steps, divided by the number of classes, labels and outputs "
+                  "swapped?).")
+  return _loss_at_init_band(result, head, dev, pass_band, fail_band)
+
+
+def _loss_at_init_band(result, head: str, dev: float, pass_band: float,
+                       fail_band: float) -> CheckResult:
+  """loss_at_init's pass / warn / fail bands around the reference (see its docstring)."""
   if dev > 0:
-    causes = ("init scale too large (logits spread widely), inputs not normalised, or a "
-              "final bias set badly")
+    causes = ("init scale too large (logits spread widely), inputs not normalised, a final "
+              "bias set badly, or a loss that sums where it should average")
   else:
     causes = ("labels off (wrong or leaked labels, wrong num_classes), a loss that does not "
-              "expect these outputs, or a bias fit to this batch")
+              "expect these outputs or divides by too much, or a bias fit to this batch")
   side = "above" if dev > 0 else "below"
   if abs(dev) <= pass_band:
     return result("pass", f"{head}: within tolerance.")
@@ -268,7 +287,7 @@ def _init_bias_verdict(result, ev0, ev1, bias_set, mismatch, mismatch_without, t
   return result("pass", f"Init well: {losses}: {note}; {what}.")
 
 
-@register_check("loss_at_init", stage="init", needs=("data_before_net",))
+@register_check("loss_at_init", stage="init", needs=("data_before_net", "eval_mode"))
 def check_loss_at_init(ctx) -> CheckResult:
   """The loss at init on held-out examples against the loss of a vanishingly small init."""
   return loss_at_init(ctx.model, ctx.loss, ctx.variables, ctx.x_val, ctx.y_val,

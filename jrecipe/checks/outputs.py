@@ -278,15 +278,19 @@ def assert_equivalent(special_fn: Callable, general_fn: Callable, inputs: Iterab
   return worst
 
 
-@register_check("logits_not_probabilities", stage="init")
+@register_check("logits_not_probabilities", stage="init", needs=("eval_mode",))
 def check_logits_not_probabilities(ctx) -> CheckResult:
   """The eval outputs of 64 held-out examples at init, against what the loss expects."""
   return logits_not_probabilities(ctx.model.apply, ctx.variables, ctx.x_val[:64],
                                   expects=ctx.loss.expects)
 
 
-@register_check("eval_mode", stage="evaluation")
+@register_check("eval_mode", stage="skeleton")
 def check_eval_mode(ctx) -> CheckResult:
-  """Eight held-out examples at init, with the dropout key of the first train step."""
+  """Eight held-out examples at init, with the dropout key of the first train step.
+
+  A precondition of every check that evaluates the model (they measure it in eval mode):
+  when eval mode needs a dropout key or depends on the batch, their failures follow.
+  """
   _, k_drop = ctx.step_keys(0)
   return eval_mode(ctx.model.apply, ctx.variables, ctx.x_val[:8], rngs={"dropout": k_drop})

@@ -234,7 +234,7 @@ def capacity_decreases_loss(model: Model, loss: Loss, variables: dict, x, y, *, 
 
 
 @register_check("overfit_one_batch", stage="overfit",
-                needs=("data_before_net", "loss_at_init"))
+                needs=("data_before_net", "loss_at_init", "input_independent_baseline"))
 def check_overfit_one_batch(ctx) -> CheckResult:
   """config.checks.overfit_examples examples, config.checks.overfit_steps full-batch steps."""
   k = int(ctx.config.checks.overfit_examples)

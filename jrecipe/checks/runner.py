@@ -8,13 +8,14 @@ checks in the registry's order and collects the results.
 
 import logging
 import os
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
 import ml_collections
 
 from jrecipe import experiment as experiment_lib
-from jrecipe.checks import registry
+from jrecipe.checks import registry, rootcause
 from jrecipe.checks.base import CheckResult
 from jrecipe.checks.context import CheckContext
 from jrecipe.checks.registry import parse_names
@@ -61,13 +62,16 @@ def run_battery(exp: experiment_lib.Experiment, *, workdir: Optional[str] = None
   Returns:
     One CheckResult per check run, in the registry's order (a check never runs before the
     checks it depends on). A check that raises is reported as a fail carrying the error, and
-    the battery goes on.
+    the battery goes on. A fail or warn whose precondition failed carries `consequence_of`
+    (`jrecipe.checks.rootcause`).
   """
   checks = registry.resolve(only, skip)
   ctx = CheckContext.from_experiment(exp, os.path.join(workdir, "checks") if workdir else None)
-  results = []
+  needs = {n: node["needs"] for n, node in registry.graph().items()}
+  results, done = [], {}
   for check in checks:
-    result = run_check(check, ctx)
+    result = rootcause.mark(run_check(check, ctx), done, needs)
+    done[check.name] = result
     if workdir:
       result.artifacts = [os.path.relpath(p, workdir) if os.path.isabs(p) else p
                           for p in result.artifacts]
@@ -89,9 +93,22 @@ def _fmt(v) -> str:
 
 
 def format_row(r: CheckResult) -> str:
-  """One line of the console table: name, status, value, expected, explanation."""
-  return (f"{r.name:<30} {r.status.upper():<5} {_fmt(r.value):>12} {_fmt(r.expected):>12}  "
-          f"{r.message}")
+  """One line of the console table: name, status, value, expected, explanation.
+
+  A consequence of a failed precondition shows its status in parentheses and names the
+  precondition first: it is not an independent finding.
+  """
+  status, message = r.status.upper(), r.message
+  if r.consequence_of:
+    status, message = f"({status})", f"consequence of {r.consequence_of}: {message}"
+  return (f"{r.name:<30} {status:<6} {_fmt(r.value):>12} {_fmt(r.expected):>12}  "
+          f"{message}")
+
+
+def _progress(r: CheckResult) -> None:
+  """One line per finished check on stderr, while the table waits for the root cause."""
+  print(f"jrecipe: check {r.name}: {r.status} ({r.details.get('seconds', 0):.1f} s)",
+        file=sys.stderr, flush=True)
 
 
 def human_baseline(workdir: str) -> Optional[dict]:
@@ -143,18 +160,26 @@ def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> i
   skip = parse_names(config.checks.skip, "skip")
   exp = experiment_lib.build(config)
   os.makedirs(workdir, exist_ok=True)
-  print(f"{'check':<30} {'status':<5} {'value':>12} {'expected':>12}  explanation", flush=True)
   t0 = time.perf_counter()
-  results = run_battery(exp, workdir=workdir, only=only, skip=skip,
-                        on_result=lambda r: print(format_row(r), flush=True))
+  results = run_battery(exp, workdir=workdir, only=only, skip=skip, on_result=_progress)
   counts = {s: sum(r.status == s for r in results) for s in ("pass", "warn", "fail", "skip")}
+  counts["consequences"] = sum(r.consequence_of is not None for r in results)
   elapsed = time.perf_counter() - t0
+  cause = rootcause.root_cause(results)
+  first = cause["line"] if cause else (
+      f"Most likely cause: none, no check failed ({counts['warn']} warned).")
   human = human_baseline(workdir)
   write_json_atomic(os.path.join(workdir, "checks.json"), {
+      "cause": first, "cause_detail": cause,  # sorted keys: "cause" comes first
       "checks": [r.to_json() for r in results], "summary": counts,
       "seconds": round(elapsed, 2), **({"human_baseline": human} if human else {})})
-  print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['warn']} warned, "
-        f"{counts['skip']} skipped in {elapsed:.1f} s; details in "
+  print(first, flush=True)
+  print(f"{'check':<30} {'status':<6} {'value':>12} {'expected':>12}  explanation", flush=True)
+  for r in results:
+    print(format_row(r), flush=True)
+  print(f"{counts['pass']} passed, {counts['fail']} failed ({counts['consequences']} of the "
+        f"fails and warns are consequences of a failed precondition), {counts['warn']} "
+        f"warned, {counts['skip']} skipped in {elapsed:.1f} s; details in "
         f"{os.path.join(workdir, 'checks.json')}", flush=True)
   if human:
     print(human["line"], flush=True)
