@@ -91,7 +91,7 @@ class Experiment:
     variables = jax.jit(self.model.init)(rng, self.sample_input())
     use = self.config.init_bias if init_bias is None else init_bias
     if use:
-      variables = set_head_bias(variables, self.head_bias())
+      variables = set_head_bias(variables, self.head_bias(), self.model.head_path)
     return variables
 
   def head_bias(self) -> Optional[np.ndarray]:
@@ -107,19 +107,21 @@ class Experiment:
     return None
 
 
-def set_head_bias(variables: dict, bias: Optional[np.ndarray]) -> dict:
-  """Returns variables with params['head']['bias'] replaced by `bias` (shape permitting)."""
+def set_head_bias(variables: dict, bias: Optional[np.ndarray],
+                  path: tuple = ("head", "bias")) -> dict:
+  """Returns variables with the head's bias (params at `path`) replaced by `bias`.
+
+  `path` is the model's `head_path` (found by `jrecipe.models.contract.find_head` wherever
+  the final layer sits); nothing changes when there is no such leaf or its shape differs.
+  """
+  from jrecipe.models.contract import leaf, with_leaf
   if bias is None:
     return variables
-  params = variables["params"]
-  head = params.get("head") if hasattr(params, "get") else None
-  if head is None or "bias" not in head or np.shape(head["bias"]) != np.shape(bias):
+  current = leaf(variables["params"], path)
+  if current is None or np.shape(current) != np.shape(bias):
     return variables
-  new_head = dict(head)
-  new_head["bias"] = jnp.asarray(bias, head["bias"].dtype)
-  new_params = dict(params)
-  new_params["head"] = new_head
-  return {**variables, "params": new_params}
+  params = with_leaf(variables["params"], path, jnp.asarray(bias, current.dtype))
+  return {**variables, "params": params}
 
 
 def _augment(x, rng, aug_config):

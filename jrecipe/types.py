@@ -63,6 +63,11 @@ class Model:
     has_dropout: whether the model draws from the 'dropout' rng in train mode.
     has_batchnorm: whether the model keeps 'batch_stats'.
     widen: `widen(factor) -> Model` a wider variant (for capacity checks) or None.
+    head: the path in params of the final layer's bias (e.g. ('head', 'bias'), or
+      ('classifier', 'out', 'bias') for a nested head), where 'init well' sets the
+      data-derived bias; None: ('head', 'bias') if present, else no head bias.
+    axis_names: collective axis names the adapter binds around each call (a BatchNorm's
+      hard-coded `axis_name` on one device; `jrecipe.models.linen_adapter.bind_axes`).
   """
 
   init: Callable
@@ -73,6 +78,13 @@ class Model:
   has_dropout: bool = False
   has_batchnorm: bool = False
   widen: Optional[Callable] = None
+  head: Optional[tuple] = None
+  axis_names: tuple = ()
+
+  @property
+  def head_path(self) -> tuple:
+    """`head`, or the conventional ('head', 'bias') when it is not known."""
+    return self.head if self.head is not None else ("head", "bias")
 
 
 @dataclasses.dataclass(frozen=True)

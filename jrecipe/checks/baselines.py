@@ -26,7 +26,9 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
   Pass when the real model's loss is at least 10% lower, or its accuracy is higher by at
   least max(1 point, 3 standard errors of a binomial accuracy at the zero model's level,
   counting every predicted label: each token of a sequence): a held-out loss can rise with
-  overfitting while accuracy still shows the input is used.
+  overfitting while accuracy still shows the input is used. The row's value and expected
+  column are those of the rule that decided (the loss rule first; the accuracy rule when only
+  it passed; both, with the loss, when neither did).
 
   Args:
     model, loss, variables: the model at init.
@@ -62,8 +64,17 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
     acc_win = ev_real["accuracy"] >= a0 + margin
     details["accuracy_margin"] = margin
     acc_txt = f", accuracy {ev_real['accuracy']:.3f} vs {a0:.3f}"
-  value = lr_
-  expected = f"<= {(1 - BASELINE_LOSS_MARGIN) * lz:.4g} (10% below the zero-input loss)"
+  loss_rule = f"loss <= {(1 - BASELINE_LOSS_MARGIN) * lz:.4g}"
+  acc_rule = (f"accuracy >= {ev_zero['accuracy'] + details['accuracy_margin']:.3f}"
+              if ev_real["accuracy"] is not None else "")
+  # The expected column states the rule that decided: the one that passed, else both.
+  if loss_win or not acc_rule:
+    expected, value = loss_rule, lr_
+  elif acc_win:
+    expected, value = acc_rule, ev_real["accuracy"]
+  else:
+    expected, value = f"{loss_rule} or {acc_rule}", lr_
+  details["decided_by"] = "loss" if loss_win else "accuracy" if acc_win else None
   result = verdict(name, value=value, expected=expected, details=details)
   head = (f"Input-independent baseline: {where} loss {lr_:.4g} with real inputs vs {lz:.4g} "
           f"with zeroed inputs{acc_txt} after {steps} steps")

@@ -23,28 +23,23 @@ INIT_LOSS_PASS_REL = 0.15  # loss_at_init: pass within 15% of the reference...
 INIT_LOSS_FAIL_REL = 0.50  # ...warn up to 50%, fail beyond
 INIT_LOSS_ATOL = 0.05  # absolute band for references near zero (regression)
 INIT_LOSS_FORMULA_REL = 1e-3  # the loss code against its formula on constant outputs
-BASE_RATE_TV = 0.05  # init_bias: total variation between predicted and label frequencies
+BASE_RATE_TV = 0.05  # init_bias: total variation between label and uniform frequencies
+BASE_RATE_KL = 0.7  # init_bias: nats of the init loss lost to mismatched base rates (see doc)
 
 
-def head_bias(variables: dict) -> Optional[np.ndarray]:
-  """params['head']['bias'] as numpy, or None when the model has no 'head' with a bias."""
+def head_bias(variables: dict, path: tuple = ("head", "bias")) -> Optional[np.ndarray]:
+  """The final layer's bias (params at `path`, a Model's `head_path`) as numpy, or None."""
+  from jrecipe.models.contract import leaf
   params = variables.get("params") if hasattr(variables, "get") else None
-  head = params.get("head") if hasattr(params, "get") else None
-  if head is None or not hasattr(head, "get") or head.get("bias") is None:
-    return None
-  return np.asarray(head["bias"])
+  found = leaf(params, path) if params is not None else None
+  return None if found is None else np.asarray(found)
 
 
-def copy_head_bias(variables: dict, bias: Optional[np.ndarray]) -> dict:
-  """variables with params['head']['bias'] = bias when both exist with the same shape."""
-  current = head_bias(variables)
-  if bias is None or current is None or current.shape != bias.shape:
-    return variables
-  params = dict(variables["params"])
-  head = dict(params["head"])
-  head["bias"] = jnp.asarray(bias, current.dtype)
-  params["head"] = head
-  return {**variables, "params": params}
+def copy_head_bias(variables: dict, bias: Optional[np.ndarray],
+                   path: tuple = ("head", "bias")) -> dict:
+  """variables with the bias at params `path` = bias when both exist with the same shape."""
+  from jrecipe.experiment import set_head_bias
+  return set_head_bias(variables, bias, path)
 
 
 def _constant_reference(loss: Loss, outputs: np.ndarray, y, bias: Optional[np.ndarray]):
@@ -161,7 +156,7 @@ def _softmax_rates(outputs, axis_mean: bool) -> np.ndarray:
 
 
 def _base_rate_mismatch(ev0: dict, ev1: dict, y: np.ndarray, num_classes, details: dict):
-  """Logits: (mismatch with, mismatch without, tolerance, what with, what without).
+  """Logits: (KL with, its tolerance, label imbalance, its tolerance, what with, without).
 
   The rates the bias sets are the softmax of the batch-mean logits; the mean of per-example
   softmaxes also depends on the spread of the logits at init (Jensen), which the bias does
@@ -175,18 +170,24 @@ def _base_rate_mismatch(ev0: dict, ev1: dict, y: np.ndarray, num_classes, detail
   tv_without = 0.5 * float(np.abs(p_without - freq).sum())
   noise = 0.5 * float(np.sum(np.sqrt(2 * freq * (1 - freq) / (np.pi * max(y.size, 1)))))
   tol = BASE_RATE_TV + 2 * noise
+  kl_with = float(np.sum(freq * (np.log(np.maximum(freq, 1e-12)) - np.log(np.maximum(p_with,
+                                                                              1e-300)))))
+  imbalance = 0.5 * float(np.abs(freq - 1.0 / c).sum())
   details.update(label_frequencies=freq.tolist(), predicted_with=p_with.tolist(),
                  predicted_without=p_without.tolist(), tv_with=tv_with,
                  mean_softmax_with=_softmax_rates(ev1["outputs"], False).tolist(),
                  tv_without=tv_without, tolerance=tol,
-                 imbalance_tv=0.5 * float(np.abs(freq - 1.0 / c).sum()))
-  return (tv_with, tv_without, tol,
-          f"predicted base rates vs label frequencies TV {tv_with:.3f} (tol {tol:.3f})",
-          f"base-rate TV {tv_without:.3f} without the bias (tol {tol:.3f})")
+                 imbalance_tv=imbalance, kl_with=kl_with, kl_tolerance=BASE_RATE_KL)
+  return (kl_with, BASE_RATE_KL, imbalance, tol,
+          f"predicted base rates vs label frequencies: KL {kl_with:.3f} nats (tol "
+          f"{BASE_RATE_KL:g}), TV {tv_with:.3f}",
+          f"labels {imbalance:.3f} (TV) from uniform, tol {tol:.3f}; base-rate TV "
+          f"{tv_without:.3f} without the bias")
 
 
 def _target_mean_mismatch(ev0: dict, ev1: dict, y: np.ndarray, details: dict):
-  """Regression: the same tuple, in target standard deviations of the mean prediction."""
+  """Regression: the same tuple, in target standard deviations of the mean prediction (with
+  the bias, and without it)."""
   out1 = ev1["outputs"].reshape(len(y), -1)
   out0 = ev0["outputs"].reshape(len(y), -1)
   t = y.reshape(len(y), -1).astype(np.float64)
@@ -197,7 +198,7 @@ def _target_mean_mismatch(ev0: dict, ev1: dict, y: np.ndarray, details: dict):
   details.update(target_mean=t.mean(0).tolist(), predicted_mean_with=out1.mean(0).tolist(),
                  mismatch_with_std=mismatch, mismatch_without_std=mismatch_without,
                  tolerance=tol)
-  return (mismatch, mismatch_without, tol,
+  return (mismatch, tol, mismatch_without, tol,
           f"mean prediction vs target mean {mismatch:.3f} std (tol {tol:.3f})",
           f"mean prediction {mismatch_without:.3f} std from the target mean without the bias "
           f"(tol {tol:.3f})")
@@ -210,14 +211,21 @@ def init_bias(model: Model, loss: Loss, variables_without: dict, variables_with:
   Compares the data loss at init without and with the data-derived 'head' bias (log class
   priors for softmax classification and sequences, the target mean for regression) and
   checks that the model then predicts the base rates: the softmax of the batch-mean logits
-  against the label frequencies (total variation distance), or the mean prediction against
-  the target mean (in target standard deviations).
+  against the label frequencies, or the mean prediction against the target mean (in target
+  standard deviations). The head is the model's `head_path` (wherever the final layer sits).
 
-  Tolerance: TV < 0.05 plus twice the expected sampling TV of the batch's own label
-  frequencies (0.5 * sum_c sqrt(2 f_c (1 - f_c) / (pi n)): a batch of a few hundred
-  examples does not have exactly the training priors); for regression |mean prediction -
-  mean target| < 0.1 std + 2 std/sqrt(n). The bias must not raise the loss by more than 2%
-  (plus 3 standard errors). On a balanced dataset both losses are nearly equal: that passes.
+  Tolerances. The bias must not raise the loss by more than 2% (plus 3 standard errors):
+  else fail. With the bias set, the base rates count as matched when KL(label frequencies
+  || predicted base rates) <= 0.7 nats: the part of the loss at init that mismatched base
+  rates cost (the hockey stick 'init well' removes). Calibrated on a population of correctly
+  initialised models (the measurement is in the tests' calibration): 126 Linen MLPs with
+  Flax's default Dense head (widths 32..512, 1-3 hidden layers, relu/tanh/gelu, 3 seeds) on
+  256 normalised digits, balanced and with priors 2%..18%: KL at most 0.45 nats (median
+  0.07), while TV reached 0.40, so a TV rule cannot separate them; the same MLPs with every
+  kernel 2x too large give at least 1.6 nats. Without the bias, the labels count as balanced
+  when their TV from uniform is below 0.05 plus twice the expected sampling TV of the batch
+  (0.5 * sum_c sqrt(2 f_c (1 - f_c) / (pi n))). Regression: |mean prediction - mean target|
+  < 0.1 std + 2 std/sqrt(n). On a balanced dataset both losses are nearly equal: that passes.
 
   Args:
     model, loss: the model and loss.
@@ -228,10 +236,10 @@ def init_bias(model: Model, loss: Loss, variables_without: dict, variables_with:
     num_classes: C for classification; None for regression.
 
   Returns:
-    skip for the SVM (no priors for hinge scores) or a model without a 'head' bias; fail when
+    skip for the SVM (no priors for hinge scores) or a model without a head bias; fail when
     the bias raises the loss; warn when the bias is set but the base rates still mismatch
-    (the weights dominate it), or when the bias was not set (the two variables agree) and
-    the labels are imbalanced; else pass.
+    by more than the tolerance (the weights dominate it), or when the bias was not set (the
+    two variables agree) and the labels are imbalanced; else pass.
   """
   skip = verdict("init_bias")
   if loss.expects == "scores":
@@ -240,10 +248,12 @@ def init_bias(model: Model, loss: Loss, variables_without: dict, variables_with:
   if loss.expects not in ("logits", "values"):
     return skip("skip", f"Init well: skipped, loss.expects={loss.expects!r} has no "
                 "data-derived bias.")
-  b_with, b_without = head_bias(variables_with), head_bias(variables_without)
+  path = model.head_path
+  b_with, b_without = head_bias(variables_with, path), head_bias(variables_without, path)
   if b_with is None or b_without is None:
-    return skip("skip", "Init well: skipped, the model has no final Dense named 'head' with a "
-                "bias, so there is no bias to set from the data.")
+    return skip("skip", "Init well: skipped, no parameter vector is added unchanged to the "
+                "outputs (no bias on the final layer, or a normalisation after it), so there "
+                "is no bias to set from the data.")
   ev0 = evaluate(model, loss, variables_without, x, y)
   ev1 = evaluate(model, loss, variables_with, x, y)
   bias_set = not np.array_equal(b_with, b_without)
@@ -253,24 +263,28 @@ def init_bias(model: Model, loss: Loss, variables_without: dict, variables_with:
     measured = _base_rate_mismatch(ev0, ev1, y_np, num_classes, details)
   else:
     measured = _target_mean_mismatch(ev0, ev1, y_np, details)
+  slack = 0.02 * abs(ev0["loss"]) + 3 * max(ev0["se"], ev1["se"])
+  rule = ("KL <= {:g} nats".format(measured[1]) if loss.expects == "logits" else
+          f"mean within {measured[1]:.3g} std")
   result = verdict("init_bias", value=ev1["loss"], details=details,
-                   expected=f"<= {ev0['loss']:.4g} and base rates matched")
+                   expected=f"<= {ev0['loss'] + slack:.4g}, base rates {rule}" if bias_set
+                   else f"labels balanced (within {measured[3]:.3g})")
   return _init_bias_verdict(result, ev0, ev1, bias_set, *measured)
 
 
-def _init_bias_verdict(result, ev0, ev1, bias_set, mismatch, mismatch_without, tol, what,
-                       what_without) -> CheckResult:
+def _init_bias_verdict(result, ev0, ev1, bias_set, mismatch, tol, mismatch_without,
+                       tol_without, what, what_without) -> CheckResult:
   """init_bias's rules (see its docstring) on the measured losses and base rates."""
   losses = f"loss at init {ev0['loss']:.4g} without the bias, {ev1['loss']:.4g} with it"
   slack = 0.02 * abs(ev0["loss"]) + 3 * max(ev0["se"], ev1["se"])
   if not bias_set:
-    if mismatch_without > tol:
+    if mismatch_without > tol_without:
       return result("warn", f"Init well: {losses}: the head bias is not set from the data and "
                     f"the labels are imbalanced ({what_without}); set the final bias to the "
                     "log class priors / target mean (config.init_bias) to remove the hockey "
                     "stick.")
     return result("pass", f"Init well: {losses}; the bias is not set, but the labels are "
-                  f"balanced so the model already predicts the base rates ({what_without}).")
+                  f"balanced, so the priors' bias would be ~0 ({what_without}).")
   if ev1["loss"] - ev0["loss"] > slack:
     return result("fail", f"Init well: {losses}; the bias raises the loss ({what}); likely "
                   "causes: priors from the wrong split or label mapping, a bias without the "

@@ -183,7 +183,9 @@ def logits_not_probabilities(apply: Callable, variables: Any, x: jax.Array, *,
     CheckResult 'logits_not_probabilities': value = fraction of output rows (over the last
     axis) that are probability vectors (all in [0, 1], summing to 1 within atol), expected 0.
     Fail when every row is one ("softmax applied twice"); warn when all outputs are
-    non-negative (a ReLU or sigmoid on the head?); skip for regression ('values').
+    non-negative and not all equal (a ReLU or sigmoid on the head?); pass when every output
+    is the same number (a zero-initialised head: nothing to tell before training); skip for
+    regression ('values').
   """
   name = "logits_not_probabilities"
   step = "logits_not_probabilities (training fails silently; verify the loss at init)"
@@ -215,6 +217,12 @@ def logits_not_probabilities(apply: Callable, variables: Any, x: jax.Array, *,
         f"{step}: all {rows.shape[0]} output rows are in [0, 1] and sum to 1: the model outputs "
         f"probabilities but the loss expects {expects} and applies its own softmax: softmax "
         "applied twice; remove the model's final softmax."), details=details)
+  if rows.max() - rows.min() <= atol * max(1.0, float(np.max(np.abs(rows)))):
+    return CheckResult(name, "pass", frac, 0.0, (
+        f"{step}: every output is {rows.min():.3g} at init (a zero-initialised head, as in "
+        "big_vision's head_zeroinit): constant rows are not probabilities (they would sum to "
+        f"1, these sum to {float(np.mean(sums)):.3g}); nothing else to tell before training."),
+        details=details)
   if rows.min() >= 0:
     return CheckResult(name, "warn", frac, 0.0, (
         f"{step}: all outputs are non-negative (min {rows.min():.3g}) but the loss expects "

@@ -211,11 +211,13 @@ def capacity_decreases_loss(model: Model, loss: Loss, variables: dict, x, y, *, 
   if model.widen is None:
     return CheckResult(name, "skip", value=l1, details=details,
                        message=(f"Verify decreasing training loss: {l0:.4g} -> {l1:.4g}; the "
-                                "wider-model comparison is skipped (the model has no widen)."))
+                                "wider-model comparison is skipped: the model has no widen "
+                                "(name its width field with model.width_field, or set "
+                                "`factory.widen_fields`; docs/your_model.md)."))
   wide = model.widen(factor)
   x_np = np.asarray(x)
   v_wide = jax.jit(wide.init)(jax.random.fold_in(as_key(rng), 1), jnp.asarray(x_np[:2]))
-  v_wide = copy_head_bias(v_wide, head_bias(variables))
+  v_wide = copy_head_bias(v_wide, head_bias(variables, model.head_path), wide.head_path)
   w_trained, _ = fit(wide, loss, v_wide, x, y, tx=tx, steps=steps, rng=rng,
                      batch_size=batch_size)
   lw = evaluate(wide, loss, w_trained, x, y)["loss"]

@@ -10,8 +10,9 @@ Registered: linear, mlp, cnn, resnet18, resnet50, transformer, rnn, nnx_mlp; or 
 module, an NNX module or a `jrecipe.types.Model`.
 """
 
-from jrecipe.models.core import (MODELS, build_model, example_input, from_linen, from_nnx,
-                                 output_dim, register_model)
+from jrecipe.models.core import MODELS, build_model, example_input, output_dim, register_model
+from jrecipe.models.linen_adapter import from_linen
+from jrecipe.models.nnx_adapter import from_nnx
 from jrecipe.models import cnn, linear, mlp, nnx_mlp, resnet, sequence  # noqa: F401  (register)
 
 __all__ = ["MODELS", "build_model", "example_input", "from_linen", "from_nnx", "output_dim",

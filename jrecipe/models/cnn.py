@@ -3,7 +3,8 @@
 from flax import linen as nn
 
 from jrecipe.errors import UserError
-from jrecipe.models.core import from_linen, output_dim, register_model
+from jrecipe.models.core import output_dim, register_model
+from jrecipe.models.linen_adapter import from_linen
 from jrecipe.models.linear import as_float, require_not_sequence
 from jrecipe.models.mlp import check_rate
 

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jrecipe.errors import UserError
-from jrecipe.models.core import from_linen, output_dim, register_model
+from jrecipe.models.core import output_dim, register_model
+from jrecipe.models.linen_adapter import from_linen
 
 
 def as_float(x):

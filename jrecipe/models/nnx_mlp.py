@@ -9,7 +9,8 @@ import functools
 import math
 
 from jrecipe.errors import UserError
-from jrecipe.models.core import from_nnx, output_dim, register_model
+from jrecipe.models.core import output_dim, register_model
+from jrecipe.models.nnx_adapter import from_nnx
 from jrecipe.models.linear import require_not_sequence
 from jrecipe.models.mlp import ACTIVATIONS, as_widths, check_rate
 

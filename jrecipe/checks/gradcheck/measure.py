@@ -194,3 +194,48 @@ def trace_dtypes(losses: dict, flat: FlatParams, args64) -> tuple[dict, dict]:
     except Exception as e:  # pylint: disable=broad-except
       errors[which] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
   return loss_dtypes, errors
+
+
+_COMPUTE_OPS = ("dot_general", "conv_general_dilated")  # where a model's precision is decided
+
+
+def _sub_jaxprs(value):
+  """The jaxprs inside an equation parameter (pjit, custom_vjp, scan, cond branches)."""
+  if isinstance(value, jax.extend.core.ClosedJaxpr):
+    yield value.jaxpr
+  elif isinstance(value, jax.extend.core.Jaxpr):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def _compute_dtypes(jaxpr, found: set) -> None:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _COMPUTE_OPS:
+      found.update(str(v.aval.dtype) for v in eqn.outvars)
+    for value in eqn.params.values():
+      for sub in _sub_jaxprs(value):
+        _compute_dtypes(sub, found)
+
+
+def compute_dtypes(losses: dict, flat: FlatParams, args64) -> dict:
+  """{loss: sorted dtypes of its matrix products and convolutions below float64}.
+
+  Why: a model can compute in float32 (a `dtype=float32` layer, an `astype(float32)` at its
+  input) and cast its output back to float64; the loss is then float64 while every gradient
+  carries float32 rounding, which the float64 thresholds would call a wrong backward rule.
+  The jaxpr of the loss traced from float64 inputs says what the products really run in.
+  """
+  out = {}
+  for which, (fn, _) in losses.items():
+    try:
+      closed = jax.make_jaxpr(flat_loss(fn, flat.rebuild))(flat.theta, args64)
+    except Exception:  # pylint: disable=broad-except  (trace_dtypes reports trace errors)
+      continue
+    found: set = set()
+    _compute_dtypes(closed.jaxpr, found)
+    low = sorted(d for d in found if d != "float64")
+    if low:
+      out[which] = low
+  return out

@@ -56,6 +56,17 @@ def relu_pattern(apply: Any, variables: Any, x: jax.Array, *, train: bool = Fals
   Returns:
     {'<module path>:<k>': boolean array} for the k-th call of each module (jit-able).
   """
+  names = getattr(apply, "axis_names", ())
+  if names:  # record inside the axes the model binds, so its module outputs are visible
+    from jrecipe.models.linen_adapter import bind_axes
+    return bind_axes(lambda v, xx: _relu_pattern(apply, v, xx, train, rngs), names)(
+        variables, x)
+  return _relu_pattern(apply, variables, x, train, rngs)
+
+
+def _relu_pattern(apply: Any, variables: Any, x: jax.Array, train: bool,
+                  rngs: Optional[dict]) -> dict:
+  """`relu_pattern` once the model's axis names are bound."""
   records = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -143,8 +154,7 @@ def gradient_check_model(model: Any, loss: Any, variables: Any, batch: dict, *, 
     if isinstance(getattr(model, "module", None), nn.Module):
       def kink_fn(params, x, y, state):  # pylint: disable=function-redefined
         del y
-        return relu_pattern(model.apply, {"params": params, **state}, x, train=True,
-                            rngs=rngs)
+        return relu_pattern(model, {"params": params, **state}, x, train=True, rngs=rngs)
     else:
       kink_fn = None
   result = gradient_check(data_loss, reg_loss if l2 else None, variables["params"], h=h,

@@ -84,7 +84,8 @@ def _worst(rows: list, status: str) -> dict:
 
 
 def decide(tables: dict, cg: dict, low_precision: dict, *, value: float, summary: str,
-           fail_above: float, warn_above: float) -> tuple[str, str]:
+           fail_above: float, warn_above: float,
+           kink_detection: bool = True) -> tuple[str, str]:
   """(status, message) of the gradient check from its tables (see `gradient_check`).
 
   Args:
@@ -93,6 +94,8 @@ def decide(tables: dict, cg: dict, low_precision: dict, *, value: float, summary
     low_precision: {loss: dtype} of the losses computed below float64.
     value: the largest counted relative error; summary: what was sampled, in words.
     fail_above, warn_above: the thresholds used.
+    kink_detection: whether kinks were tracked (a `kink_fn`); without it, check_grads'
+      direction through every ReLU at once can fail with no kink counted.
   """
   rows = tables["data"] + tables.get("reg", [])
   status = overall_status(rows)
@@ -115,7 +118,8 @@ def decide(tables: dict, cg: dict, low_precision: dict, *, value: float, summary
         f"uncomfortable ({warn_above:g}..{fail_above:g}); a smooth model gives < "
         f"{EXCELLENT_BELOW:g} in float64: suspect the backward rule, undetected kinks (pass a "
         "kink_fn), or h (see details['other_h']); " + summary)
-  return _agreeing(tables, cg, value=value, summary=summary, warn_above=warn_above)
+  return _agreeing(tables, cg, value=value, summary=summary, warn_above=warn_above,
+                   kink_detection=kink_detection)
 
 
 def _fail_message(rows: list, fail_above: float, cg_txt: str, summary: str) -> str:
@@ -136,10 +140,12 @@ def _fail_message(rows: list, fail_above: float, cg_txt: str, summary: str) -> s
           f"{cg_txt}; " + summary)
 
 
-def _agreeing(tables: dict, cg: dict, *, value: float, summary: str,
-              warn_above: float) -> tuple[str, str]:
+def _agreeing(tables: dict, cg: dict, *, value: float, summary: str, warn_above: float,
+              kink_detection: bool = True) -> tuple[str, str]:
   """Every counted coordinate agrees: pass, unless nothing was resolvable or check_grads'
-  full-vector direction failed without kinks to explain it (warn)."""
+  full-vector direction failed where tracked kinks cannot explain it (warn). Without kink
+  tracking (NNX and user models) a failed direction with every sampled coordinate agreeing
+  below `warn_above` is reported, not warned: the direction crosses every ReLU at once."""
   n_kinks = sum(r["kinks"] for rows in tables.values() for r in rows)
   resolvable = [c for r in tables["data"] for c in r["samples"] if not c["unresolved"]]
   if not resolvable:
@@ -150,7 +156,7 @@ def _agreeing(tables: dict, cg: dict, *, value: float, summary: str,
         "range, nothing was verified: scale the loss up, or does the loss depend on the "
         "parameters at all?; " + summary)
   failed_cg = {k: v for k, v in cg.items() if not v.startswith("passed")}
-  if failed_cg and not n_kinks:
+  if failed_cg and not n_kinks and (kink_detection or value >= warn_above):
     return "warn", (
         f"{STEP}: sampled coordinates agree (max relative error {value:.2g}) but "
         f"jax.test_util.check_grads failed for the {', '.join(failed_cg)} loss: check the "
@@ -159,8 +165,10 @@ def _agreeing(tables: dict, cg: dict, *, value: float, summary: str,
     # CS231n: kinks make the numeric gradient wrong where x+h and x-h straddle one; the
     # sampled coordinates (kinks tracked) agree, so check_grads' one random direction
     # through every ReLU at once is reported, not failed.
+    why = ("explained by the kinks crossed" if n_kinks else "kinks are not tracked for this "
+           "model, and its ReLUs are crossed by a step on every parameter at once")
     cg_txt = (f"; check_grads' random direction failed for the {', '.join(failed_cg)} loss, "
-              "explained by the kinks crossed")
+              f"{why}")
   else:
     cg_txt = ("" if not cg else "; check_grads passed" if cg.get("data") == "passed" else
               "; check_grads passed with a smaller step (its default crossed kinks)")
@@ -173,3 +181,4 @@ def _agreeing(tables: dict, cg: dict, *, value: float, summary: str,
               if zero else "")
   return "pass", (f"{STEP}: max relative error {value:.2g}, {grade}, over {summary}{cg_txt}"
                   f"{zero_txt}.")
+
