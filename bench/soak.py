@@ -123,6 +123,8 @@ class Soak:
       ok = (-signal.SIGKILL,) if not term else (75, -signal.SIGTERM)
       if p.returncode not in ok or "Traceback" in err:
         self.counts["wrong_exit_status"] += 1
+        with open(os.path.join(self.out, f"kill_{name}_{i}.stderr"), "w") as f:
+          f.write(err)
         self.failures.append(f"kill {name} {i}: exit {p.returncode}: {err[-500:]}")
       self.counts["sigterms" if term else "kills"] += 1
     r = _run(CONFIGS[name], wd)
@@ -131,8 +133,10 @@ class Soak:
       self.counts["wrong_exit_status"] += 1
       self.failures.append(f"kill {name} {i}: rerun exit {r.returncode}: {r.stderr[-800:]}")
       return
-    self.counts["kill_runs_bit_identical"] += self._check(name, wd, f"kill {name} {i}")
-    shutil.rmtree(wd, ignore_errors=True)
+    ok = self._check(name, wd, f"kill {name} {i}")
+    self.counts["kill_runs_bit_identical"] += ok
+    if ok:  # a failing trial's directory stays for a look
+      shutil.rmtree(wd, ignore_errors=True)
 
   def _damage(self, step_dir: str) -> str:
     from jrecipe.train import integrity
@@ -176,8 +180,10 @@ class Soak:
       self.counts["wrong_exit_status"] += 1
       self.failures.append(f"{trial}: rerun exit {r.returncode}: {r.stderr[-800:]}")
       return
-    self.counts["damaged_runs_finished_identical"] += self._check(name, wd, trial)
-    shutil.rmtree(wd, ignore_errors=True)
+    ok = self._check(name, wd, trial)
+    self.counts["damaged_runs_finished_identical"] += ok
+    if ok:
+      shutil.rmtree(wd, ignore_errors=True)
 
 
 def main(argv=None) -> int:

@@ -43,3 +43,14 @@ def device_put_api() -> Optional[dict[str, Any]]:
             "put": xc.batched_device_put}
   except (ImportError, AttributeError):
     return None
+
+
+def distributed_client() -> Optional[Any]:
+  """The coordination-service client `jax.distributed.initialize()` made (its key-value store
+  carries jrecipe's peer heartbeats, `jrecipe.train.peers`); None if the private API moved or
+  the job is not distributed."""
+  try:
+    from jax._src import distributed
+    return distributed.global_state.client
+  except (ImportError, AttributeError):
+    return None

@@ -93,6 +93,8 @@ def main(argv: list[str]) -> int:
   if distributed and not mode.multihost:
     _fail(f"--mode={mode.name} runs on one host: drop --config.parallel.distributed.")
   _setup_logging()
+  from jrecipe.train import peers
+  watchdog = None
   with contextlib.ExitStack() as held:
     try:
       _lock_workdir(held, mode, distributed, early=True)
@@ -105,13 +107,20 @@ def main(argv: list[str]) -> int:
       runtime.setup_processes(distributed, FLAGS.config, mode.name)
       runtime.enable_compilation_cache(FLAGS.compilation_cache)
       _lock_workdir(held, mode, distributed, early=False)
+      watchdog = peers.start_watchdog() if distributed else None  # a dead peer: exit, named
       options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change,
                                   new_study=FLAGS.new_study)
       result = run_mode(FLAGS.config, FLAGS.workdir, options)
+      if watchdog is not None:
+        watchdog.finish()
     except UserError as e:
       _fail(str(e), 2)
     except RunFailure as e:
       _fail(str(e), 1)
+    except Exception as e:  # noqa: BLE001 - only a peer's loss is explained; others re-raised
+      if not (distributed and peers.is_peer_error(e)):
+        raise
+      _fail(peers.explain_peer_error(watchdog, e), 1)
   return int(result) if isinstance(result, int) else 0
 
 

@@ -47,13 +47,13 @@ class _Job:
   Files, because a process blocked on a full stderr pipe would stall its peer's collectives.
   """
 
-  def __init__(self, tmp_path, args, name):
+  def __init__(self, tmp_path, args, name, extra_env=None):
     port = _free_port()
     self.logs = [str(tmp_path / f"{name}.{i}.log") for i in range(2)]
     self.procs = []
     for i in range(2):
       env = _env(JRECIPE_COORDINATOR=f"127.0.0.1:{port}", JRECIPE_NUM_PROCESSES="2",
-                 JRECIPE_PROCESS_ID=str(i), JRECIPE_NUM_CPU_DEVICES="2")
+                 JRECIPE_PROCESS_ID=str(i), JRECIPE_NUM_CPU_DEVICES="2", **(extra_env or {}))
       with open(self.logs[i], "w") as log:
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "jrecipe", *args, "--config.parallel.distributed=True"],
@@ -61,6 +61,14 @@ class _Job:
 
   def wait(self, deadline: float) -> list[int]:
     return [p.wait(timeout=max(deadline - time.time(), 1)) for p in self.procs]
+
+  def wait_for_checkpoint(self, wd: str, deadline: float) -> None:
+    """Returns once the first checkpoint of `wd` is committed (training is under way)."""
+    ckdir = os.path.join(wd, "checkpoints")
+    while time.time() < deadline and not (os.path.isdir(ckdir) and any(
+        d.isdigit() for d in os.listdir(ckdir))):
+      assert all(p.poll() is None for p in self.procs), (self.log(0)[-3000:], self.log(1)[-3000:])
+      time.sleep(0.05)
 
   def log(self, i: int) -> str:
     with open(self.logs[i]) as f:
@@ -130,11 +138,7 @@ def test_sigterm_on_one_host_stops_both_after_the_same_step(tmp_path):
   job = _Job(tmp_path, args, "preempt")
   try:
     deadline = time.time() + TIMEOUT
-    ckdir = os.path.join(wd, "checkpoints")
-    while time.time() < deadline and not (os.path.isdir(ckdir) and any(
-        d.isdigit() for d in os.listdir(ckdir))):
-      assert all(p.poll() is None for p in job.procs), (job.log(0)[-3000:], job.log(1)[-3000:])
-      time.sleep(0.05)
+    job.wait_for_checkpoint(wd, deadline)
     job.procs[1].send_signal(signal.SIGTERM)
     codes = job.wait(deadline)
   finally:
@@ -146,6 +150,30 @@ def test_sigterm_on_one_host_stops_both_after_the_same_step(tmp_path):
   assert summary["stopped"] and "preempted" in summary["stopped"], summary
   assert summary["step"] < 300 * 19
   assert summary["step"] in [c["step"] for c in summary["checkpoints"]]
+
+
+def test_a_dead_peer_stops_the_survivor_in_bounded_time_with_a_message_naming_it(tmp_path):
+  """Issue 19 item 7: killing process 1 left process 0 hanging in a collective until JAX
+  aborted it 96 s later with a C++ thread dump. Now it exits 1 after the peer timeout
+  (JRECIPE_PEER_TIMEOUT, 5 s here), with one jrecipe line naming process 1."""
+  wd = str(tmp_path / "wd")
+  args = [*ARGS, f"--workdir={wd}", "--config.num_epochs=300",
+          "--config.checkpoint.every_epochs=1"]
+  job = _Job(tmp_path, args, "dead", extra_env={"JRECIPE_PEER_TIMEOUT": "5"})
+  try:
+    deadline = time.time() + TIMEOUT
+    job.wait_for_checkpoint(wd, deadline)
+    job.procs[1].kill()
+    t0 = time.time()
+    code = job.procs[0].wait(timeout=60)
+    took = time.time() - t0
+  finally:
+    job.kill()
+  log = job.log(0)
+  assert code == 1 and took < 5 + 10, (code, took, log[-3000:])
+  lines = [l for l in log.splitlines() if l.startswith("jrecipe: error:")]
+  assert len(lines) == 1 and "lost process 1 of 2" in lines[0], log[-3000:]
+  assert "Fatal Python error" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_distributed_settings_that_cannot_work_are_refused(tmp_path):

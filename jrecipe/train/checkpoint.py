@@ -332,9 +332,10 @@ class Checkpointer:
       return out["state"], dict(out["meta"]), s
     where = (f"moved to {os.path.join(self.directory, integrity.DAMAGED)}; a rerun starts "
              "from scratch" if self._writer() else "left in place")
+    tried = sorted(set(steps + skipped))
     raise RunFailure(
-        f"None of the {len(set(steps + skipped))} checkpoints in {self.directory} could be "
-        f"read intact (steps {sorted(set(steps + skipped))}; {where}). Refusing to start from scratch silently in this run: "
+        f"None of the {len(tried)} checkpoints in {self.directory} could be read intact "
+        f"(steps {tried}; {where}). Refusing to start from scratch silently in this run: "
         "restore a backup, or rerun to start a fresh run.")
 
   def best_step(self) -> Optional[int]:
