@@ -253,3 +253,35 @@ def test_sigkill_during_the_deletion_of_an_old_checkpoint_resumes_cleanly(tmp_pa
   assert all(np.array_equal(a[k], b[k]) for k in a)
   assert sorted(os.listdir(_ckdir(wd))) == sorted(os.listdir(_ckdir(ref)))
   assert _rows(wd) == _rows(ref)
+
+
+class _FakeKV:
+  """The coordination service's key-value store, in memory."""
+
+  def __init__(self):
+    self.kv = {}
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    self.kv[key] = value
+
+  def key_value_try_get(self, key):
+    if key not in self.kv:
+      raise RuntimeError(f"NOT_FOUND: {key}")
+    return self.kv[key]
+
+
+def test_the_peer_watchdog_names_a_silent_peer_and_ignores_a_finished_one():
+  from jrecipe.train import peers
+  kv, lost = _FakeKV(), []
+  me = peers.PeerWatchdog(kv, 0, 3, timeout=0.4, period=0.02, on_lost=lost.append).start()
+  alive = peers.PeerWatchdog(kv, 1, 3, timeout=60, period=0.02, on_lost=lost.append).start()
+  done = peers.PeerWatchdog(kv, 2, 3, timeout=60, period=0.02, on_lost=lost.append).start()
+  time.sleep(0.1)
+  done.finish()  # finished: process 0 must stop watching it, not call it lost
+  time.sleep(0.8)
+  assert lost == [], lost
+  alive.finish()
+  alive.client = None  # dies without a word: reset the done mark it just wrote
+  del kv.kv[f"{peers._PREFIX}/done/1"]
+  me._thread.join(timeout=5)
+  assert len(lost) == 1 and lost[0].startswith("lost process 1 of 3: no heartbeat"), lost
