@@ -72,11 +72,21 @@ class Experiment:
                                         functools.partial(init_from.freeze_mask, c)))
 
   def augment_fn(self) -> Optional[Callable]:
-    """`augment(x, rng) -> x` for the train step, or None when augmentation is off."""
+    """`augment(x, rng) -> x` for the train step, or None when augmentation is off.
+
+    With your own `data.augment.fn` (`fn(x, y, rng) -> (x, y)`, docs/your_data.md) the
+    result also takes the labels: `augment(x, rng, y) -> (x, y)` (`takes_labels` is True),
+    and `augment(x, rng)` still returns the augmented inputs alone (for pictures and checks).
+    """
     aug = self.config.data.get("augment")  # a data section replaced by a dict may lack it
-    if aug is None or not (aug.get("random_crop", 0) or aug.get("hflip", False)):
-      return None
-    return functools.partial(_augment, aug_config=aug)
+    builtin = None
+    if aug is not None and (aug.get("random_crop", 0) or aug.get("hflip", False)):
+      builtin = functools.partial(_augment, aug_config=aug)
+    user_path = aug.get("fn", "") if aug is not None else ""
+    if not user_path:
+      return builtin
+    from jrecipe.registry import import_path
+    return with_labels(builtin, import_path(user_path, "augmentation function"))
 
   def sample_input(self, n: int = 2) -> np.ndarray:
     return self.data.arrays["train"]["x"][:n]
@@ -122,6 +132,51 @@ def set_head_bias(variables: dict, bias: Optional[np.ndarray],
     return variables
   params = with_leaf(variables["params"], path, jnp.asarray(bias, current.dtype))
   return {**variables, "params": params}
+
+
+def with_labels(builtin: Optional[Callable], user: Callable) -> Callable:
+  """`augment(x, rng, y=None)`: the built-in crop/flip on x, then `user(x, y, rng)`.
+
+  Called without labels (a check drawing the augmented batch) the user's function sees
+  zero labels and only its inputs are returned.
+  """
+  def augment(x, rng, y=None):
+    k_builtin, k_user = jax.random.split(rng)
+    if builtin is not None:
+      x = builtin(x, k_builtin)
+    labels = y if y is not None else jnp.zeros((x.shape[0],), jnp.int32)
+    x_new, y_new = user(x, labels, k_user)
+    return x_new if y is None else (x_new, y_new)
+
+  augment.takes_labels = True
+  return augment
+
+
+def check_augment(exp: "Experiment") -> None:
+  """Traces your own augmentation on a train batch: it must keep shapes and dtypes (or exit 2).
+
+  Why: a function that crops to another size or turns labels into floats fails (or silently
+  broadcasts) inside the compiled step; a paragraph now names what changed.
+  """
+  fn = exp.augment_fn()
+  if not getattr(fn, "takes_labels", False):
+    return
+  train = exp.data.arrays["train"]
+  x, y = jnp.asarray(train["x"][:2]), jnp.asarray(train["y"][:2])
+  path = exp.config.data.augment.fn
+  try:
+    x2, y2 = jax.eval_shape(fn, x, jax.random.key(0), y)
+  except Exception as e:  # noqa: BLE001 - the user's code: a paragraph, not a traceback
+    raise UserError(f"The augmentation data.augment.fn={path!r} fails on a train batch of "
+                    f"inputs {x.shape} {x.dtype} and labels {y.shape} {y.dtype}: "
+                    f"{validate.describe_exception(e)}. It must be fn(x, y, rng) -> (x, y) "
+                    "in jax.numpy (see docs/your_data.md).") from e
+  for what, before, after in (("inputs", x, x2), ("labels", y, y2)):
+    if before.shape != after.shape or before.dtype != after.dtype:
+      raise UserError(f"The augmentation data.augment.fn={path!r} changes the {what} from "
+                      f"{before.shape} {before.dtype} to {after.shape} {after.dtype}: it must "
+                      "return inputs and labels of the shapes and dtypes it was given (crop "
+                      "back to size, keep integer labels); see docs/your_data.md.")
 
 
 def _augment(x, rng, aug_config):
@@ -174,6 +229,7 @@ def build(config: ml_collections.ConfigDict, *, bn_axis_name: Optional[str] = No
   exp = Experiment(config=config, data=data, spec=spec, model=model, loss=loss,
                    steps_per_epoch=spe, total_steps=total)
   validate_experiment(exp)
+  check_augment(exp)
   if config.get("init_from"):  # a bad source fails here, before any file is written
     from jrecipe.train import init_from
     exp = dataclasses.replace(exp, init_from_report=init_from.check(exp, config))

@@ -41,7 +41,7 @@ FROZEN_DEFAULTS = {'ablate': {'kind': 'add', 'metric': 'accuracy', 'seeds': 3, '
                 'overfit_examples': 10,
                 'overfit_steps': 500,
                 'skip': ''},
-     'data': {'augment': {'crop_mode': 'reflect', 'hflip': False, 'random_crop': 0},
+     'data': {'augment': {'crop_mode': 'reflect', 'fn': '', 'hflip': False, 'random_crop': 0},
               'data_dir': '',
               'downsample': 0,
               'name': 'digits',

@@ -84,6 +84,8 @@ AUGMENT = Section("data.augment", "Training-time augmentation ('Simplify: no aug
     "crop_mode": F("reflect", "Padding of random_crop: 'reflect', 'constant' (zeros: the "
                    "training mean after normalisation) or 'edge'.",
                    choices="jrecipe.data.augmentation:CROP_MODES"),
+    "fn": F("", "Your own augmentation/preprocessing 'package.module:function', `fn(x, y, rng) "
+            "-> (x, y)` on a train batch inside the jitted step, after crop/flip; '' = none."),
 })
 
 MODEL = Section("model", "The model: `name` chooses the factory; every other field of this "

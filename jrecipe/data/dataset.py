@@ -190,7 +190,8 @@ def _fields(data_config: Any) -> tuple[str, str, bool, int, int]:
   name = cfg.name
   if not isinstance(name, str) or not name:
     raise UserError(f"data.name={name!r} is not a dataset name. Valid names: {valid_names()}.")
-  if name not in DATASETS and not name.startswith(TFDS_PREFIX):
+  from jrecipe.data.user import is_user_data
+  if name not in DATASETS and not name.startswith(TFDS_PREFIX) and not is_user_data(name):
     raise UserError(f"Unknown dataset {name!r}. Valid names: {valid_names()}.")
   if not isinstance(cfg.data_dir, str):
     raise UserError(f"data.data_dir={cfg.data_dir!r} must be a path string ('' for the "
@@ -206,8 +207,11 @@ def _fields(data_config: Any) -> tuple[str, str, bool, int, int]:
 def _stored_splits(name: str, data_dir: str) -> tuple[dict, dict]:
   """(meta, read-only splits as stored), read once per process (call with _LOCK held)."""
   if (name, data_dir) not in _SPLITS_CACHE:
+    from jrecipe.data.user import is_user_data, read_user
     if name.startswith(TFDS_PREFIX):
       meta, stored = read_tfds(name[len(TFDS_PREFIX):], data_dir)
+    elif is_user_data(name):
+      meta, stored = read_user(name)
     else:
       meta, stored = read_builtin(name, data_dir)
     stored = {s: {k: _readonly(a) for k, a in d.items()} for s, d in stored.items()}

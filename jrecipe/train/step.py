@@ -32,7 +32,9 @@ class StepParts:
     model, loss: the experiment's model and data loss.
     tx: the optax transformation (any; a line search such as L-BFGS's is detected from its
       state and given `value`, `grad` and `value_fn`).
-    augment: `augment(x, rng) -> x` applied to the batch inside the step (train only).
+    augment: `augment(x, rng) -> x` applied to the batch inside the step (train only); one
+      whose `takes_labels` is True is called `augment(x, rng, y) -> (x, y)` and may change
+      the labels with the inputs (a flip of an asymmetric label, a crop of a box).
     l2: L2 regularisation strength added to the data loss (reported separately).
     ema_decay: decay of the parameters' moving average; 0 keeps none.
   """
@@ -77,16 +79,18 @@ def make_loss_fn(parts: StepParts):
 
   def loss_fn(params, model_state, batch, rng, step):
     k_aug, k_drop = step_rngs(rng, step)
-    x = batch["x"]
-    if augment is not None:
+    x, y = batch["x"], batch["y"]
+    if getattr(augment, "takes_labels", False):
+      x, y = augment(x, k_aug, y)
+    elif augment is not None:
       x = augment(x, k_aug)
     variables = {"params": params, **model_state}
     outputs, new_state = model.apply_with_state(variables, x, True, {"dropout": k_drop})
-    data_loss = jnp.mean(loss.per_example(outputs, batch["y"]))
+    data_loss = jnp.mean(loss.per_example(outputs, y))
     reg_loss = l2 * l2_penalty(params) if l2 else jnp.zeros((), data_loss.dtype)
     aux = {"loss": data_loss, "reg_loss": reg_loss}
     if loss.correct is not None:
-      aux["accuracy"] = jnp.mean(loss.correct(outputs, batch["y"]))
+      aux["accuracy"] = jnp.mean(loss.correct(outputs, y))
     return data_loss + reg_loss, (new_state, aux)
 
   return loss_fn
