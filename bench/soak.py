@@ -129,6 +129,8 @@ class Soak:
       self.counts["sigterms" if term else "kills"] += 1
     r = _run(CONFIGS[name], wd)
     self.counts["kill_runs"] += 1
+    with open(os.path.join(self.out, f"kill_{name}_{i}.rerun.stderr"), "w") as f:
+      f.write(r.stderr)
     if r.returncode:
       self.counts["wrong_exit_status"] += 1
       self.failures.append(f"kill {name} {i}: rerun exit {r.returncode}: {r.stderr[-800:]}")
@@ -170,6 +172,8 @@ class Soak:
     what = self._damage(os.path.join(ckdir, str(newest)))
     self.counts["corruption_trials"] += 1
     r = _run(CONFIGS[name], wd)
+    with open(os.path.join(self.out, f"corrupt_{name}_{i}.stderr"), "w") as f:
+      f.write(r.stderr)
     trial = f"corrupt {name} {i} ({what})"
     moved = os.path.isdir(os.path.join(ckdir, "damaged", str(newest)))
     self.counts["damage_detected"] += moved
