@@ -68,10 +68,15 @@ def _lock_workdir(held: contextlib.ExitStack, mode: modes.Mode, distributed: boo
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors are a paragraph and exit status 2, not a usage dump."""
   from jrecipe import config_errors
+  from jrecipe import cli_config
   try:
-    rest = FLAGS(argv)
+    kept, new, file_model = cli_config.split_model_fields(argv)  # your factory's own fields
+    if len(kept) != len(argv):
+      sys.argv = kept  # the config flag reads its overrides from sys.argv
+    rest = FLAGS(kept)
     if FLAGS["config"].present:
       _ = FLAGS.config.seed  # the config file loads lazily: load it here, inside the try
+      cli_config.apply_model_fields(FLAGS.config, new, file_model, argv)
     return rest
   except flags.Error as e:
     _fail(config_errors.explain(e, argv))

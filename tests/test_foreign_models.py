@@ -168,3 +168,24 @@ def test_bad_input_is_one_paragraph(change, needle):
   with pytest.raises(UserError) as e:
     experiment.build(cfg)
   assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# --- a shipped config pointed at your factory, your fields on the command line ------------------
+
+def test_a_shipped_config_takes_your_factory_and_its_own_fields():
+  from jrecipe.cli_config import load_config_with_overrides
+  cfg = load_config_with_overrides(os.path.join(REPO, "configs", "digits_mlp.py"), [
+      "--config.model.name=tests.foreign_models:zero_head", "--config.model.width=16"])
+  assert cfg.model.width == 16 and "activation" in cfg.model.inherited
+  exp = experiment.build(cfg)  # hidden/activation/dropout/init_scale are mlp's: not passed
+  v = exp.model.init(jax.random.key(0), exp.sample_input())
+  assert v["params"]["Dense_0"]["kernel"].shape == (64, 16)
+
+
+def test_a_typo_in_your_field_exits_2_naming_the_valid_ones(tmp_path):
+  from tests.helpers import run_cli
+  r = run_cli([f"--config={os.path.join(REPO, 'configs', 'digits_mlp.py')}",
+               "--config.model.name=tests.foreign_models:zero_head", "--config.model.widht=16",
+               f"--workdir={tmp_path / 'run'}", "--mode=check"])
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "widht" in r.stderr and "width=32" in r.stderr
