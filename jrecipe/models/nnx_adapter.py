@@ -121,6 +121,33 @@ def _reseed_streams(model, key) -> None:
       i += 1
 
 
+def _require_key_path(module, name: str, has_dropout: bool, takes_rngs: bool) -> None:
+  """A UserError when the module has dropout and no way to receive a dropout key."""
+  from flax import nnx
+  has_streams = any(isinstance(n, nnx.RngStream) for _, n in nnx.iter_graph(module))
+  if has_dropout and not (has_streams or takes_rngs):
+    raise UserError(f"The NNX model {name!r} has dropout but no way to receive a key: build "
+                    "it with nnx.Dropout(rate, rngs=rngs), or let its __call__ take `rngs` "
+                    "and pass them on (self.dropout(x, rngs=rngs)).")
+
+
+def _merged(graphdef, templates: tuple, variables: dict, train: bool, has_batchnorm: bool):
+  """A fresh module from the templates (params, stats, rest) and `variables`, in its mode."""
+  from flax import nnx
+  params_t, stats_t, rest_t = templates
+  params = _copy_state(params_t)
+  nnx.replace_by_pure_dict(params, variables["params"])
+  stats = _copy_state(stats_t)
+  if has_batchnorm:
+    nnx.replace_by_pure_dict(stats, variables["batch_stats"])
+  model = nnx.merge(graphdef, params, stats, _copy_state(rest_t))
+  if train:
+    model.train()
+  else:
+    model.eval()
+  return model
+
+
 def _call_kwargs(module) -> tuple[bool, bool]:
   """(whether `__call__` takes `rngs`, whether it takes `train`)."""
   try:
@@ -171,11 +198,7 @@ def from_nnx(graphdef_and_state_or_module: Any, name: str, *,
   has_batchnorm = bool(jax.tree.leaves(stats_t))
   has_dropout = _nnx_has_dropout(module)
   takes_rngs, takes_train = _call_kwargs(module)
-  has_streams = any(isinstance(n, nnx.RngStream) for _, n in nnx.iter_graph(module))
-  if has_dropout and not (has_streams or takes_rngs):
-    raise UserError(f"The NNX model {name!r} has dropout but no way to receive a key: build "
-                    "it with nnx.Dropout(rate, rngs=rngs), or let its __call__ take `rngs` "
-                    "and pass them on (self.dropout(x, rngs=rngs)).")
+  _require_key_path(module, name, has_dropout, takes_rngs)
 
   def variables_of(params, stats):
     variables = {"params": nnx.to_pure_dict(params)}
@@ -186,17 +209,7 @@ def from_nnx(graphdef_and_state_or_module: Any, name: str, *,
   init = _nnx_init(make, variables_of, variables_of(params_t, stats_t))
 
   def merged(variables, train):
-    params = _copy_state(params_t)
-    nnx.replace_by_pure_dict(params, variables["params"])
-    stats = _copy_state(stats_t)
-    if has_batchnorm:
-      nnx.replace_by_pure_dict(stats, variables["batch_stats"])
-    model = nnx.merge(graphdef, params, stats, _copy_state(rest_t))
-    if train:
-      model.train()
-    else:
-      model.eval()
-    return model
+    return _merged(graphdef, (params_t, stats_t, rest_t), variables, train, has_batchnorm)
 
   @fast_random
   def apply_with_state(variables, x, train=False, rngs=None):

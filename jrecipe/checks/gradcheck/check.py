@@ -70,8 +70,7 @@ def gradient_check(loss_fn_data: Callable, loss_fn_reg: Optional[Callable], para
   np_rng = measure.seed_generator(rng)
   expected = f"< {EXCELLENT_BELOW:g} (float64)"
   losses = {"data": (loss_fn_data, kink_fn)}
-  if loss_fn_reg is not None:
-    losses["reg"] = (loss_fn_reg, None)
+  losses.update({"reg": (loss_fn_reg, None)} if loss_fn_reg is not None else {})
   with measure.float64():
     args64 = tuple(measure.to_f64(tuple(args)))
     flat = measure.flatten_params(measure.to_f64(params))
@@ -86,7 +85,7 @@ def gradient_check(loss_fn_data: Callable, loss_fn_reg: Optional[Callable], para
           "part of the model pinned to float32 (e.g. an RNN carry or a constant created as "
           "float32)? Nothing was verified; check this model's gradients by hand.")
     inside = measure.compute_dtypes(losses, flat, args64)
-    if inside and all(d == "float64" for d in loss_dtypes.values()):
+    if inside and set(loss_dtypes.values()) == {"float64"}:  # float32 under a float64 output
       return _inconclusive(inside, expected=expected)
     tables, other = _measure(losses, flat, coords, args64, h=h, other_h=other_h,
                              always_other=bool(artifacts_dir), fail_above=fail_above,
