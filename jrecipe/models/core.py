@@ -171,8 +171,11 @@ def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str
                     "`factory(spec, **fields)` (see docs/your_model.md).")
   fields = contract.drop_inherited(name, factory, fields, adapter.get("inherited"))
   full_fields = check_fields(name, factory, fields, reserved=_RESERVED + ("rngs",))
-  model = _adapt(name, factory, spec, bn_axis_name, fields)
-  model = _outputs_and_head(model, spec, adapter)
+  # Building probes the model once (shapes, the head): setup, not the loop, whose every copy
+  # stays explicit even under jax.transfer_guard('disallow') (tests/test_parallel.py).
+  with jax.transfer_guard("allow"):
+    model = _adapt(name, factory, spec, bn_axis_name, fields)
+    model = _outputs_and_head(model, spec, adapter)
   widen_kwargs = getattr(factory, "widen_kwargs", None)
   scaled = contract.width_fields(adapter, factory)
   if scaled:
