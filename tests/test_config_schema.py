@@ -8,6 +8,7 @@ now a UserError naming the field (exit status 2 at the entry point).
 """
 
 import ast
+import json
 import os
 import pathlib
 import re
@@ -388,3 +389,22 @@ def test_bad_monitor_cadence_exits_2_writing_nothing(tmp_path):
 
 def test_defaults_dict_is_what_base_config_holds():
   assert base.defaults_dict() == base_config().to_dict()
+
+
+def test_a_run_written_before_a_schema_change_still_resumes(tmp_path):
+  """A config.json from before a field was added (crop_mode) or removed (eval_splits) is the
+  same experiment: resuming it is not refused; a real change (the seed) still is."""
+  from jrecipe.cli_config import load_config_with_overrides
+  from jrecipe.errors import UserError
+  from jrecipe.train import workdir
+  config = load_config_with_overrides(os.path.join(REPO, "configs", "digits_mlp.py:smoke"), [])
+  old = workdir.config_dict(config)
+  old["eval_splits"] = ["validation"]
+  del old["data"]["augment"]["crop_mode"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(old))
+  workdir.prepare(str(tmp_path), config, allow_config_change=False)
+  old["seed"] = 5
+  path.write_text(json.dumps(old))
+  with pytest.raises(UserError, match="changed: seed"):
+    workdir.prepare(str(tmp_path), config, allow_config_change=False)

@@ -52,6 +52,10 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, allow_config_cha
       except json.JSONDecodeError:
         old = None
     if old is not None:
+      # An older config.json lacks fields added since (schema defaults) and may hold removed
+      # ones: neither is a change of the experiment.
+      from jrecipe.config.base import from_json
+      old = config_dict(from_json(old))
       changed = [k for k in _diff(old, new) if k.split(".")[0] not in RESUMABLE_CHANGES]
       if changed and not allow_config_change:
         raise UserError(
