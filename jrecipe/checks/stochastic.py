@@ -14,7 +14,6 @@ run's train stream at steps 0 and 1), so a key that never changes is seen as the
 would produce it.
 """
 
-import inspect
 from typing import Callable, Optional
 
 import jax
@@ -73,13 +72,10 @@ def dropout_varies(apply: Callable, variables, x, keys, *, has_dropout: bool) ->
 
 
 def call_augment(augment: Callable, x, y, key):
-  """(x, y) augmented: `augment(x, rng) -> x` or `augment(x, y, rng) -> (x, y)`."""
-  try:
-    n = len(inspect.signature(augment).parameters)
-  except (TypeError, ValueError):
-    n = 2
-  if n >= 3:
-    return augment(x, y, key)
+  """(x, y) augmented by the Experiment's `augment_fn()`: `augment(x, rng) -> x`, or, when it
+  also changes labels (`takes_labels`, a user's data.augment.fn), `augment(x, rng, y)`."""
+  if getattr(augment, "takes_labels", False):
+    return augment(x, key, y)
   return augment(x, key), y
 
 

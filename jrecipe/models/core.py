@@ -217,7 +217,11 @@ def _outputs_and_head(model: Model, spec: DataSpec, adapter: dict) -> Model:
   """The output selector / self-shift adapter where needed, and the head's bias path."""
   x = example_input(spec)
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-  if contract.needs_wrap(jax.eval_shape(model.apply, shapes, x), adapter):
+  # A dropout key even in eval mode: a model that (wrongly) drops out at eval is the battery's
+  # eval_mode finding, not a reason to refuse the build.
+  probe = jax.eval_shape(lambda v, k: model.apply(v, x, rngs={"dropout": k}), shapes,
+                         jax.random.key(1))
+  if contract.needs_wrap(probe, adapter):
     model = contract.wrap_outputs(model, output=adapter.get("output"),
                                   shifts_inputs=bool(adapter.get("shifts_inputs")))
   if model.head is not None:
