@@ -20,7 +20,7 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -131,21 +131,29 @@ class NumberSeededSampler:
   """
 
   def __new__(cls, seed: int, stage: int):
-    import optuna
+    def draw(number: int, name: str, dist) -> Any:
+      return sample_value(np.random.default_rng([seed, stage, number, zlib.crc32(name.encode())]),
+                          dist)
+    return _per_trial_sampler(draw)
 
-    class _Sampler(optuna.samplers.BaseSampler):
 
-      def infer_relative_search_space(self, study, trial):
-        return {}
+def _per_trial_sampler(draw: Callable[[int, str, Any], Any]):
+  """An Optuna sampler whose every value is `draw(trial number, field, distribution)`: no state
+  shared between workers, so a trial number always gets the same point."""
+  import optuna
 
-      def sample_relative(self, study, trial, search_space):
-        return {}
+  class _Sampler(optuna.samplers.BaseSampler):
 
-      def sample_independent(self, study, trial, name, dist):
-        rng = np.random.default_rng([seed, stage, trial.number, zlib.crc32(name.encode())])
-        return sample_value(rng, dist)
+    def infer_relative_search_space(self, study, trial):
+      return {}
 
-    return _Sampler()
+    def sample_relative(self, study, trial, search_space):
+      return {}
+
+    def sample_independent(self, study, trial, name, dist):
+      return draw(trial.number, name, dist)
+
+  return _Sampler()
 
 
 def sample_value(rng: np.random.Generator, dist) -> Any:
@@ -180,22 +188,11 @@ class QuasiRandomSampler:
   """
 
   def __new__(cls, seed: int, stage: int, fields: Sequence[str]):
-    import optuna
     fields = list(fields)
 
-    class _Sampler(optuna.samplers.BaseSampler):
-
-      def infer_relative_search_space(self, study, trial):
-        return {}
-
-      def sample_relative(self, study, trial, search_space):
-        return {}
-
-      def sample_independent(self, study, trial, name, dist):
-        return from_unit(quasi_point(seed, stage, len(fields), trial.number)[
-            fields.index(name)], dist)
-
-    return _Sampler()
+    def draw(number: int, name: str, dist) -> Any:
+      return from_unit(quasi_point(seed, stage, len(fields), number)[fields.index(name)], dist)
+    return _per_trial_sampler(draw)
 
 
 def quasi_point(seed: int, stage: int, dims: int, number: int) -> np.ndarray:
