@@ -223,11 +223,15 @@ def validate_experiment(exp) -> None:
 
   Labels are checked on the loaded arrays of every split (cheap: one pass of min/max);
   the model's output shape with one abstract evaluation of init + apply on two training
-  examples, and the loss on those outputs, so no XLA compilation happens here.
+  examples, and the loss on those outputs, so no XLA compilation happens here; then the
+  memory the run needs, from the same abstract shapes, against this machine's
+  (`jrecipe.memory.check_fits`: refused before anything is allocated).
   """
   check_labels(exp.data, exp.spec)
   check_output_shape(exp)
   _check_augment(exp)
+  from jrecipe import memory
+  memory.check_fits(exp)
 
 
 def check_labels(data, spec) -> None:
