@@ -21,7 +21,9 @@ config_flags.DEFINE_config_file("config", None, "Config file: a Python file with
 flags.DEFINE_string("workdir", None, "Work directory of the run (created if missing).")
 flags.DEFINE_string("mode", "train", f"What to do. {modes.describe()}.")
 flags.DEFINE_bool("allow_config_change", False,
-                  "Resume a work directory whose config.json differs from --config.")
+                  "Resume a work directory whose config.json differs from --config in "
+                  "compatible fields (optimizer, schedule, l2, augmentation, ...; never the "
+                  "model, data, loss, batch size or seed): docs/failures.md.")
 flags.DEFINE_bool("new_study", False,
                   "--mode=search: move the directory's study to old_studies/ and start anew.")
 flags.DEFINE_string("compilation_cache", None,

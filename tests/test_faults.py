@@ -141,7 +141,11 @@ def test_an_intact_checkpoint_that_does_not_fit_is_a_user_error_not_damage(tmp_p
   ck.close()
   with pytest.raises(UserError, match="intact .* does not fit"):
     Checkpointer(str(tmp_path)).restore({"w": np.zeros(3, np.float32), "b": np.zeros(2)})
+  # Same structure, another shape: orbax alone restores the saved (3,) silently.
+  with pytest.raises(UserError, match=r"\['w'\] is \(3,\) in the checkpoint, \(4,\) in this "):
+    Checkpointer(str(tmp_path)).restore({"w": np.zeros(4, np.float32)})
   assert Checkpointer(str(tmp_path), read_only=True).steps() == [1]  # not moved aside
+  assert Checkpointer(str(tmp_path)).restore({"w": np.ones(3, np.float32)})[2] == 1  # the twin
 
 
 def test_every_checkpoint_damaged_is_a_run_failure_not_a_silent_fresh_start(tmp_path):
@@ -285,3 +289,49 @@ def test_the_peer_watchdog_names_a_silent_peer_and_ignores_a_finished_one():
   del kv.kv[f"{peers._PREFIX}/done/1"]
   me._thread.join(timeout=5)
   assert len(lost) == 1 and lost[0].startswith("lost process 1 of 3: no heartbeat"), lost
+
+
+def test_config_changes_are_resumable_compatible_with_the_flag_or_incompatible():
+  kinds = workdir_lib.classify(["num_epochs", "checkpoint.keep_best", "optimizer.learning_rate",
+                                "optimizer.name", "schedule.warmup", "data.augment.hflip",
+                                "ema_decay", "model.hidden", "batch_size", "data.name",
+                                "seed", "loss.name", "made_up"])
+  assert kinds == {"resumable": ["num_epochs", "checkpoint.keep_best"],
+                   "compatible": ["optimizer.learning_rate", "optimizer.name",
+                                  "schedule.warmup", "data.augment.hflip", "ema_decay"],
+                   "incompatible": ["model.hidden", "batch_size", "data.name", "seed",
+                                    "loss.name", "made_up"]}
+
+
+def _snapshot(wd):
+  return (open(os.path.join(wd, "config.json"), "rb").read(), sorted(os.listdir(_ckdir(wd))))
+
+
+def test_allow_config_change_continues_compatible_changes_and_refuses_the_rest(reference,
+                                                                             tmp_path):
+  wd = str(tmp_path / "run")
+  shutil.copytree(reference, wd)
+  before = _snapshot(wd)
+  lr = {"optimizer.learning_rate": 5e-4}
+  with pytest.raises(UserError, match=r"optimizer.learning_rate: 0.001 -> 0.0005\). .*pass "
+                                      r"--allow_config_change"):
+    loop.train_and_evaluate(tiny_config(**CFG, **lr), wd)
+  for change, diff, why in [({"model.hidden": (16,)}, r"model.hidden: \[32\] -> \[16\]", "shapes"),
+                            ({"batch_size": 32}, r"batch_size: 64 -> 32", "step counter"),
+                            ({"seed": 3}, r"seed: 0 -> 3", "random streams")]:
+    with pytest.raises(UserError, match=rf"{diff}\)\. .*with --allow_config_change or without.*"
+                                        rf"{why}"):
+      loop.train_and_evaluate(tiny_config(**CFG, **change), wd, allow_config_change=True)
+    assert _snapshot(wd) == before
+  # Compatible by field, but Adam's state does not fit momentum's: refused by the restore,
+  # and config.json is still the run's (a rerun with the original config is not refused).
+  with pytest.raises(UserError, match=r"does not fit .*the config's changes: optimizer.name: "
+                                      r"'adam' -> 'momentum'.*config.json is left as it was"):
+    loop.train_and_evaluate(tiny_config(**CFG, **{"optimizer.name": "momentum"}), wd,
+                            allow_config_change=True)
+  assert _snapshot(wd) == before
+  # The compatible change, allowed, leaves it training one more epoch with the new rate.
+  summary = loop.train_and_evaluate(tiny_config(num_epochs=4, **lr), wd,
+                                    allow_config_change=True)
+  assert summary["step"] == 4 * 19
+  assert read_json(os.path.join(wd, "config.json"))["optimizer"]["learning_rate"] == 5e-4

@@ -286,6 +286,34 @@ class Checkpointer:
     else:
       log.warning("Checkpoint at step %d is damaged or corrupt (%s) and is skipped.", step, why)
 
+  def _restored(self) -> None:
+    """The resume is settled: config.json may now take the new config (`workdir.prepare`)."""
+    if self._writer():
+      from jrecipe.train import workdir as workdir_lib
+      workdir_lib.commit_config(os.path.dirname(self.directory))
+
+  def _restore_fitting(self, step: int, abstract: Any) -> dict:
+    """orbax's restore of an intact `step`, refused (UserError) unless every leaf has the
+    target's structure and shape: orbax itself restores a leaf of another shape as saved."""
+    ocp = _ocp()
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      detail = integrity.shape_differences(out["state"], abstract)
+    except Exception as e:  # noqa: BLE001 - the bytes are intact: the target differs
+      detail, out = str(e).splitlines()[0][:300], None
+    if out is not None and not detail:
+      return out
+    from jrecipe.train import workdir as workdir_lib
+    diff = workdir_lib.PENDING_DIFF.get(os.path.realpath(os.path.dirname(self.directory)))
+    raise UserError(
+        f"The checkpoint at step {step} in {self.directory} is intact (its files match their "
+        f"SHA-256 manifest) but does not fit this config's training state: {detail}. The "
+        "config changed in a way a resume cannot follow (a parameter shape, the optimizer or "
+        "its state)" + (f"; the config's changes: {diff}" if diff else "") + ". config.json "
+        "is left as it was: rerun with the run's config, or train this config in a new "
+        "--workdir.")
+
   def restore(self, target: Any, step: Optional[int] = None):
     """Restores (state, meta) at `step` or the newest intact step; None if there is none.
 
@@ -307,6 +335,7 @@ class Checkpointer:
           skipped.append(s)
     steps = [step] if step is not None else self._digit_steps()[::-1]
     if not steps and not skipped:
+      self._restored()
       return None  # a fresh run: nothing to read, and no need for orbax yet
     ocp = _ocp()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -316,19 +345,11 @@ class Checkpointer:
         self._set_aside(s, why)
         skipped.append(s)
         continue
-      try:
-        out = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 - the bytes are intact: the target differs
-        raise UserError(
-            f"The checkpoint at step {s} in {self.directory} is intact (its files match their "
-            "SHA-256 manifest) but does not fit this config's training state: "
-            f"{str(e).splitlines()[0][:300]}. The config changed in a way a resume cannot "
-            "follow (a parameter shape, the optimizer or its state): train this config in a "
-            "new --workdir.") from e
+      out = self._restore_fitting(s, abstract)
       if skipped:
         log.warning("Resuming from checkpoint %d (damaged checkpoints were set aside: %s).",
                     s, ", ".join(map(str, sorted(skipped))))
+      self._restored()
       return out["state"], dict(out["meta"]), s
     where = (f"moved to {os.path.join(self.directory, integrity.DAMAGED)}; a rerun starts "
              "from scratch" if self._writer() else "left in place")

@@ -23,7 +23,9 @@ import logging
 import os
 import shutil
 import time
-from typing import Optional
+from typing import Any, Optional
+
+import numpy as np
 
 log = logging.getLogger("jrecipe")
 
@@ -182,3 +184,18 @@ def clean_leftovers(directory: str) -> list[str]:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
       removed.append(name)
   return removed
+
+
+def shape_differences(restored: Any, target: Any, limit: int = 4) -> str:
+  """'' when every leaf of `restored` has its `target` leaf's shape; else the first few
+  differences ('params/dense_0/kernel is (64, 256) in the checkpoint, (64, 128) here')."""
+  import jax
+  got = jax.tree_util.tree_flatten_with_path(restored)[0]
+  want = jax.tree.leaves(target)
+  if len(got) != len(want):
+    return f"the checkpoint holds {len(got)} arrays, this config's state {len(want)}"
+  bad = [f"{jax.tree_util.keystr(path)} is {tuple(np.shape(g))} in the checkpoint, "
+         f"{tuple(w.shape)} in this config's state"
+         for (path, g), w in zip(got, want) if tuple(np.shape(g)) != tuple(w.shape)]
+  more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+  return "; ".join(bad[:limit]) + more

@@ -18,11 +18,47 @@ import ml_collections
 from jrecipe.errors import UserError
 from jrecipe.train.writer import write_json_atomic
 
-# Fields that may change between a run and its continuation without changing what it is:
-# raising num_epochs is 'leave it training'; the rest are logging and placement.
+# What may differ between a run's config.json and the config that resumes it
+# (docs/failures.md, "Changing the config of a run"). A dotted field matches a rule equal to it
+# or to one of its sections. Three kinds:
+# - RESUMABLE_CHANGES, no flag needed: raising num_epochs is 'leave it training' (recipe stage
+#   6); the rest are logging, placement and the settings of other modes.
+# - COMPATIBLE_CHANGES, with --allow_config_change: how the same parameters keep training (the
+#   optimizer's hyperparameters, the schedule, regularisation, augmentation, babysitting).
+#   The checkpoint must still fit: a change that alters the optimizer state's structure
+#   (Adam to SGD, momentum switched on, EMA switched on) is refused by the restore, which
+#   compares every leaf's shape, and config.json is rewritten only after a restore succeeded.
+# - anything else is incompatible, with the flag or without: it changes what the parameters
+#   are or what they were trained on (INCOMPATIBLE_REASONS).
 RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint", "parallel",
                      "eval_batch_size", "early_stopping_patience", "checks", "ensemble",
                      "inspect", "report", "debug_nans")
+COMPATIBLE_CHANGES = ("optimizer", "schedule", "momentum_schedule", "l2", "plateau", "monitor",
+                      "ema_decay", "data.augment", "init_bias", "init_from",
+                      "init_from_allow_partial", "init_from_checkpoint", "init_from_freeze",
+                      "init_from_skip", "lr_find", "search", "ablate", "label")
+INCOMPATIBLE_REASONS = {
+    "model": "the model: its parameters' shapes or what they compute",
+    "data": "the dataset the parameters were trained on",
+    "loss": "the objective: the losses before and after would not compare",
+    "batch_size": "the step counter counts batches of the old size, so every epoch boundary "
+                  "and schedule position after it would move",
+    "seed": "the run's random streams and the order of every epoch's batches",
+}
+
+
+def _matches(dotted: str, rules) -> bool:
+  return any(dotted == r or dotted.startswith(r + ".") for r in rules)
+
+
+def classify(changed: list[str]) -> dict[str, list[str]]:
+  """{'resumable': [...], 'compatible': [...], 'incompatible': [...]} of changed fields."""
+  out = {"resumable": [], "compatible": [], "incompatible": []}
+  for k in changed:
+    kind = ("resumable" if _matches(k, RESUMABLE_CHANGES) else
+            "compatible" if _matches(k, COMPATIBLE_CHANGES) else "incompatible")
+    out[kind].append(k)
+  return out
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -40,32 +76,98 @@ def _diff(a, b, prefix=""):
   return out
 
 
+def _lookup(d: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(d, dict) or part not in d:
+      return "(absent)"
+    d = d[part]
+  return d
+
+
+def _changes_text(old: dict, new: dict, keys: list[str], limit: int = 8) -> str:
+  shown = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in keys[:limit]]
+  more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+  return "; ".join(shown) + more
+
+
+def _reason(key: str) -> str:
+  for rule, why in INCOMPATIBLE_REASONS.items():
+    if _matches(key, (rule,)):
+      return f"{rule} ({why})"
+  return f"{key} (not known to be compatible)"
+
+
+# realpath of a work directory -> (config.json path, the config to write once the run's
+# checkpoint restored): `prepare` never overwrites config.json before that (`commit_config`).
+_PENDING: dict[str, tuple[str, dict]] = {}
+PENDING_DIFF: dict[str, str] = {}  # realpath -> the changes, for a restore that does not fit
+
+
+def _read_old(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      old = json.load(f)
+    except json.JSONDecodeError:
+      return None
+  # An older config.json lacks fields added since (schema defaults) and may hold removed
+  # ones: neither is a change of the experiment.
+  from jrecipe.config.base import from_json
+  return config_dict(from_json(old))
+
+
 def prepare(workdir: str, config: ml_collections.ConfigDict, *, allow_config_change: bool,
             primary: bool = True) -> None:
-  """Creates `workdir` and writes config.json, refusing a workdir of a different config."""
+  """Creates `workdir` and writes config.json, refusing a workdir of a different config.
+
+  A work directory whose config.json differs is resumed only when every difference is
+  resumable, or compatible and `allow_config_change` (see COMPATIBLE_CHANGES); the new
+  config.json is then written by `commit_config`, once the checkpoint restored into the new
+  config's state, so a refused resume leaves the old one in place.
+
+  Raises:
+    UserError: naming the incompatible differences (old -> new), or the compatible ones
+      when `allow_config_change` is False; nothing is written.
+  """
   path = os.path.join(workdir, "config.json")
   new = config_dict(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        old = json.load(f)
-      except json.JSONDecodeError:
-        old = None
-    if old is not None:
-      # An older config.json lacks fields added since (schema defaults) and may hold removed
-      # ones: neither is a change of the experiment.
-      from jrecipe.config.base import from_json
-      old = config_dict(from_json(old))
-      changed = [k for k in _diff(old, new) if k.split(".")[0] not in RESUMABLE_CHANGES]
-      if changed and not allow_config_change:
-        raise UserError(
-            f"The work directory {workdir} holds a run of a different config (changed: "
-            f"{', '.join(changed[:8])}). Resuming into it would mix two experiments. Use a "
-            "new --workdir, or pass --allow_config_change to resume it with the new config "
-            f"anyway. Fields that may change on resume: {', '.join(RESUMABLE_CHANGES)}.")
-  if primary:
-    os.makedirs(workdir, exist_ok=True)
+  old = _read_old(path)
+  key = os.path.realpath(workdir)
+  changed = _diff(old, new) if old is not None else []
+  kinds = classify(changed)
+  head = f"The work directory {workdir} holds a run of a different config (changed: "
+  if kinds["incompatible"]:
+    raise UserError(
+        f"{head}{_changes_text(old, new, kinds['incompatible'])}). These cannot change on "
+        f"resume, with --allow_config_change or without: they change "
+        f"{'; '.join(dict.fromkeys(map(_reason, kinds['incompatible'])))}. Train this config "
+        "in a new --workdir. Changes --allow_config_change accepts: "
+        f"{', '.join(COMPATIBLE_CHANGES)}; and without it: {', '.join(RESUMABLE_CHANGES)}.")
+  if kinds["compatible"] and not allow_config_change:
+    raise UserError(
+        f"{head}{_changes_text(old, new, kinds['compatible'])}). Resuming into it would mix "
+        "two experiments. Use a new --workdir, or pass --allow_config_change to continue this "
+        "run's parameters with the new settings (compatible: "
+        f"{', '.join(COMPATIBLE_CHANGES)}). Fields that may change on resume without it: "
+        f"{', '.join(RESUMABLE_CHANGES)}.")
+  if not primary:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if changed:
+    _PENDING[key] = (path, new)
+    PENDING_DIFF[key] = _changes_text(old, new, changed)
+  elif old is None:
     write_json_atomic(path, new)
+
+
+def commit_config(workdir: str) -> None:
+  """Writes the config.json `prepare` held back, now that the run's checkpoint restored."""
+  key = os.path.realpath(workdir)
+  PENDING_DIFF.pop(key, None)
+  pending = _PENDING.pop(key, None)
+  if pending is not None:
+    write_json_atomic(*pending)
 
 
 LOCK_FILE = "jrecipe.lock"
