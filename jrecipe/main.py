@@ -49,8 +49,8 @@ def _setup_logging():
     logger.addHandler(handler)
 
 
-def _lock_workdir(held: contextlib.ExitStack, mode: modes.Mode, distributed: bool,
-                  early: bool) -> None:
+def _lock_workdir(held: contextlib.ExitStack, mode: modes.Mode, workdir: str,
+                  distributed: bool, early: bool) -> None:
   """Takes the work directory's lock for a mode that writes a run, before it writes anything.
 
   One process: `early`, before JAX is even imported, so a second process on the same
@@ -64,7 +64,7 @@ def _lock_workdir(held: contextlib.ExitStack, mode: modes.Mode, distributed: boo
   if distributed:
     import jax
     enabled = jax.process_index() == 0
-  held.enter_context(workdir_lib.locked(FLAGS.workdir, enabled=enabled))
+  held.enter_context(workdir_lib.locked(workdir, enabled=enabled))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -96,28 +96,45 @@ def main(argv: list[str]) -> int:
   if FLAGS.workdir is None or (FLAGS.config is None and mode.needs_config):
     _fail("--config and --workdir are required, e.g. "
           "`jrecipe --config=configs/digits_mlp.py --workdir=/tmp/digits`.")
-  distributed = FLAGS.config is not None and FLAGS.config.parallel.distributed
+  _setup_logging()
+  options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change,
+                              new_study=FLAGS.new_study)
+  return execute(mode, FLAGS.config, FLAGS.workdir, options,
+                 compilation_cache=FLAGS.compilation_cache)
+
+
+def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, *,
+            compilation_cache: str | None = None, start_runtime: bool = True) -> int:
+  """Everything the entry point does once the flags are parsed: the work directory's lock,
+  validation of the config before any file or device is touched, the process set-up, the
+  mode. A mistake is one paragraph on stderr and exit 2 (SystemExit), a run failure exit 1.
+
+  `start_runtime=False` skips `runtime.setup_processes` and the compilation cache, which a
+  process does once, before the backend exists (tests call this many times in one process).
+  """
+  if not str(workdir).strip():
+    _fail("--workdir is empty: pass the run's directory, e.g. --workdir=/tmp/digits (it is "
+          "created if missing).")
+  distributed = config is not None and config.parallel.distributed
   if distributed and not mode.multihost:
     _fail(f"--mode={mode.name} runs on one host: drop --config.parallel.distributed.")
-  _setup_logging()
   from jrecipe.train import peers
-  watchdog = None
+  watchdog, result = None, 0
   with contextlib.ExitStack() as held:
     try:
-      _lock_workdir(held, mode, distributed, early=True)
-      if FLAGS.config is not None:  # every mode, before any file or device is touched
+      _lock_workdir(held, mode, workdir, distributed, early=True)
+      if config is not None:  # every mode, before any file or device is touched
         from jrecipe import validate
-        validate.validate_config(FLAGS.config)
+        validate.validate_config(config)
       from jrecipe import runtime
       run_mode = mode.load()
-      # First: nothing may create the JAX backend before jax.distributed.initialize().
-      runtime.setup_processes(distributed, FLAGS.config, mode.name)
-      runtime.enable_compilation_cache(FLAGS.compilation_cache)
-      _lock_workdir(held, mode, distributed, early=False)
+      if start_runtime:
+        # First: nothing may create the JAX backend before jax.distributed.initialize().
+        runtime.setup_processes(distributed, config, mode.name)
+        runtime.enable_compilation_cache(compilation_cache)
+      _lock_workdir(held, mode, workdir, distributed, early=False)
       watchdog = peers.start_watchdog() if distributed else None  # a dead peer: exit, named
-      options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change,
-                                  new_study=FLAGS.new_study)
-      result = run_mode(FLAGS.config, FLAGS.workdir, options)
+      result = run_mode(config, workdir, options)
       if watchdog is not None:
         watchdog.finish()
     except UserError as e:

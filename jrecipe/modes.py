@@ -57,6 +57,9 @@ _ALL = (
     Mode("train", "jrecipe.train.loop:run_mode",
          "train and evaluate; resumes from the latest checkpoint in --workdir", multihost=True,
          locks_workdir=True),
+    Mode("validate", "jrecipe.validate:run_mode",
+         "every check a run makes before it starts (config, data, model, memory, work "
+         "directory), then exit 0; writes nothing"),
     Mode("check", "jrecipe.checks.runner:run_mode",
          "the recipe's sanity-check battery; exit 1 if a check fails"),
     Mode("inspect", "jrecipe.data_inspect.mode:run_mode",

@@ -19,6 +19,7 @@ boundaries, a crop larger than the image) is checked where it is used (`jrecipe.
 
 import difflib
 import math
+import os
 import re
 import traceback
 from collections.abc import Mapping
@@ -230,8 +231,36 @@ def validate_experiment(exp) -> None:
   check_labels(exp.data, exp.spec)
   check_output_shape(exp)
   _check_augment(exp)
+  warn_long_warmup(exp)
   from jrecipe import memory
   memory.check_fits(exp)
+
+
+def warn_long_warmup(exp) -> list[str]:
+  """One warning line per schedule whose warm-up is at least the whole run (returned too).
+
+  Recipe stage 3 ('do not trust learning rate decay defaults'): a warm-up of 2 epochs in a
+  1-epoch run means the rate never reaches optimizer.learning_rate. A warning, not a refusal:
+  a smoke variant shortens num_epochs and keeps the full run's schedule on purpose.
+  """
+  import logging
+  out = []
+  for section, target in (("schedule", "optimizer.learning_rate"),
+                          ("momentum_schedule", "optimizer.momentum")):
+    sched = exp.config.get(section)
+    if sched is None or not hasattr(sched, "get"):
+      continue
+    warmup, unit = sched.get("warmup", 0), sched.get("unit", "epochs")
+    if not is_number(warmup) or not warmup:
+      continue
+    steps = int(round(float(warmup) * (exp.steps_per_epoch if unit == "epochs" else 1)))
+    if steps >= exp.total_steps:
+      out.append(f"config.{section}.warmup is {warmup:g} {unit} ({steps} steps), at least the "
+                 f"whole run ({exp.total_steps} steps): {target} is never reached (the last "
+                 f"step uses {min(1.0, exp.total_steps / steps):.0%} of it). Shorten the "
+                 "warm-up to a few percent of the run, or 0 for none.")
+      logging.getLogger("jrecipe").warning(out[-1])
+  return out
 
 
 def check_labels(data, spec) -> None:
@@ -355,3 +384,35 @@ def _check_augment(exp) -> None:
     raise UserError(f"config.data.augment does not apply to the images of dataset "
                     f"{exp.spec.name!r} (input shape {exp.spec.input_shape}): "
                     f"{describe_exception(e)}.") from e
+
+
+# --- `--mode=validate` ---------------------------------------------------------------------
+
+def run_mode(config: Any, workdir: str, options=None) -> int:
+  """`--mode=validate`: every check `--mode=train` makes before its first step, then exit 0.
+
+  The config's fields, the placement (devices, an evenly split batch), the data, model, loss
+  and optimizer (`experiment.build`, including the memory estimate), and the work directory
+  (writable; a run of another config in it is refused as a resume would be). Nothing is
+  written and nothing is compiled: submit a long job only once this passes (recipe stage 2,
+  'end-to-end skeleton': fail fast).
+
+  Returns:
+    0, after one line on stdout; a problem raises the UserError training would raise.
+  """
+  from jrecipe import experiment
+  from jrecipe import memory
+  from jrecipe.train import parallel
+  from jrecipe.train import workdir as workdir_lib
+  placement = parallel.make_placement(config.parallel.mode, config.parallel.num_devices)
+  parallel.check_batch_divisible(config.batch_size, placement)
+  exp = experiment.build(config, bn_axis_name=placement.axis_name)
+  workdir_lib.check_writable(workdir)
+  allow = bool(options and options.allow_config_change)
+  workdir_lib.prepare(workdir, config, allow_config_change=allow, primary=False)
+  est = memory.estimate(exp, devices=placement.num_devices)
+  resumes = os.path.exists(os.path.join(workdir, "config.json"))
+  print(f"jrecipe: the config is valid: {exp.total_steps} steps ({exp.steps_per_epoch} per "
+        f"epoch) on {placement.num_devices} device(s), about {memory.human(est.per_device)} "
+        f"per device; {workdir} {'resumes' if resumes else 'starts a new run'}.", flush=True)
+  return 0

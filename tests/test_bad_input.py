@@ -8,7 +8,6 @@ between two checkpoints.
 
 import dataclasses
 import json
-import math
 import os
 import re
 import subprocess
@@ -23,6 +22,7 @@ from jrecipe import experiment
 from jrecipe.cli_config import load_config_with_overrides
 from jrecipe.data import pipeline
 from jrecipe.errors import UserError
+from tests import config_fuzz
 from tests.helpers import REPO, run_cli, tiny_config
 
 DIGITS = "configs/digits_mlp.py"
@@ -151,83 +151,8 @@ def test_validate_experiment_rechecks_an_edited_experiment():
 
 # --- 7. random overrides: a build or a clean UserError, never anything else ------------------
 
-def _leaf_types(cfg, prefix=""):
-  out = {}
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(_leaf_types(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = type(v)
-  return out
-
-
-# data.data_dir is left out: builtin datasets are prepared into it on first use, so random
-# paths would write directories all over the file system (the guard in the test body is the
-# backstop for a made-up key that happens to spell it).
-LEAVES = {k: t for k, t in _leaf_types(load_config_with_overrides(DIGITS, [])).items()
-          if k != "data.data_dir"}
-SECTIONS = sorted({k.rsplit(".", 1)[0] for k in LEAVES if "." in k})
-NAMES = ["mlp", "linear", "cnn", "nnx_mlp", "transformer", "rnn", "mlpp", "softmax_xent",
-         "multiclass_svm", "l2", "huber", "sgd", "nesterov", "lbfgs", "adamw", "cosine", "step",
-         "warmup_cosine", "epochs", "steps", "mesh", "pmap", "single", "digits_seq",
-         "tfds:nonexistent", "tests.planted:seven_output_mlp", "tests.planted:naive_xent",
-         "tests.planted:nothing_here", "no.such.module:fn", "validation", "test", ""]
-
-_idents = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(lambda k: k != "data_dir")
-_typo = st.sampled_from(sorted(LEAVES)).flatmap(
-    lambda k: st.integers(0, len(k) - 1).map(lambda i: k[:i] + k[i + 1:]))
-_keys = st.one_of(st.sampled_from(sorted(LEAVES)), st.sampled_from(sorted(LEAVES)),
-                  _typo, st.lists(_idents, min_size=1, max_size=3).map(".".join),
-                  st.builds(lambda s, i: f"{s}.{i}", st.sampled_from(SECTIONS), _idents))
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
-                max_size=12)
-_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                    st.sampled_from([0.0, -0.0, 1.0, 0.5, 1e-12, 1e300, -1.0]))
-_ints = st.one_of(st.integers(-3, 300), st.integers(-2**70, 2**70))
-_scalars = st.one_of(_ints, _floats, st.booleans(), _text, st.sampled_from(NAMES))
-_values = st.one_of(_scalars, st.tuples(_scalars, _scalars),
-                    st.lists(st.integers(-2, 300), max_size=3).map(tuple),
-                    st.sampled_from(["()", "{'name': 'linear'}", "{'name': 'mlp', 'x': 1}",
-                                     "(64,", "None", "1e-3j", "0x1f"]))
-
-
-def _typed_value(key):
-  """A value of the field's own type (what gets past the flag parser into build)."""
-  t = LEAVES[key]
-  by_type = {bool: st.booleans(), int: _ints, float: _floats,
-             str: st.one_of(st.sampled_from(NAMES), _text),
-             tuple: st.one_of(st.lists(st.integers(-2, 300), max_size=3).map(tuple),
-                              st.tuples(_scalars))}
-  return by_type.get(t, _values)
-
-
-def _render(value) -> str:
-  """A value as a person types it after `--config.key=`."""
-  if isinstance(value, str):
-    return value
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)  # 'nan', 'inf', '-inf'
-  return repr(value)
-
-
-def _section_dict(section):
-  """A whole section replaced by a dict literal: its keys (or made-up ones), any values."""
-  keys = sorted(k.rsplit(".", 1)[1] for k in LEAVES if k.rsplit(".", 1)[0] == section)
-  dicts = st.dictionaries(st.one_of(st.sampled_from(keys), _idents), _scalars, max_size=3)
-  return dicts.map(lambda d: f"--config.{section}={d!r}")
-
-
-def _flag(key, value):
-  return f"--config.{key}={_render(value)}"
-
-
-# Three in five overrides are a real field with a value of its type, so that most examples
-# reach experiment.build; the rest are any key (typos, made-up sections) with any value, or a
-# whole section replaced by a dict literal of any fields and values.
-_typed = st.sampled_from(sorted(LEAVES)).flatmap(lambda k: _typed_value(k).map(
-    lambda v: _flag(k, v)))
-_override = st.one_of(_typed, _typed, _typed, st.builds(_flag, _keys, _values),
-                      st.sampled_from(SECTIONS).flatmap(_section_dict))
+# The generator is shared with tests/test_fuzz_config.py and bench/fuzz.py.
+_override = config_fuzz.OVERRIDE
 
 
 # 40 examples take about 1 s; JRECIPE_HYPOTHESIS_EXAMPLES=2000 for a longer hunt. The deadline

@@ -170,6 +170,27 @@ def commit_config(workdir: str) -> None:
     write_json_atomic(*pending)
 
 
+def check_writable(workdir: str) -> None:
+  """Raises UserError unless `workdir` is, or can be created as, a directory this process
+  writes in (what the lock finds when it creates the directory; checked without writing)."""
+  if not str(workdir).strip():
+    raise UserError("--workdir is empty: pass the run's directory (it is created if missing).")
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--workdir={workdir} exists and is not a directory: pass a directory (it "
+                    "is created if missing).")
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UserError(f"--workdir={workdir} is under {probe}, which is a file, not a directory: "
+                    "pass a directory path (it is created if missing).")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise UserError(f"Cannot write in the work directory {workdir}: {probe} is not writable "
+                    "by this user. Pass a --workdir you can write to (it is created if "
+                    "missing).")
+
+
 LOCK_FILE = "jrecipe.lock"
 _HELD: dict[str, "WorkdirLock"] = {}  # realpath -> the lock this process holds
 
