@@ -141,6 +141,12 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
       _fail(str(e), 2)
     except RunFailure as e:
       _fail(str(e), 1)
+    except OSError as e:  # a full disk or failing storage under config.json, metrics, ...
+      from jrecipe.train import workdir as workdir_lib
+      message = workdir_lib.storage_failure(e, workdir)
+      if message is None:
+        raise
+      _fail(message, 1)
     except Exception as e:  # noqa: BLE001 - only a peer's loss is explained; others re-raised
       if not (distributed and peers.is_peer_error(e)):
         raise

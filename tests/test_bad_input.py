@@ -284,6 +284,39 @@ def test_full_disk_exits_1_keeps_checkpoints_and_bad_input_leaves_the_workdir_al
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == listing
 
 
+def _file_size_limit(kib):
+  def limit():  # in the child, before exec: every file it writes stops at `kib` KiB
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+  return limit
+
+
+@pytest.mark.parametrize("kib, failed", [(2, "config.json"),
+                                          (16, "tensorboard|metrics.jsonl")])
+def test_a_full_disk_under_config_or_metrics_is_one_paragraph_exit_1(tmp_path, kib, failed):
+  """A real OS limit (RLIMIT_FSIZE) fails the write of config.json (2 KiB) or of the metrics'
+  TensorBoard events (16 KiB; the writer thread used to die and the run hang at 0% CPU)."""
+  wd = tmp_path / "wd"
+  args = [*_ARGS, "--config.num_epochs=20", "--config.checkpoint.every_epochs=10",
+          "--compilation_cache=none", f"--workdir={wd}"]
+  r = subprocess.run([sys.executable, "-m", "jrecipe", *args], cwd=REPO, capture_output=True,
+                     text=True, timeout=300, preexec_fn=_file_size_limit(kib))
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  (line,) = re.findall(r"jrecipe: error: .*", r.stderr)
+  assert re.search(rf"writing {wd}/({failed}) failed with File too large \(EFBIG\)", line), line
+  assert not list(tmp_path.rglob("*.tmp*"))  # no half-written JSON left behind
+  if kib == 2:
+    assert not wd.exists()  # nothing but the lock was there, and it is gone
+    return
+  r = run_cli(args)  # space back: the rerun finishes, each metric row once
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [(x["split"], x["step"]) for x in map(json.loads, open(wd / "metrics.jsonl"))]
+  assert len(rows) == len(set(rows)) and ("final_test", 20 * (1257 // 64)) in rows
+
+
 def test_cli_exit_2_for_shape_mismatch_missing_dataset_and_indivisible_batch(tmp_path):
   cases = [("--config.model={'name': 'tests.planted:seven_output_mlp'}", {}, "(2, 7)"),
            ("--config.data.name=tfds:nonexistent", {}, "nonexistent"),

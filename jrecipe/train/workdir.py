@@ -6,6 +6,7 @@ process is refused (`locked`): the second process exits 2 naming the holder.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -189,6 +190,31 @@ def check_writable(workdir: str) -> None:
     raise UserError(f"Cannot write in the work directory {workdir}: {probe} is not writable "
                     "by this user. Pass a --workdir you can write to (it is created if "
                     "missing).")
+
+
+# The storage refusing a write: a full disk, a file-size limit, a quota, a read-only or failing
+# file system. Anything else an OSError says is a bug or a user error reported elsewhere.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def storage_failure(e: OSError, workdir: str) -> Optional[str]:
+  """The one paragraph for a write the storage refused (exit 1), or None for other errors.
+
+  Says which file, why, and what is safe: the committed checkpoints (orbax commits a step
+  by renaming it once complete, and JSON files are written to a temporary file first).
+  """
+  if e.errno not in STORAGE_ERRNOS:
+    return None
+  from jrecipe.train.checkpoint import Checkpointer
+  what = f"writing {e.filename}" if e.filename else "writing the run's files"
+  steps = Checkpointer(workdir, read_only=True).committed_steps() if workdir else []
+  safe = (f"The checkpoints are intact (complete: steps {', '.join(map(str, steps))}; a rerun "
+          f"resumes from step {steps[-1]})" if steps else
+          "No checkpoint was written yet, so a rerun starts from the beginning")
+  return (f"The storage refused a write: {what} failed with {os.strerror(e.errno)} "
+          f"({errno.errorcode.get(e.errno, e.errno)}). {safe}; JSON files are replaced only "
+          "when complete, and a torn last line of metrics.jsonl is dropped on resume. Free disk "
+          "space (or fix the storage or the file-size limit) and rerun the same command.")
 
 
 LOCK_FILE = "jrecipe.lock"

@@ -4,6 +4,7 @@ A tiny interface in the spirit of CLU's metric writers: `scalars`, `histogram`, 
 Only process 0 writes. TensorBoard event files are written with tensorboardX (no TensorFlow).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -104,6 +105,12 @@ class MetricWriter:
     self._file = open(self.path, "a", buffering=1)
     self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"),
                              purge_step=resume_step + 1 if resume_step is not None else None)
+    self._tb_errors = _guard_event_writer(self._tb, os.path.join(workdir, "tensorboard"))
+
+  def _check_storage(self) -> None:
+    """Raises, in this thread, the OSError TensorBoard's writer thread met (a full disk)."""
+    if self._tb_errors:
+      raise self._tb_errors[0]
 
   def write(self, step: int, record: dict, *, split: str = "train",
             epoch: Optional[float] = None,
@@ -115,6 +122,7 @@ class MetricWriter:
     """
     if not self.enabled:
       return
+    self._check_storage()
     rec = {"step": int(step), "split": split}
     if epoch is not None:
       rec["epoch"] = round(float(epoch), 6)
@@ -123,7 +131,10 @@ class MetricWriter:
       to_tb = tensorboard(k) if callable(tensorboard) else tensorboard
       if to_tb and self._tb is not None and isinstance(rec[k], (int, float)):
         self._tb.add_scalar(f"{split}/{k}", rec[k], int(step))
-    self._file.write(json.dumps(rec) + "\n")
+    try:
+      self._file.write(json.dumps(rec) + "\n")
+    except OSError as e:  # a full disk: name the file (a write error has no filename)
+      raise OSError(e.errno, e.strerror, self.path) from e
 
   def histogram(self, tag: str, values, step: int) -> None:
     if self.enabled and self._tb is not None:
@@ -154,17 +165,55 @@ class MetricWriter:
     if self.enabled:
       self._file.flush()
       self._tb.flush()
+      self._check_storage()
 
   def close(self) -> None:
+    """Closes the files; never raises for a storage error already met (it was reported)."""
     if self.enabled:
-      self._file.close()
+      try:
+        self._file.close()
+      except OSError:
+        if not self._tb_errors:
+          raise
       self._tb.close()
+
+
+def _guard_event_writer(tb, logdir: str) -> list:
+  """Makes tensorboardX's writer thread survive a write error; returns where it is kept.
+
+  Why: on a full disk the thread died on the OSError, its queue filled up, and the next
+  `add_scalar` blocked forever at 0% CPU. The guarded writer keeps the first error (events
+  after it are dropped) and `MetricWriter` raises it in the training thread instead, where the
+  entry point turns it into one paragraph and exit 1.
+  """
+  errors: list = []
+  events = tb._get_file_writer().event_writer._ev_writer  # the thread's record writer
+
+  def guarded(fn):
+    def call(*args):
+      if errors:
+        return None
+      try:
+        return fn(*args)
+      except OSError as e:
+        errors.append(OSError(e.errno, e.strerror, logdir))
+        return None
+    return call
+
+  for name in ("write_event", "flush", "close"):
+    setattr(events, name, guarded(getattr(events, name)))
+  return errors
 
 
 def write_json_atomic(path: str, obj) -> None:
   """Writes JSON to a temp file and renames it: a reader never sees half a file."""
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+      f.write("\n")
+    os.replace(tmp, path)
+  except OSError as e:  # a full disk: no half-written temporary file left, the file named
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise OSError(e.errno, e.strerror, path) from e
