@@ -148,6 +148,7 @@ def validate_config(config: Any) -> None:
   for section in ("model", "loss", "optimizer"):
     _import_path_form(values, f"{section}.name")
   _model_rates(values)
+  _data_dir(values)
   low, high = values.get("monitor.ratio_low"), values.get("monitor.ratio_high")
   if low is not None and high is not None and not low < high:
     raise UserError(f"config.monitor.ratio_low is {low!r} and config.monitor.ratio_high is "
@@ -170,6 +171,22 @@ def _import_path_form(values: dict, dotted: str) -> None:
   if not (_IDENT_PATH.match(module) and _IDENT_PATH.match(attr)):
     raise _fail(dotted, name, "a registered name or an import path 'package.module:Name' "
                 "(dotted Python identifiers on both sides of the colon)")
+
+
+def _data_dir(values: dict) -> None:
+  """data.data_dir, when set, is a directory or can be created as one (datasets are prepared
+  into it on first use): a path that is a file, or lies under one, is refused now."""
+  path = values.get("data.data_dir")
+  if not isinstance(path, str) or not path:
+    return
+  probe = os.path.abspath(os.path.expanduser(path))
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    where = "is a file" if probe == os.path.abspath(os.path.expanduser(path)) else \
+        f"lies under {probe}, a file"
+    raise _fail("data.data_dir", path, "a directory (created if missing) or '' for the default",
+                f"This path {where}: datasets are prepared into the directory on first use.")
 
 
 def _model_rates(values: dict) -> None:

@@ -104,6 +104,8 @@ def test_generated_overrides_exit_0_or_2_with_one_paragraph_and_write_nothing(
     (["--config.parallel.mode=pmap", "--config.parallel.num_devices=-1"],
      "config.parallel.num_devices"),
     (["--config.eval_splits=('validation',)"], "removed"),
+    (["--config.data.data_dir=/etc/passwd"], "This path is a file"),
+    (["--config.data.data_dir=/etc/passwd/x"], "lies under /etc/passwd, a file"),
 ])
 def test_the_issues_nonsense_is_refused_in_process(overrides, needle, fresh_parent):
   """The cases issue 19 found accepted, crashing or hanging: each is one paragraph, exit 2."""
