@@ -16,9 +16,12 @@ allocation):
 - the activations: the residuals reverse-mode autodiff keeps between the forward and the
   backward pass of the real loss function (`jax.vjp` of the step's loss), the part that grows
   with the batch (traced at the per-device batch b and at 2b: R(2b) - R(b), so the weights
-  the backward pass also reads are not counted twice). XLA may fuse some of them away, so this
-  is an upper bound of what the step keeps (buffers of the update itself and XLA's scratch space
-  are not counted).
+  the backward pass also reads are not counted twice), counted twice: once kept by the forward
+  pass, once more for their gradients in the backward pass. Measured against XLA's own
+  accounting of the compiled step (bench/memory_estimate.py, CPU): 1.1 to 1.75 times XLA's
+  arguments + temporaries for digits_mlp and the mnist5k CNN at batches 32 to 512, so an upper
+  bound there; counting the residuals once undercounted the CNN (0.64x at batch 512: its
+  convolutions' backward needs more scratch space than the residuals).
 
 What it is compared with: on the CPU, the host RAM available now (`MemAvailable` in
 /proc/meminfo), which holds the host copy of the state (initial state, checkpoints) and every CPU
@@ -81,8 +84,9 @@ class Estimate:
 
   @property
   def per_device(self) -> int:
-    """One device's share: a copy of the state, the gradients and the activations."""
-    return self.state + self.grads + (self.activations or 0)
+    """One device's share: a copy of the state, the gradients, and the activations twice
+    (kept by the forward pass, and their gradients of the same size in the backward pass)."""
+    return self.state + self.grads + 2 * (self.activations or 0)
 
   def describe(self) -> str:
     parts = [f"parameters {human(self.params)}", f"optimizer state {human(self.opt_state)}"]
@@ -91,8 +95,9 @@ class Estimate:
     if self.model_state:
       parts.append(f"model state {human(self.model_state)}")
     parts.append(f"gradients {human(self.grads)}")
-    parts.append(f"activations {human(self.activations)} at a batch of {self.device_batch}"
-                 if self.activations is not None else "activations not estimated")
+    parts.append(f"activations {human(self.activations)} at a batch of {self.device_batch}, "
+                 "counted twice (the forward pass keeps them, the backward pass makes their "
+                 "gradients)" if self.activations is not None else "activations not estimated")
     return ", ".join(parts)
 
 
@@ -237,12 +242,15 @@ def _size_field(model_config) -> Optional[str]:
   return best[1] if best and best[0] > 1 else None
 
 
-def _advice(exp, est: Estimate) -> str:
+def _advice(exp, without_activations: int, limit: int) -> str:
+  """Which field to change: the model's size when the state alone does not fit, else the
+  batch, which the activations grow with."""
   batch = f"config.batch_size (now {exp.config.batch_size})"
   field = _size_field(exp.config.get("model", {})) or "config.model's size fields"
-  if est.activations and est.activations > est.state + est.grads:
-    return f"Lower {batch}, which the activations grow with, or the model's size ({field})"
-  return f"Lower the model's size ({field}); the state does not depend on {batch}"
+  if without_activations > limit:
+    return (f"Lower the model's size ({field}): even without activations it needs "
+            f"{human(without_activations)}, so a smaller {batch} cannot help")
+  return f"Lower {batch}, which the activations grow with, or the model's size ({field})"
 
 
 def check_fits(exp, *, host: Optional[tuple[int, str]] = None,
@@ -264,17 +272,20 @@ def check_fits(exp, *, host: Optional[tuple[int, str]] = None,
   device = device or (None if cpu else device_free())
   # On the CPU every device's copy lives in host RAM beside the host copy of the state.
   need_host = est.state + (est.devices * est.per_device if cpu else 0)
-  checks = [(need_host, host, "host RAM" + (f" (a host copy of the state and {est.devices} CPU "
-                                           "device(s), each with the per-device share)"
-                                           if cpu else " (the host copy of the state)"))]
+  acts = 2 * (est.activations or 0)
+  checks = [(need_host, need_host - (est.devices * acts if cpu else 0), host,
+             "host RAM" + (f" (a host copy of the state and {est.devices} CPU device(s), each "
+                           "with the per-device share)" if cpu else
+                           " (the host copy of the state)"))]
   if device is not None:
-    checks.append((est.per_device, device, "one device's share"))
-  for need, limit, what in checks:
+    checks.append((est.per_device, est.per_device - acts, device, "one device's share"))
+  for need, without_activations, limit, what in checks:
     if limit is None or need <= limit[0]:
       continue
     raise UserError(
         f"This config needs about {human(need)} of {what}, more than the {human(limit[0])} "
         f"available ({limit[1]}); estimated from shapes before anything was allocated. Per "
-        f"device: {est.describe()} ({est.devices} device(s)). {_advice(exp, est)}, or run on "
+        f"device: {est.describe()} ({est.devices} device(s)). "
+        f"{_advice(exp, without_activations, limit[0])}, or run on "
         f"a machine with more memory (${ENV_OFF}=0 skips this check).")
   return est

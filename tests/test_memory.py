@@ -48,6 +48,13 @@ def test_a_config_that_cannot_fit_is_refused_with_estimate_limit_and_field(exp):
                  "config.model.hidden=(32,)", "before anything was allocated"):
     assert needle in msg, msg
   assert memory.check_fits(exp, host=(need, "a test limit")) == est  # exactly fits: runs
+  # The field named: the batch when the activations make the difference, else the model.
+  without = need - 2 * est.activations
+  with pytest.raises(UserError, match=r"Lower config.batch_size \(now 64\), which the "):
+    memory.check_fits(exp, host=(without, "a test limit"))
+  with pytest.raises(UserError, match=r"Lower the model's size \(config.model.hidden=\(32,\)\)"
+                                      r": even without activations"):
+    memory.check_fits(exp, host=(without - 1, "a test limit"))
 
 
 def test_a_device_limit_checks_one_devices_share(exp, monkeypatch):
