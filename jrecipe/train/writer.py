@@ -187,7 +187,10 @@ def _guard_event_writer(tb, logdir: str) -> list:
   entry point turns it into one paragraph and exit 1.
   """
   errors: list = []
-  events = tb._get_file_writer().event_writer._ev_writer  # the thread's record writer
+  try:
+    events = tb._get_file_writer().event_writer._ev_writer  # the thread's record writer
+  except AttributeError:  # another tensorboardX layout: unguarded, as before
+    return errors
 
   def guarded(fn):
     def call(*args):
