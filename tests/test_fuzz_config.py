@@ -127,3 +127,14 @@ def test_a_warmup_longer_than_the_run_is_a_warning_line_and_a_shorter_one_is_sil
   assert line in caplog.text
   short = experiment.build(load_config_with_overrides(SMOKE, ["--config.schedule.warmup=1"]))
   assert warn_long_warmup(short) == []
+
+
+@pytest.mark.parametrize("mode", ["validate", "train"])
+def test_a_bad_workdir_is_one_paragraph_in_every_mode(mode, tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for wd, needle in [("", "--workdir is empty"), (str(a_file), "is not a directory"),
+                     (str(a_file / "run"), "a_file")]:
+    code, err = run_entry([], wd, mode=mode)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (wd, err)
+  assert a_file.read_text() == "" and sorted(os.listdir(tmp_path)) == ["a_file"]
