@@ -54,7 +54,7 @@ def generated(n: int, seed: int) -> list:
 
 def _full_disk():
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not a killed process
-  resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+  resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
 
 
 def listed(tmp: str) -> list[dict]:
@@ -78,7 +78,9 @@ def listed(tmp: str) -> list[dict]:
       c("warmup longer than the run", ["--config.schedule.name=cosine",
                                        "--config.schedule.warmup=1000"], 0, needle="warmup"),
       c("search metric f1", ["--mode=search", "--config.search.metric=f1"], 2),
-      c("full disk (RLIMIT_FSIZE 64 kB)", ["--config.num_epochs=3"], 1, preexec=_full_disk),
+      c("full disk (RLIMIT_FSIZE 16 KiB)", ["--config.num_epochs=20",
+                                            "--config.checkpoint.every_epochs=10"], 1,
+        preexec=_full_disk),
   ]
 
 

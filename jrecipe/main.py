@@ -103,6 +103,16 @@ def main(argv: list[str]) -> int:
                  compilation_cache=FLAGS.compilation_cache)
 
 
+def _completed(config):
+  """The validated config with every field present: a section replaced by a partial dict
+  literal (`--config.parallel={}`) takes the schema's defaults for the fields it lacks, so
+  that every module reads fields as attributes (it used to be an AttributeError traceback)."""
+  from jrecipe.config.base import from_json
+  full = from_json(config.to_dict())
+  full.lock()
+  return full
+
+
 def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, *,
             compilation_cache: str | None = None, start_runtime: bool = True) -> int:
   """Everything the entry point does once the flags are parsed: the work directory's lock,
@@ -115,7 +125,8 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
   if not str(workdir).strip():
     _fail("--workdir is empty: pass the run's directory, e.g. --workdir=/tmp/digits (it is "
           "created if missing).")
-  distributed = config is not None and config.parallel.distributed
+  parallel = config.get("parallel") if config is not None else None
+  distributed = bool(parallel.get("distributed", False)) if hasattr(parallel, "get") else False
   if distributed and not mode.multihost:
     _fail(f"--mode={mode.name} runs on one host: drop --config.parallel.distributed.")
   from jrecipe.train import peers
@@ -126,6 +137,7 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
       if config is not None:  # every mode, before any file or device is touched
         from jrecipe import validate
         validate.validate_config(config)
+        config = _completed(config)
       from jrecipe import runtime
       run_mode = mode.load()
       if start_runtime:

@@ -138,3 +138,12 @@ def test_a_bad_workdir_is_one_paragraph_in_every_mode(mode, tmp_path):
     code, err = run_entry([], wd, mode=mode)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (wd, err)
   assert a_file.read_text() == "" and sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+@pytest.mark.parametrize("section", ["{}", "{'mode': 'single'}"])
+def test_a_section_replaced_by_a_partial_dict_takes_the_defaults(section, fresh_parent):
+  """bench/fuzz.py found `--config.parallel={}` an AttributeError traceback (exit 1)."""
+  wd = os.path.join(fresh_parent, "partial")
+  code, err = run_entry([f"--config.parallel={section}"], wd)
+  assert code == 0 and not err.strip(), err
+  assert not os.path.exists(wd)
