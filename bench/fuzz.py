@@ -36,15 +36,16 @@ BASE = ["--config=configs/digits_mlp.py:smoke", "--config.model.hidden=(32,)"]
 
 def generated(n: int, seed: int) -> list:
   """n labelled cases from the property tests' generator, reproducibly for `seed`."""
-  from hypothesis import HealthCheck, given, settings, strategies as st
+  import hypothesis
+  from hypothesis import HealthCheck, given, settings
   from tests.config_fuzz import cases
   out = []
 
-  @settings(max_examples=n, database=None, derandomize=True, deadline=None,
+  @hypothesis.seed(seed)
+  @settings(max_examples=n, database=None, deadline=None,
             suppress_health_check=list(HealthCheck))
-  @given(case=cases(), salt=st.just(seed))
-  def collect(case, salt):
-    del salt
+  @given(case=cases())
+  def collect(case):
     if len(out) < n:
       out.append(case)
 
