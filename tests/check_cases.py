@@ -21,7 +21,7 @@ import optax
 
 from jrecipe.checks import registry
 from jrecipe.checks.context import CheckContext
-from jrecipe.checks.data import data_before_net
+from jrecipe.checks.data import data_before_net, split_leakage
 from jrecipe.checks.dependencies import causal_dependency
 from jrecipe.checks.determinism import seed_determinism
 from jrecipe.checks.fitting import fit
@@ -166,6 +166,10 @@ CASES = {
     "data_before_net": (
         lambda kit: data_before_net(kit.x, kit.y + 1, spec=SPEC),  # 1-based labels
         lambda kit: data_before_net(kit.x, kit.y, spec=SPEC)),
+    "split_leakage": (  # 20 test examples concatenated into train
+        lambda kit: split_leakage({"train": {"x": np.concatenate([kit.x[:200], kit.x[200:220]])},
+                                   "test": {"x": kit.x[200:]}}),
+        lambda kit: split_leakage({"train": {"x": kit.x[:200]}, "test": {"x": kit.x[200:]}})),
     "seed_determinism": (
         lambda kit: _train_fn(kit, unseeded_noise=True),
         lambda kit: _train_fn(kit, unseeded_noise=False)),
