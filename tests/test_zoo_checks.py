@@ -45,3 +45,36 @@ def test_split_leakage_both_sides_of_its_threshold():
   over = data_checks.split_leakage(arrays(2))
   assert over.status == "fail" and "leaked" in over.message
   assert over.details["copies_in_train"]["test"] == [2, 100]
+
+
+def test_lr_schedule_below_a_thousandth_within_the_first_half_fails_both_sides():
+  """1e-3 x peak reached at 40% of the run fails; 1.1e-3 x peak at 50% only warns."""
+  from jrecipe.checks import schedule as schedule_checks
+  total = 1000
+  reach = lambda ratio, at: (lambda t: 0.1 * jnp.power(ratio, jnp.minimum(t / at, 1.0)))
+  dead = schedule_checks.lr_schedule(reach(0.9e-3, 400), total_steps=total, steps_per_epoch=100)
+  assert dead.status == "fail" and "first 50%" in dead.message, dead.message
+  assert 0.1 * total < dead.details["dead_step"] <= 400
+  low = schedule_checks.lr_schedule(reach(1.1e-3, 500), total_steps=total, steps_per_epoch=100)
+  assert low.status == "warn" and low.details["dead_step"] is None, low.message
+
+
+def test_dropout_varies_fails_a_fixed_key_the_model_does_not_declare():
+  """A mask from PRNGKey(0) asks for no dropout rng (has_dropout reads False): train mode
+  still differs from eval, so it fails; the correct dropout passes; no dropout skips."""
+  from jrecipe.checks import stochastic
+  from tests import planted
+  x = np.random.RandomState(0).randn(16, 8, 8, 1).astype(np.float32)
+  keys = (jax.random.PRNGKey(1), jax.random.PRNGKey(2))
+
+  def run(has_dropout, **bug):
+    model = planted.linen_model(planted._MLP(10, **bug), has_dropout=has_dropout)  # pylint: disable=protected-access
+    v = model.init(jax.random.PRNGKey(0), x[:2])
+    return stochastic.dropout_varies(model.apply, v, x, keys, has_dropout=has_dropout,
+                                     stateless=True)
+  bad = run(False, fixed_dropout_key=True)
+  assert bad.status == "fail" and "fixed inside the model" in bad.message, bad.message
+  assert run(True).status == "pass"
+  ident = lambda v, xx, train=False, rngs=None: xx.reshape((xx.shape[0], -1))
+  no_dropout = stochastic.dropout_varies(ident, {}, x, keys, has_dropout=False, stateless=True)
+  assert no_dropout.status == "skip", no_dropout.message

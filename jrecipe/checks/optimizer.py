@@ -112,7 +112,7 @@ def effective_schedule(tx: optax.GradientTransformation, params, *, total_steps:
 
   Thresholds (the decay phase: from the step of the largest update on): FAIL when the step
   size is below 1e-3 x its peak at any step up to and including 10% of the run (the run is
-  over after a tenth of it); WARN when below 1e-2 x peak up to 50%. Warm-up: FAIL when the
+  over after a tenth of it) or up to 50%; WARN when below 1e-2 x peak up to 50%. Warm-up: FAIL when the
   step size first reaches 90% of its peak after 80% of the run (a linear warm-up as long as
   the run gets there at 90%: it never trains at its rate), WARN after 50% (momentum's own
   ramp takes about 22 steps at mu = 0.9). A zero or non-finite step fails, and so does a

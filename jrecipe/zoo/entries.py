@@ -74,7 +74,6 @@ def _field(kind, field, prefix, name, twin, check, taxonomy, what, *, cause="", 
                {**base, field: prefix + twin, **twin_extra}, what, DIGITS, cause)
 
 
-_LAYER = "H: Model/Layers; I: SB data flow"
 MODEL = [
     _model("linen_mlp", "batch_independence", "H: Tensors&Inputs/wrong shape; I: SB data flow",
            "reshape to (features, batch) and transpose back: examples mix", "batch_mixing_reshape"),
@@ -104,8 +103,9 @@ MODEL = [
     _model("linen_mlp", "input_independent_baseline", "T: parameters not updated; H: "
            "Training process", "stop_gradient on the logits: nothing can learn",
            "detached_output"),
-    _model("linen_bn_mlp", "eval_mode", "T: BatchNorm mode; H: Model/Layers/layer properties",
-           "BatchNorm uses batch statistics at eval", "batch_stats_at_eval"),
+    _model("nnx_bn_mlp", "eval_mode", "T: BatchNorm mode; H: Model/Layers/layer properties",
+           "self.bn(h, use_running_average=False): batch statistics at eval",
+           "batch_stats_at_eval"),
     _model("linen_bn_mlp", "state_updates", "T: BatchNorm statistics; H: Model/Layers/layer "
            "properties", "BatchNorm momentum 1.0 (PyTorch's 0.0 confused): stats never move",
            "stats_never_update"),

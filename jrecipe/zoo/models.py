@@ -90,7 +90,7 @@ def linen_mlp(spec, bug: str = "", hidden: int = 64):
 linen_mlp.widen_fields = ("hidden",)  # capacity_decreases_loss doubles it
 
 
-BN_BUGS = ("batch_stats_at_eval", "stats_never_update")
+BN_BUGS = ("stats_never_update",)
 
 
 class LinenBNMLP(nn.Module):
@@ -102,7 +102,7 @@ class LinenBNMLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     h = nn.Dense(64)(x.reshape((x.shape[0], -1)))
-    running = not train and self.bug != "batch_stats_at_eval"
+    running = not train  # (Linen refuses batch statistics at eval loudly: the NNX bug below)
     momentum = 1.0 if self.bug == "stats_never_update" else 0.9  # 1.0: PyTorch's 0 confused
     h = nn.relu(nn.BatchNorm(use_running_average=running, momentum=momentum)(h))
     return nn.Dense(self.num_classes, name="head")(h)
@@ -172,6 +172,32 @@ def nnx_mlp(spec, bug: str = ""):
   # 'unseeded_init': the seed drawn from numpy's global state, not from the run's seed
   seed = int(np.random.randint(1 << 30)) if bug == "unseeded_init" else 0
   return NNXMLP(int(np.prod(spec.input_shape)), spec.num_classes, bug, nnx.Rngs(seed))
+
+
+NNX_BN_BUGS = ("batch_stats_at_eval",)
+
+
+class NNXBNMLP(nnx.Module):
+  """Linear -> BatchNorm -> ReLU -> Linear in NNX; .train()/.eval() set the BatchNorm mode."""
+
+  def __init__(self, din: int, dout: int, bug: str, rngs: nnx.Rngs):
+    self.bug = bug
+    self.linear1 = nnx.Linear(din, 64, rngs=rngs)
+    self.bn = nnx.BatchNorm(64, momentum=0.9, rngs=rngs)
+    self.linear2 = nnx.Linear(64, dout, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.linear1(x.reshape((x.shape[0], -1)))
+    if self.bug == "batch_stats_at_eval":  # forced at the call: .eval() is overridden
+      h = self.bn(h, use_running_average=False)
+    else:
+      h = self.bn(h)
+    return self.linear2(nnx.relu(h))
+
+
+def nnx_bn_mlp(spec, bug: str = ""):
+  return NNXBNMLP(int(np.prod(spec.input_shape)), spec.num_classes,
+                  _known(bug, NNX_BN_BUGS, "nnx_bn_mlp"), nnx.Rngs(0))
 
 
 SEQ_BUGS = ("causal_mask_one_ahead", "no_causal_mask")
