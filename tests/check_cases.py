@@ -153,6 +153,13 @@ def _state_updates(kit, drop_state: bool):
                  variables=model.init(jax.random.PRNGKey(0), kit.x[:2]))
 
 
+def _nonlinearity(kit, bug):
+  from jrecipe.zoo.models import LinenMLP
+  model = planted.linen_model(LinenMLP(10, bug=bug), has_dropout=True)
+  return kit.run("nonlinearity", model=model,
+                 variables=model.init(jax.random.PRNGKey(0), kit.x[:2]))
+
+
 _KERNELS = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)
 
 
@@ -183,6 +190,9 @@ CASES = {
     "logits_not_probabilities": (
         lambda kit: kit.run("logits_not_probabilities", model=mlp(softmax_out=True)),
         lambda kit: kit.run("logits_not_probabilities")),
+    "nonlinearity": (  # no activation between the zoo MLP's Dense layers
+        lambda kit: _nonlinearity(kit, "missing_nonlinearity"),
+        lambda kit: _nonlinearity(kit, "")),
     "input_independent_baseline": (
         lambda kit: kit.run("input_independent_baseline", model=mlp(zero_input=True)),
         lambda kit: kit.run("input_independent_baseline")),

@@ -2,6 +2,8 @@
 user contracts, the cheap expected checks run on their bug (FAIL) and twin (PASS), and the
 scores computed as docs/checks.md states them. The whole zoo is `python -m jrecipe.zoo`."""
 
+import functools
+
 import pytest
 
 from jrecipe.checks import registry
@@ -45,10 +47,28 @@ CHEAP = ("data_before_net", "split_leakage", "weight_decay", "effective_schedule
 _TWINS: dict = {}
 
 
+@functools.lru_cache(maxsize=1)
+def _mlp_params():
+  import jax
+  import numpy as np
+  module = zoo_models.LinenMLP(10)
+  return module.init(jax.random.PRNGKey(0), np.zeros((2, 8, 8, 1), np.float32))["params"]
+
+
 def _only(entry, overrides, check):
+  """The check on the entry's config: through the battery, or (the optimizer checks, a pure
+  function of the optimizer) on the config's optimizer and the zoo MLP's parameters."""
   from jrecipe import experiment
   from jrecipe.checks.runner import run_battery
   cfg = run.build_config(entry.base, overrides, run.FAST_BUDGETS)
+  if check in ("weight_decay", "effective_schedule"):
+    from jrecipe import optim
+    from jrecipe.checks import optimizer as opt_checks
+    total, spe = 400, 10  # digits_mlp: 40 epochs of 10 steps
+    tx = optim.make_optimizer(cfg.optimizer, cfg.schedule, cfg.momentum_schedule,
+                              steps_per_epoch=spe, total_steps=total)
+    kw = {"steps_per_epoch": spe} if check == "effective_schedule" else {}
+    return getattr(opt_checks, check)(tx, _mlp_params(), total_steps=total, **kw)
   [result] = run_battery(experiment.build(cfg), only=[check])
   return result
 

@@ -78,3 +78,16 @@ def test_dropout_varies_fails_a_fixed_key_the_model_does_not_declare():
   ident = lambda v, xx, train=False, rngs=None: xx.reshape((xx.shape[0], -1))
   no_dropout = stochastic.dropout_varies(ident, {}, x, keys, has_dropout=False, stateless=True)
   assert no_dropout.status == "skip", no_dropout.message
+
+
+def test_eval_mode_leaves_batch_mixing_to_batch_independence_in_a_stateless_model():
+  """A stateless model mixing the batch by value is batch_independence's root cause; with
+  state (BatchNorm) the same dependence is eval_mode's."""
+  from jrecipe.checks.outputs import eval_mode
+  from tests import planted
+  x = np.random.RandomState(0).randn(8, 8, 8, 1).astype(np.float32)
+  model = planted.linen_model(planted._MLP(10, mix_batch=True), has_dropout=True)  # pylint: disable=protected-access
+  v = model.init(jax.random.PRNGKey(0), x[:2])
+  left = eval_mode(model.apply, v, x, stateless=True)
+  assert left.status == "pass" and left.details["batch_mixing"], left.message
+  assert eval_mode(model.apply, v, x, stateless=False).status == "fail"

@@ -82,7 +82,7 @@ MODEL = [
            "the loss", "softmax_output"),
     _model("linen_mlp", "overfit_one_batch", "H: Model/Layers/activation; D: wrong activation",
            "tanh on the logits: they cannot leave [-1, 1]", "tanh_output"),
-    _model("linen_mlp", "capacity_decreases_loss", "H: Model/Layers/missing activation; "
+    _model("linen_mlp", "nonlinearity", "H: Model/Layers/missing activation; "
            "D: wrong activation", "no nonlinearity between the Dense layers: a linear model",
            "missing_nonlinearity"),
     _model("linen_mlp", "eval_mode", "H: Model/Layers/layer properties; T: dropout mode",
@@ -172,8 +172,8 @@ OPTIMIZER = [
            "multi_transform freezes the first layer of a model trained from scratch"),
     _field("optimizer", "optimizer.name", O, "gradient_ascent", "adam", "effective_schedule",
            _OPT + "; I: Coding bug", "scale(learning_rate) where scale(-learning_rate) belongs"),
-    _field("optimizer", "optimizer.name", O, "learning_rate_cast_to_int", "adam",
-           "effective_schedule", _HYPER + "; I: Coding bug", "int(learning_rate): a rate of 0"),
+    _field("optimizer", "optimizer.name", O, "boundary_at_step_zero", "adam",
+           "effective_schedule", _HYPER + "; I: Coding bug", "a decay boundary {0: 0.0}: rate 0"),
     _field("optimizer", "optimizer.name", O, "learning_rate_far_too_high", "adam",
            "overfit_one_batch", _HYPER + "; D: exploding", "SGD at 10,000x the rate"),
 ]

@@ -32,8 +32,7 @@ def cosine_in_epochs(learning_rate):
 
 def warmup_longer_than_run(learning_rate):
   """A warm-up of 10,000 steps copied from a long run into a run of a few hundred."""
-  return optax.adam(optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps=10_000,
-                                                       decay_steps=100_000))
+  return optax.adam(optax.linear_schedule(0.0, learning_rate, transition_steps=10_000))
 
 
 def decay_after_adam(learning_rate):
@@ -67,9 +66,9 @@ def gradient_ascent(learning_rate):
   return optax.chain(optax.scale_by_adam(), optax.scale(learning_rate))
 
 
-def learning_rate_cast_to_int(learning_rate):
-  """int(learning_rate) in a schedule: a rate of 0 for the whole run."""
-  return optax.adam(optax.constant_schedule(int(learning_rate)))
+def boundary_at_step_zero(learning_rate):
+  """A step decay whose boundary dict says {0: 0.0} (meant {0.8 * steps: 0.1}): rate 0."""
+  return optax.adam(optax.piecewise_constant_schedule(learning_rate, {0: 0.0}))
 
 
 def learning_rate_far_too_high(learning_rate):
