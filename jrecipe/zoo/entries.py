@@ -122,8 +122,9 @@ MODEL = [
     _model("nnx_mlp", "dropout_varies", "T: randomness; I: API bug",
            "self.dropout(h, rngs=nnx.Rngs(dropout=0)): one mask forever",
            "fixed_dropout_rngs"),
-    _model("nnx_mlp", "seed_determinism", "T: randomness; H: Training process",
-           "nnx.Rngs seeded from numpy's global state, not the run's seed", "unseeded_init"),
+    _model("nnx_mlp", "gradient_check", "T: parameters not updated; I: SB data flow",
+           "jax.lax.stop_gradient on the hidden layer: linear1 never learns",
+           "hidden_detached"),
     _model("causal_lm", "causal_dependency", "H: Model/Layers/layer properties; I: SB logic",
            "causal mask tril(k=1): position t sees t+1", "causal_mask_one_ahead", base=SEQ),
     _model("causal_lm", "causal_dependency", "H: Model/Layers/missing layer property; I: SB "

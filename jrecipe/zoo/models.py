@@ -141,7 +141,7 @@ def linen_cnn(spec, bug: str = ""):
 
 
 NNX_BUGS = ("batch_centering", "softmax_output", "dropout_at_eval", "fixed_dropout_rngs",
-            "unseeded_init")
+            "hidden_detached")
 
 
 class NNXMLP(nnx.Module):
@@ -155,6 +155,8 @@ class NNXMLP(nnx.Module):
 
   def __call__(self, x):
     h = nnx.relu(self.linear1(x.reshape((x.shape[0], -1))))
+    if self.bug == "hidden_detached":  # jax.lax.stop_gradient left from a debugging session
+      h = jax.lax.stop_gradient(h)
     if self.bug == "batch_centering":  # 'normalise the features' over the batch axis
       h = h - h.mean(axis=0, keepdims=True)
     if self.bug == "dropout_at_eval":  # deterministic forced at the call: .eval() ignored
@@ -169,9 +171,7 @@ class NNXMLP(nnx.Module):
 
 def nnx_mlp(spec, bug: str = ""):
   bug = _known(bug, NNX_BUGS, "nnx_mlp")
-  # 'unseeded_init': the seed drawn from numpy's global state, not from the run's seed
-  seed = int(np.random.randint(1 << 30)) if bug == "unseeded_init" else 0
-  return NNXMLP(int(np.prod(spec.input_shape)), spec.num_classes, bug, nnx.Rngs(seed))
+  return NNXMLP(int(np.prod(spec.input_shape)), spec.num_classes, bug, nnx.Rngs(0))
 
 
 NNX_BN_BUGS = ("batch_stats_at_eval",)
@@ -220,7 +220,8 @@ class CausalLM(nn.Module):
         jnp.arange(t)[None], jnp.arange(t)[None], lambda q, kv: kv <= q + k)
     h = h + nn.SelfAttention(num_heads=2, qkv_features=32)(nn.LayerNorm()(h), mask=mask)
     h = h + nn.Dense(32)(nn.gelu(nn.Dense(64)(nn.LayerNorm()(h))))
-    return nn.Dense(self.vocab, name="head")(h)
+    # GPT-2's small head init: the loss at init is ln V ('init well')
+    return nn.Dense(self.vocab, kernel_init=nn.initializers.normal(0.02), name="head")(h)
 
 
 def causal_lm(spec, bug: str = ""):
