@@ -32,7 +32,10 @@ the base config's default (`jrecipe.sections.complete`).
     denominator guard of RMSProp (outside the square root, as in CS231n) and Adagrad.
   rms_decay: 0.9, RMSProp's decay of the squared-gradient cache (CS231n: 0.9, 0.99, 0.999).
   weight_decay: 0.0, decoupled weight decay, 'adamw' only (p -= lr * weight_decay * p, as
-    optax.adamw). For other optimizers use L2 regularisation, `config.l2`, added to the loss.
+    optax.adamw), applied to the weight matrices only (`decay_mask`: leaves with ndim > 1
+    not named bias/scale, the rule of the L2 penalty in jrecipe.train.step): recipe stage 4,
+    'regularize', decays weights, never biases or normalisation scales. For other optimizers
+    use L2 regularisation, `config.l2`, added to the loss.
   grad_clip_norm: 0.0 = off; otherwise gradients are clipped to this global norm before the
     optimizer sees them (not with 'lbfgs': its line search needs the true gradient).
 """
@@ -51,7 +54,8 @@ from jrecipe.schedules import (SCHEDULES, UNITS, Section, make_schedule, momentu
                                schedule_table, warn_about_decay)
 from jrecipe.sections import complete
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "UNITS", "current_learning_rate", "make_optimizer",
+__all__ = ["OPTIMIZERS", "SCHEDULES", "UNITS", "current_learning_rate", "decay_mask",
+           "make_optimizer",
            "make_schedule", "needs_value_fn", "schedule_table"]
 
 OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adagrad', 'rmsprop', 'adam', 'adamw', 'lbfgs')
@@ -111,10 +115,23 @@ def _base_optimizer(name: str, h: _Hyper, learning_rate, momentum=None):
   if name == 'adam':
     return optax.adam(learning_rate, b1=h.b1, b2=h.b2, eps=h.eps)
   if name == 'adamw':
-    return optax.adamw(learning_rate, b1=h.b1, b2=h.b2, eps=h.eps, weight_decay=h.wd)
+    return optax.adamw(learning_rate, b1=h.b1, b2=h.b2, eps=h.eps, weight_decay=h.wd,
+                       mask=decay_mask)
   if name == 'lbfgs':
     return optax.lbfgs(learning_rate)
   return import_path(name, 'optimizer')(learning_rate)
+
+
+def decay_mask(params):
+  """True on the leaves weight decay acts on: weight matrices (ndim > 1, not named bias/scale).
+
+  Recipe stage 4, 'regularize': CS231n and AdamW decay weights, not biases or normalisation
+  scales (decaying those only limits what the network can express). The same rule as the L2
+  penalty (`jrecipe.train.step.l2_penalty`), so 'adamw' and `config.l2` touch the same leaves;
+  the battery's weight_decay check measures it.
+  """
+  from jrecipe.train.step import _decayed  # train.step imports this module
+  return jax.tree_util.tree_map_with_path(_decayed, params)
 
 
 def make_optimizer(opt_config, sched_config, momentum_sched_config, *, steps_per_epoch: int,

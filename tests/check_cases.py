@@ -21,7 +21,7 @@ import optax
 
 from jrecipe.checks import registry
 from jrecipe.checks.context import CheckContext
-from jrecipe.checks.data import data_before_net
+from jrecipe.checks.data import data_before_net, split_leakage
 from jrecipe.checks.dependencies import causal_dependency
 from jrecipe.checks.determinism import seed_determinism
 from jrecipe.checks.fitting import fit
@@ -153,6 +153,13 @@ def _state_updates(kit, drop_state: bool):
                  variables=model.init(jax.random.PRNGKey(0), kit.x[:2]))
 
 
+def _nonlinearity(kit, bug):
+  from jrecipe.zoo.models import LinenMLP
+  model = planted.linen_model(LinenMLP(10, bug=bug), has_dropout=True)
+  return kit.run("nonlinearity", model=model,
+                 variables=model.init(jax.random.PRNGKey(0), kit.x[:2]))
+
+
 _KERNELS = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)
 
 
@@ -166,6 +173,10 @@ CASES = {
     "data_before_net": (
         lambda kit: data_before_net(kit.x, kit.y + 1, spec=SPEC),  # 1-based labels
         lambda kit: data_before_net(kit.x, kit.y, spec=SPEC)),
+    "split_leakage": (  # 20 test examples concatenated into train
+        lambda kit: split_leakage({"train": {"x": np.concatenate([kit.x[:200], kit.x[200:220]])},
+                                   "test": {"x": kit.x[200:]}}),
+        lambda kit: split_leakage({"train": {"x": kit.x[:200]}, "test": {"x": kit.x[200:]}})),
     "seed_determinism": (
         lambda kit: _train_fn(kit, unseeded_noise=True),
         lambda kit: _train_fn(kit, unseeded_noise=False)),
@@ -179,6 +190,9 @@ CASES = {
     "logits_not_probabilities": (
         lambda kit: kit.run("logits_not_probabilities", model=mlp(softmax_out=True)),
         lambda kit: kit.run("logits_not_probabilities")),
+    "nonlinearity": (  # no activation between the zoo MLP's Dense layers
+        lambda kit: _nonlinearity(kit, "missing_nonlinearity"),
+        lambda kit: _nonlinearity(kit, "")),
     "input_independent_baseline": (
         lambda kit: kit.run("input_independent_baseline", model=mlp(zero_input=True)),
         lambda kit: kit.run("input_independent_baseline")),

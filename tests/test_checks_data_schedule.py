@@ -80,12 +80,17 @@ def test_data_before_net_one_hot_labels_fail(digits):
   assert r.status == "fail" and "not integers" in r.message
 
 
-def test_data_before_net_unnormalised_warns(digits):
+def test_data_before_net_unnormalised_warns_and_raw_pixels_fail(digits):
   x, y = digits
   raw = data_checks.data_before_net(x, y, spec=SPEC)  # raw digits: 0..16, mean ~5
   assert raw.status == "warn" and "unnormalised" in raw.message
-  pixels = data_checks.data_before_net(x * 255.0 / 16.0, y, spec=SPEC)
-  assert pixels.status == "warn"
+  pixels = data_checks.data_before_net(x * 255.0 / 16.0, y, spec=SPEC)  # mean ~78, std ~96
+  assert pixels.status == "fail" and "raw 0-255" in pixels.message
+  # both sides of RAW_PIXELS: a scale just inside warns, just outside fails
+  std = float(np.std(x))
+  inside = data_checks.data_before_net(x * (0.99 * data_checks.RAW_PIXELS / std), y, spec=SPEC)
+  outside = data_checks.data_before_net(x * (1.01 * data_checks.RAW_PIXELS / std), y, spec=SPEC)
+  assert (inside.status, outside.status) == ("warn", "fail"), (inside.message, outside.message)
   unit = data_checks.data_before_net(x / 16.0, y, spec=SPEC)  # [0, 1] images are fine
   assert unit.status == "pass", unit.message
 

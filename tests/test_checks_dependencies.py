@@ -105,7 +105,7 @@ def test_batch_independence_catches_reshape_that_mixes_the_batch(x_flat):
 def test_batchnorm_couples_train_mode_only(x_flat):
   _, apply, variables = _build(BNNet(), x_flat)
   r = batch_independence(apply, variables, x_flat, has_batchnorm=True)
-  assert r.status == "warn", r.message
+  assert r.status == "pass", r.message  # legitimate: no false alarm on a correct BN model
   assert "BatchNorm" in r.message
   assert r.details["modes"]["eval"]["max_rel_offdiag"] == 0.0
   assert r.details["modes"]["train"]["max_rel_offdiag"] > 1e-3

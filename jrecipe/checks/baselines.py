@@ -89,9 +89,13 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
 
 
 @register_check("input_independent_baseline", stage="baselines",
-                needs=("data_before_net", "loss_at_init"))
+                needs=("data_before_net", "loss_at_init", "batch_independence"))
 def check_input_independent_baseline(ctx) -> CheckResult:
-  """Real against zeroed inputs, trained with the budget, compared on held-out examples."""
+  """Real against zeroed inputs, trained with the budget, compared on held-out examples.
+
+  Needs batch_independence: a model that mixes the examples of its batch learns from the
+  wrong inputs, so its failure here (and overfit_one_batch's) follows from that one.
+  """
   return input_independent_baseline(
       ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx, steps=ctx.steps,
       rng=ctx.seed, x_val=ctx.x_val, y_val=ctx.y_val, batch_size=ctx.batch_size)

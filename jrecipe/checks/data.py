@@ -18,6 +18,7 @@ from jrecipe.types import DataSpec
 MAX_ABS_MEAN = 3.0
 MAX_STD = 10.0
 MIN_STD = 1e-2
+RAW_PIXELS = 30.0  # images with |mean| or std above this fail: raw 0-255 pixels (std ~70-100)
 
 
 def _is_image(x: np.ndarray) -> bool:
@@ -117,7 +118,9 @@ def data_before_net(x, y, *, spec: Optional[DataSpec] = None,
   have std ~70, raw digits 0-16 mean ~5; a normalised input has mean ~0 and std ~1, and
   [0, 1] images stay below both) or 0 < std < 0.01 (scaled twice); for 2-D feature matrices
   the same limits apply to every feature's mean and std (one feature in the thousands
-  dominates a dot product). Token inputs (integer sequences) are not tested for scale.
+  dominates a dot product). Images with |mean| > 30 or std > 30 fail: raw 0-255 pixels
+  (mean ~33-120, std ~70-100) saturate the first layer, a preprocessing step forgotten (raw
+  0-16 digits only warn). Token inputs (integer sequences) are not tested for scale.
 
   Args:
     x: the inputs [B, ...] as they enter the model.
@@ -146,6 +149,8 @@ def data_before_net(x, y, *, spec: Optional[DataSpec] = None,
   warnings = []
   if not problems and not tokens and np.issubdtype(x.dtype, np.floating) and "mean" in details:
     warnings = _scale_warnings(x, xf, details)
+    if warnings and _is_image(x) and max(abs(details["mean"]), details["std"]) > RAW_PIXELS:
+      problems, warnings = [warnings[0] + " (raw 0-255 pixels?)"], []
   summary = (f"batch {tuple(x.shape)} {x.dtype}, range [{details.get('min', float('nan')):.4g}, "
              f"{details.get('max', float('nan')):.4g}], mean "
              f"{details.get('mean', float('nan')):.3g}, std {details.get('std', float('nan')):.3g}")
@@ -247,3 +252,61 @@ def check_data_before_net(ctx) -> CheckResult:
     k_aug, _ = ctx.step_keys(0)
     x = np.asarray(ctx.augment(jnp.asarray(x), k_aug))
   return data_before_net(x, batch["y"], spec=ctx.spec, artifacts_dir=ctx.artifacts_dir)
+
+
+LEAK_FAIL_FRACTION = 0.01  # held-out examples that are exact copies of training ones: fail above
+
+
+def _row_hashes(x: np.ndarray) -> list[bytes]:
+  import hashlib
+  rows = np.ascontiguousarray(x).reshape(len(x), -1)
+  return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
+
+
+def split_leakage(arrays: dict) -> CheckResult:
+  """'Become one with the data' (recipe stage 1): no held-out example is also a training one.
+
+  Hashes every example's exact bytes (as they enter the model, so the same preprocessing on
+  every split) and counts, for the validation and test splits, the examples that are exact
+  copies of a training example: test data leaked into training (a concatenation, a split
+  taken before de-duplication) makes every held-out number a training number. Fails above
+  1% of a held-out split, warns for fewer copies (a dataset's own duplicates); near copies
+  are `--mode=inspect`'s job.
+
+  Args:
+    arrays: {split: {'x': [N, ...], ...}} with a 'train' split.
+
+  Returns:
+    value = the largest fraction of a held-out split found in train; details per split.
+  """
+  train = set(_row_hashes(np.asarray(arrays["train"]["x"])))
+  copies = {}
+  for split in ("validation", "test"):
+    if split in arrays and len(arrays[split]["x"]):
+      hashes = _row_hashes(np.asarray(arrays[split]["x"]))
+      copies[split] = (sum(h in train for h in hashes), len(hashes))
+  result = verdict("split_leakage", value=max([c / n for c, n in copies.values()], default=0.0),
+                   expected=f"0 (fail > {LEAK_FAIL_FRACTION:.0%})",
+                   details={"copies_in_train": {k: list(v) for k, v in copies.items()}})
+  step = "Become one with the data: held-out examples that are exact copies of training ones"
+  found = ", ".join(f"{split} {c} of {n}" for split, (c, n) in copies.items())
+  if not copies:
+    return result("skip", f"{step}: no validation or test split to compare.")
+  if any(c > LEAK_FAIL_FRACTION * n for c, n in copies.values()):
+    return result("fail", f"{step}: {found}: held-out data leaked into training (a split "
+                  "concatenated into train, or split before de-duplicating): every held-out "
+                  "score is a training score.")
+  if any(c for c, _ in copies.values()):
+    return result("warn", f"{step}: {found}: a few copies (the dataset's own duplicates?); "
+                  "`--mode=inspect` lists them.")
+  return result("pass", f"{step}: none ({found}).")
+
+
+@register_check("split_leakage", stage="data")
+def check_split_leakage(ctx) -> CheckResult:
+  """The Experiment's in-memory splits (a streaming source is skipped, saying so)."""
+  arrays = getattr(ctx.exp.data, "arrays", None) if ctx.exp is not None else None
+  if not arrays or "train" not in arrays:
+    return verdict("split_leakage")("skip", "the data source has no in-memory splits to "
+                                    "compare (streaming); `--mode=inspect` finds leakage.")
+  return split_leakage(arrays)

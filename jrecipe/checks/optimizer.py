@@ -47,32 +47,62 @@ def miniature(params, value=None):
 
 
 def probe(tx: optax.GradientTransformation, params, steps: int, *, grad: float,
-          move: bool) -> tuple[np.ndarray, dict]:
+          move: bool) -> tuple[np.ndarray, dict, list]:
   """`steps` updates of `tx` on `params` with every gradient element equal to `grad`.
 
   Returns:
-    (global RMS of each step's update [steps], the parameters at the end). With
-    move=False the parameters stay at their initial values (the step size of a constant
-    gradient, without weight decay acting on a moving parameter).
+    (global RMS of each step's update [steps], the parameters at the end, each leaf's
+    summed update over the run [one float per leaf, tree-leaf order]). With move=False the
+    parameters stay at their initial values (the step size of a constant gradient, without
+    weight decay acting on a moving parameter).
   """
   g = jax.tree.map(lambda p: jnp.full_like(p, grad), params)
 
   @jax.jit
   def run(p0):
     def body(carry, _):
-      p, s = carry
+      p, s, total = carry
       u, s = tx.update(g, s, p)
       rms = jnp.sqrt(jnp.mean(jnp.concatenate([jnp.ravel(x) ** 2 for x in jax.tree.leaves(u)])))
-      return ((optax.apply_updates(p, u) if move else p), s), rms
-    (p, _), rms = jax.lax.scan(body, (p0, tx.init(p0)), None, length=steps)
-    return rms, p
+      total = [t + jnp.sum(x) for t, x in zip(total, jax.tree.leaves(u))]
+      return ((optax.apply_updates(p, u) if move else p), s, total), rms
+    zeros = [jnp.zeros((), jnp.float32) for _ in jax.tree.leaves(p0)]
+    (p, _, total), rms = jax.lax.scan(body, (p0, tx.init(p0), zeros), None, length=steps)
+    return rms, p, total
 
-  rms, end = run(params)
-  return np.asarray(rms, np.float64), jax.device_get(end)
+  rms, end, total = run(params)
+  return (np.asarray(rms, np.float64), jax.device_get(end),
+          [float(t) for t in jax.device_get(total)])
+
+
+def leaf_problems(params, totals: list, *, frozen_ok: bool, details: dict) -> list[str]:
+  """Leaves the probe gradient (+1 everywhere) never moves, or moves uphill.
+
+  A descent step opposes the gradient, so every leaf's summed update must be negative.
+  TrainCheck's silent 'optimizer does not update some parameters' (a mask, multi_transform
+  or set_to_zero on the wrong leaves) shows as a leaf whose updates are exactly zero; a
+  missing minus sign (`optax.scale(lr)`) as positive ones. Leaves frozen on purpose
+  (`config.init_from_freeze`) are allowed when `frozen_ok`.
+  """
+  names = [n for n, _ in _leaf_names(params)]
+  frozen = [n for n, t in zip(names, totals) if t == 0.0]
+  uphill = [n for n, t in zip(names, totals) if t > 0.0]
+  details.update(frozen_leaves=frozen, uphill_leaves=uphill)
+  problems = []
+  if uphill:
+    problems.append(f"the update points UP the gradient on {len(uphill)} of {len(names)} "
+                    f"leaves ({', '.join(uphill[:3])}): gradient ascent, a missing minus sign "
+                    "(optax.scale(learning_rate) where -learning_rate belongs?)")
+  if frozen and not frozen_ok and len(frozen) < len(names):
+    problems.append(f"{len(frozen)} of {len(names)} leaves are never updated "
+                    f"({', '.join(frozen[:3])}): their gradients are dropped (a mask, "
+                    "multi_transform or set_to_zero on the wrong leaves?)")
+  return problems
 
 
 def effective_schedule(tx: optax.GradientTransformation, params, *, total_steps: int,
-                       steps_per_epoch: int, artifacts_dir: Optional[str] = None) -> CheckResult:
+                       steps_per_epoch: int, artifacts_dir: Optional[str] = None,
+                       frozen_ok: bool = False) -> CheckResult:
   """'Don't trust learning rate decay defaults' (recipe stage 3), measured on the optimizer.
 
   Applies the run's real optimizer to a constant probe gradient (every element 1) at every
@@ -82,10 +112,12 @@ def effective_schedule(tx: optax.GradientTransformation, params, *, total_steps:
 
   Thresholds (the decay phase: from the step of the largest update on): FAIL when the step
   size is below 1e-3 x its peak at any step up to and including 10% of the run (the run is
-  over after a tenth of it); WARN when below 1e-2 x peak up to 50%. Warm-up: FAIL when the
+  over after a tenth of it) or up to 50%; WARN when below 1e-2 x peak up to 50%. Warm-up: FAIL when the
   step size first reaches 90% of its peak after 80% of the run (a linear warm-up as long as
   the run gets there at 90%: it never trains at its rate), WARN after 50% (momentum's own
-  ramp takes about 22 steps at mu = 0.9). A zero or non-finite step fails.
+  ramp takes about 22 steps at mu = 0.9). A zero or non-finite step fails, and so does a
+  leaf whose updates are all zero (unless `frozen_ok`: `config.init_from_freeze`) or point
+  up the gradient (`leaf_problems`).
 
   Returns:
     value = the smallest step / peak in the first half of the decay phase; details with
@@ -94,7 +126,7 @@ def effective_schedule(tx: optax.GradientTransformation, params, *, total_steps:
   total = max(int(total_steps), 1)
   spe = max(int(steps_per_epoch), 1)
   n = min(total, PROBE_MAX_STEPS)
-  rms, _ = probe(tx, miniature(params, 0.0), n, grad=1.0, move=False)
+  rms, _, totals = probe(tx, miniature(params, 0.0), n, grad=1.0, move=False)
   steps = np.arange(n)
   details = {"total_steps": total, "probed_steps": n, "steps_per_epoch": spe,
              "first_update": float(rms[0]), "last_update": float(rms[-1])}
@@ -110,6 +142,8 @@ def effective_schedule(tx: optax.GradientTransformation, params, *, total_steps:
   details.update(peak_update=peak, peak_update_step=int(np.argmax(rms)))
   value = decay_limits(steps, rms / peak, total, details)
   status, problems = schedule_problems(details, [], total, spe)
+  leaves = leaf_problems(params, totals, frozen_ok=frozen_ok, details=details)
+  status, problems = ("fail" if leaves else status), leaves + problems
   warm = int(np.argmax(rms >= 0.9 * peak))
   details.update(warmup_steps=warm, warmup_fraction=warm / total)
   if warm > WARMUP_FAIL_FRACTION * total:
@@ -159,7 +193,7 @@ def weight_decay(tx: optax.GradientTransformation, params, *, total_steps: int) 
   """
   n = min(max(int(total_steps), 1), PROBE_MAX_STEPS)
   start = miniature(params)
-  _, end = probe(tx, start, n, grad=0.0, move=True)
+  _, end, _ = probe(tx, start, n, grad=0.0, move=True)
   s0 = [float(np.ravel(a)[0]) for a in jax.tree.leaves(start)]
   s1 = [float(np.ravel(a)[0]) for a in jax.tree.leaves(end)]
   names = _leaf_names(params)
@@ -223,7 +257,8 @@ def check_effective_schedule(ctx) -> CheckResult:
     return _skip_line_search("effective_schedule")
   total, spe = _run_length(ctx)
   return effective_schedule(tx, ctx.variables["params"], total_steps=total,
-                            steps_per_epoch=spe, artifacts_dir=ctx.artifacts_dir)
+                            steps_per_epoch=spe, artifacts_dir=ctx.artifacts_dir,
+                            frozen_ok=bool(ctx.config.get("init_from_freeze", False)))
 
 
 @register_check("weight_decay", stage="regularize")

@@ -50,7 +50,7 @@ def _first_line(e: Exception) -> str:
 
 
 def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[dict] = None,
-              rtol: float = 1e-5) -> CheckResult:
+              rtol: float = 1e-5, stateless: bool = False) -> CheckResult:
   """Checks that eval mode is deterministic and treats each example on its own.
 
   Recipe step: Karpathy stage 2 ("evaluate on the whole test set": eval must be a fixed
@@ -71,6 +71,12 @@ def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[d
     rngs: rngs to pass in test 2 (default {'dropout': key(1)}); a second set is folded from
       them.
     rtol: the largest relative difference (max |a-b| / max |a|) accepted.
+    stateless: the model keeps no state (no BatchNorm batch_stats). Then an example whose
+      eval output depends on its batch through the other examples' VALUES (a nonzero
+      gradient of output 0 with respect to inputs 1..B-1) is a layer mixing the batch in every
+      mode: batch_independence's finding (its root cause), not an eval-mode one, and test 3
+      is left to it; a dependence on the batch's shape or order alone (a dropout mask drawn
+      at eval from a fixed stream) still fails here.
 
   Returns:
     CheckResult 'eval_mode': value = the largest relative difference measured, expected 0
@@ -102,12 +108,17 @@ def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[d
   measured = {"repeat": _max_rel_diff(base, outs["again"]),
               "rngs_a": _max_rel_diff(base, outs["rngs_a"]),
               "rngs_b": _max_rel_diff(base, outs["rngs_b"])}
-  if b >= 2:
+  if "alone" in outs:
     measured["alone"] = _max_rel_diff(jax.tree.map(lambda o: o[:1], base), outs["alone"])
     measured["reversed"] = _max_rel_diff(base, outs["reversed"])
   value = max(measured.values())
   result = verdict("eval_mode", value=value, expected=0.0,
                    details={"relative_differences": measured, "rtol": rtol, "batch": b})
+  if stateless and b >= 2 and _mixes_values(call, variables, x):
+    measured["alone"] = measured["reversed"] = 0.0  # batch_independence's finding
+    result = verdict("eval_mode", value=max(measured.values()), expected=0.0, details={
+        "relative_differences": measured, "rtol": rtol, "batch": b,
+        "batch_mixing": "left to batch_independence"})
   problems = _eval_problems(measured, rtol)
   if problems:
     return result("fail", f"{_EVAL_STEP}: " + "; ".join(problems))
@@ -117,6 +128,18 @@ def eval_mode(apply: Callable, variables: Any, x: jax.Array, *, rngs: Optional[d
   return result("pass", f"{_EVAL_STEP}: eval outputs are deterministic, independent of the "
                 f"rngs and of the rest of the batch (max relative difference {value:.2g} <= "
                 f"{rtol:g}).")
+
+
+def _mixes_values(call: Callable, variables: Any, x: jax.Array) -> bool:
+  """Whether eval output 0 has a nonzero gradient with respect to inputs 1..B-1."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return False
+  first = lambda xx: jnp.sum(jax.tree.leaves(call(variables, xx, None))[0][0])
+  try:
+    g = jax.jit(jax.grad(first))(x)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return bool(jnp.any(g[1:] != 0))
 
 
 _EVAL_STEP = "eval_mode (evaluate deterministically, per example; dropout/BN in eval)"
@@ -301,4 +324,55 @@ def check_eval_mode(ctx) -> CheckResult:
   when eval mode needs a dropout key or depends on the batch, their failures follow.
   """
   _, k_drop = ctx.step_keys(0)
-  return eval_mode(ctx.model.apply, ctx.variables, ctx.x_val[:8], rngs={"dropout": k_drop})
+  stateless = not ctx.model.has_batchnorm and not set(ctx.variables) - {"params"}
+  return eval_mode(ctx.model.apply, ctx.variables, ctx.x_val[:8], rngs={"dropout": k_drop},
+                   stateless=stateless)
+
+
+NONLINEAR_RTOL = 1e-4  # f(midpoint) within this of the mean of f(ends): an affine model
+
+
+def nonlinearity(apply: Callable, variables: Any, x: jax.Array, *,
+                 weight_layers: int) -> CheckResult:
+  """A model that stacks weight layers computes a nonlinear function (recipe stage 2,
+  'set up the skeleton': a missing activation collapses a deep net into a linear one).
+
+  Measures, in eval mode at init, f((a + b) / 2) against (f(a) + f(b)) / 2 for pairs of
+  real examples (a, b): equal for every affine function, whatever its depth. Fails when the
+  largest difference is below 1e-4 of the outputs' scale although the model has two or more
+  weight matrices; skips a model with one (a linear baseline by design), token inputs (no
+  midpoint) and a model whose outputs do not depend on its input (input_independent_baseline's
+  finding).
+  """
+  x = jnp.asarray(x)
+  result = lambda value=None, **d: verdict("nonlinearity", value=value,
+                                           expected=f"> {NONLINEAR_RTOL:g}",
+                                           details={"weight_layers": weight_layers, **d})
+  if weight_layers < 2:
+    return result()("skip", f"one weight layer ({weight_layers}): a linear model by design.")
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.shape[0] < 2:
+    return result()("skip", "token (integer) inputs have no midpoint to test.")
+  a, b = x[0::2][: x.shape[0] // 2], x[1::2][: x.shape[0] // 2]
+  f = jax.jit(lambda v, xx: apply(v, xx, train=False))
+  fa, fb, fm = (np.asarray(f(variables, z), np.float64) for z in (a, b, (a + b) / 2))
+  scale = max(float(np.max(np.abs(fa - fb))), 1e-30)
+  if float(np.max(np.abs(fa - fb))) <= 1e-12 * max(float(np.max(np.abs(fa))), 1.0):
+    return result(0.0)("skip", "the outputs do not depend on the input "
+                       "(input_independent_baseline's finding).")
+  value = float(np.max(np.abs(fm - (fa + fb) / 2))) / scale
+  step = "Skeleton: the model's output at the midpoint of two inputs vs the mean of theirs"
+  if value <= NONLINEAR_RTOL:
+    return result(value)("fail", f"{step}: equal (relative {value:.2g}): the model is affine "
+                         f"in its input although it stacks {weight_layers} weight layers: a "
+                         "missing activation between them (or a linear one, identity)?")
+  return result(value)("pass", f"{step}: differ (relative {value:.2g}): the layers compute a "
+                       "nonlinear function.")
+
+
+@register_check("nonlinearity", stage="init", needs=("eval_mode",))
+def check_nonlinearity(ctx) -> CheckResult:
+  """Sixteen held-out examples at init; weight layers = parameter leaves with ndim > 1 that
+  are not biases or scales (embeddings and kernels)."""
+  from jrecipe.optim import decay_mask
+  layers = sum(bool(m) for m in jax.tree.leaves(decay_mask(ctx.variables["params"])))
+  return nonlinearity(ctx.model.apply, ctx.variables, ctx.x_val[:16], weight_layers=layers)

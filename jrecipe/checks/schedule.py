@@ -14,7 +14,8 @@ from jrecipe.checks.registry import register_check
 
 EARLY_FRACTION = 0.10  # FAIL: below FAIL_RATIO * peak within the first 10% of the run
 FAIL_RATIO = 1e-3
-HALF_FRACTION = 0.50  # WARN: below WARN_RATIO * peak within the first 50% of the run
+HALF_FRACTION = 0.50  # WARN: below WARN_RATIO * peak within the first 50% of the run,
+# FAIL: below FAIL_RATIO * peak there (half the run or more at under 1e-3 of the rate)
 WARN_RATIO = 1e-2
 _MAX_EVAL_STEPS = 200_000  # longer runs are sampled at this many evenly spaced steps
 
@@ -77,7 +78,8 @@ def lr_schedule(schedule_fn: Callable, *, total_steps: int, steps_per_epoch: int
 
   Thresholds: FAIL when the rate is below 1e-3 x peak at any step within the first 10% of
   the run (the run is then effectively over after a tenth of it: the ImageNet default on a
-  small dataset); WARN when it is below 1e-2 x peak within the first 50% (half the budget at
+  small dataset), or below it within the first 50% (half the run at a rate 1000x too small);
+  WARN when it is below 1e-2 x peak within the first 50% (half the budget at
   a rate 100x too small to learn); WARN when step-decay boundaries lie at or beyond the end
   of the run (written for another dataset size: they never apply). A schedule that is zero
   or not finite everywhere fails.
@@ -154,6 +156,9 @@ def decay_limits(steps: np.ndarray, ratio: np.ndarray, total: int, details: dict
   details.update(peak_step=t_peak, min_ratio_first_half=value, fail_step=early,
                  fail_ratio=float(ratio[steps == early][0]) if early is not None else None,
                  warn_step=first_below(HALF_FRACTION, WARN_RATIO))
+  dead = first_below(HALF_FRACTION, FAIL_RATIO)
+  details.update(dead_step=dead,
+                 dead_ratio=float(ratio[steps == dead][0]) if dead is not None else None)
   return value
 
 
@@ -173,6 +178,12 @@ def schedule_problems(details: dict, boundaries: list, total: int,
     status = "fail"
     problems.append(f"the rate falls to {details['fail_ratio']:.2g} x peak by {at(early)}, "
                     f"within the first {int(EARLY_FRACTION * 100)}% of the run")
+  elif details.get("dead_step") is not None:
+    status = "fail"
+    problems.append(f"the rate falls to {details['dead_ratio']:.2g} x peak by "
+                    f"{at(details['dead_step'])}, within the first "
+                    f"{int(HALF_FRACTION * 100)}% of the run: half the run or more at under "
+                    f"{FAIL_RATIO:g} x its rate")
   elif half is not None:
     status = "warn"
     problems.append(f"the rate falls below {WARN_RATIO:g} x peak by {at(half)}, within the "

@@ -32,7 +32,8 @@ NEIGHBOUR_SHIFT = 2  # pixels of translation the neighbour distance forgives
 NEIGHBOUR_MAX_SIDE = 16  # images are average-pooled to at most this side first
 
 
-def dropout_varies(apply: Callable, variables, x, keys, *, has_dropout: bool) -> CheckResult:
+def dropout_varies(apply: Callable, variables, x, keys, *, has_dropout: bool,
+                   stateless: bool = False) -> CheckResult:
   """'Regularize: dropout' (recipe stage 4): the dropout mask changes from step to step.
 
   Measures train-mode outputs for two steps' dropout keys (`keys`: the keys steps 0 and 1
@@ -41,17 +42,22 @@ def dropout_varies(apply: Callable, variables, x, keys, *, has_dropout: bool) ->
   model, the rngs not passed on, a rate of 0), or when one key gives two different outputs
   (randomness outside the key). A model without dropout whose outputs still vary warns
   (`has_dropout` is then wrong and the overfit check leaves the noise on); without
-  variation it is skipped. Deterministic eval is `eval_mode`'s (a precondition).
+  variation it is skipped, unless the model keeps no state (`stateless`) and its train-mode
+  output still differs from its eval-mode output: a mask drawn from a key fixed inside the
+  model (which then asks for no dropout rng, so `has_dropout` reads False) fails.
+  Deterministic eval is `eval_mode`'s (a precondition).
   """
   k0, k1 = keys
   fn = jax.jit(lambda v, xx, a, b: (apply(v, xx, True, {"dropout": a}),
                                     apply(v, xx, True, {"dropout": a}),
-                                    apply(v, xx, True, {"dropout": b})))
-  out_a, again, out_b = fn(variables, jnp.asarray(x), k0, k1)
+                                    apply(v, xx, True, {"dropout": b}),
+                                    apply(v, xx, False, None)))
+  out_a, again, out_b, out_eval = fn(variables, jnp.asarray(x), k0, k1)
   across, repeat = _max_rel_diff(out_a, out_b), _max_rel_diff(out_a, again)
+  train_vs_eval = _max_rel_diff(out_a, out_eval)
   result = verdict("dropout_varies", value=across, expected=f"> {VARY_RTOL:g}",
                    details={"across_steps": across, "same_key": repeat,
-                            "has_dropout": bool(has_dropout)})
+                            "train_vs_eval": train_vs_eval, "has_dropout": bool(has_dropout)})
   step = "Regularize, dropout: train-mode outputs at steps 0 and 1"
   if repeat > VARY_RTOL:
     return result("fail", f"{step}: one dropout key gives two different outputs (relative "
@@ -61,6 +67,11 @@ def dropout_varies(apply: Callable, variables, x, keys, *, has_dropout: bool) ->
     if across > VARY_RTOL:
       return result("warn", f"{step} differ (relative {across:.2g}) though the model declares "
                     "no dropout (has_dropout=False): the overfit check will not switch it off.")
+    if stateless and train_vs_eval > VARY_RTOL:
+      return result("fail", f"{step} are identical, yet train mode differs from eval mode "
+                    f"(relative {train_vs_eval:.2g}) in a model without state: a dropout mask "
+                    "drawn from a key fixed inside the model (PRNGKey(0), rng=... passed to "
+                    "the layer), so it never changes.")
     return result("skip", f"{step}: the model has no dropout and its outputs do not depend on "
                   "the key.")
   if across <= VARY_RTOL:
@@ -278,8 +289,9 @@ def _two_steps(ctx) -> tuple:
 def check_dropout_varies(ctx) -> CheckResult:
   """Sixteen training examples at init, with the dropout keys of steps 0 and 1."""
   _, drop = _two_steps(ctx)
+  stateless = not ctx.model.has_batchnorm and not set(ctx.variables) - {"params"}
   return dropout_varies(ctx.model.apply, ctx.variables, ctx.x[:16], drop,
-                        has_dropout=bool(ctx.model.has_dropout))
+                        has_dropout=bool(ctx.model.has_dropout), stateless=stateless)
 
 
 @register_check("augmentation_varies", stage="regularize", needs=("data_before_net",))

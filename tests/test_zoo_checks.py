@@ -1,0 +1,93 @@
+"""The check rules the planted-bug zoo (jrecipe/zoo) made: each with its bug and correct twin,
+and both sides of their thresholds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jrecipe.checks import data as data_checks
+from jrecipe.checks import optimizer as opt_checks
+
+PARAMS = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+          "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+
+
+def _schedule(tx, **kw):
+  return opt_checks.effective_schedule(tx, PARAMS, total_steps=100, steps_per_epoch=10, **kw)
+
+
+def test_effective_schedule_fails_a_frozen_layer_and_passes_it_when_frozen_on_purpose():
+  labels = lambda p: {k: jax.tree.map(lambda _: "frozen" if k == "Dense_0" else "train", v)
+                      for k, v in p.items()}
+  frozen = optax.multi_transform({"train": optax.adam(1e-3), "frozen": optax.set_to_zero()},
+                                 labels)
+  bad = _schedule(frozen)
+  assert bad.status == "fail" and "never updated" in bad.message, bad.message
+  assert sorted(bad.details["frozen_leaves"]) == ["['Dense_0']['bias']", "['Dense_0']['kernel']"]
+  assert _schedule(frozen, frozen_ok=True).status == "pass"  # config.init_from_freeze
+  assert _schedule(optax.adam(1e-3)).status == "pass"
+
+
+def test_effective_schedule_fails_gradient_ascent():
+  bad = _schedule(optax.chain(optax.scale_by_adam(), optax.scale(1e-3)))
+  assert bad.status == "fail" and "UP the gradient" in bad.message, bad.message
+  good = _schedule(optax.chain(optax.scale_by_adam(), optax.scale(-1e-3)))
+  assert good.status == "pass", good.message
+
+
+def test_split_leakage_both_sides_of_its_threshold():
+  x = np.random.RandomState(0).randn(400, 5).astype(np.float32)
+  train, test = x[:300], x[300:]  # 100 test examples: fail above 1 copy (1%)
+  arrays = lambda k: {"train": {"x": np.concatenate([train, test[:k]])}, "test": {"x": test}}
+  assert data_checks.split_leakage(arrays(0)).status == "pass"
+  assert data_checks.split_leakage(arrays(1)).status == "warn"  # 1% is inside
+  over = data_checks.split_leakage(arrays(2))
+  assert over.status == "fail" and "leaked" in over.message
+  assert over.details["copies_in_train"]["test"] == [2, 100]
+
+
+def test_lr_schedule_below_a_thousandth_within_the_first_half_fails_both_sides():
+  """1e-3 x peak reached at 40% of the run fails; 1.1e-3 x peak at 50% only warns."""
+  from jrecipe.checks import schedule as schedule_checks
+  total = 1000
+  reach = lambda ratio, at: (lambda t: 0.1 * jnp.power(ratio, jnp.minimum(t / at, 1.0)))
+  dead = schedule_checks.lr_schedule(reach(0.9e-3, 400), total_steps=total, steps_per_epoch=100)
+  assert dead.status == "fail" and "first 50%" in dead.message, dead.message
+  assert 0.1 * total < dead.details["dead_step"] <= 400
+  low = schedule_checks.lr_schedule(reach(1.1e-3, 500), total_steps=total, steps_per_epoch=100)
+  assert low.status == "warn" and low.details["dead_step"] is None, low.message
+
+
+def test_dropout_varies_fails_a_fixed_key_the_model_does_not_declare():
+  """A mask from PRNGKey(0) asks for no dropout rng (has_dropout reads False): train mode
+  still differs from eval, so it fails; the correct dropout passes; no dropout skips."""
+  from jrecipe.checks import stochastic
+  from tests import planted
+  x = np.random.RandomState(0).randn(16, 8, 8, 1).astype(np.float32)
+  keys = (jax.random.PRNGKey(1), jax.random.PRNGKey(2))
+
+  def run(has_dropout, **bug):
+    model = planted.linen_model(planted._MLP(10, **bug), has_dropout=has_dropout)  # pylint: disable=protected-access
+    v = model.init(jax.random.PRNGKey(0), x[:2])
+    return stochastic.dropout_varies(model.apply, v, x, keys, has_dropout=has_dropout,
+                                     stateless=True)
+  bad = run(False, fixed_dropout_key=True)
+  assert bad.status == "fail" and "fixed inside the model" in bad.message, bad.message
+  assert run(True).status == "pass"
+  ident = lambda v, xx, train=False, rngs=None: xx.reshape((xx.shape[0], -1))
+  no_dropout = stochastic.dropout_varies(ident, {}, x, keys, has_dropout=False, stateless=True)
+  assert no_dropout.status == "skip", no_dropout.message
+
+
+def test_eval_mode_leaves_batch_mixing_to_batch_independence_in_a_stateless_model():
+  """A stateless model mixing the batch by value is batch_independence's root cause; with
+  state (BatchNorm) the same dependence is eval_mode's."""
+  from jrecipe.checks.outputs import eval_mode
+  from tests import planted
+  x = np.random.RandomState(0).randn(8, 8, 8, 1).astype(np.float32)
+  model = planted.linen_model(planted._MLP(10, mix_batch=True), has_dropout=True)  # pylint: disable=protected-access
+  v = model.init(jax.random.PRNGKey(0), x[:2])
+  left = eval_mode(model.apply, v, x, stateless=True)
+  assert left.status == "pass" and left.details["batch_mixing"], left.message
+  assert eval_mode(model.apply, v, x, stateless=False).status == "fail"
