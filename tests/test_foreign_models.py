@@ -225,3 +225,17 @@ def test_init_bias_passes_default_flax_heads_and_warns_on_a_2x_init():
     kl[(widths, act, scale)] = (r.status, round(r.details["kl_with"], 3))
   assert [s for (_, _, sc), (s, _) in kl.items() if sc == 1.0] == ["pass"] * 3, kl
   assert kl[((256, 256), "relu", 2.0)][0] == "warn", kl
+
+
+def test_loss_at_init_reads_a_nested_head_bias(built):
+  """A data-derived bias at classifier/out/bias is the reference, not ('head', 'bias')."""
+  from jrecipe.checks.init import loss_at_init
+  from jrecipe.experiment import set_head_bias
+  exp = built["nested_head"]
+  v = exp.init_variables(jax.random.key(0), init_bias=False)
+  bias = np.array([4.0] + [0.0] * 9, np.float32)  # far from uniform: ln 10 would be wrong
+  v = set_head_bias(v, bias, exp.model.head_path)
+  x, y = exp.data.arrays["validation"]["x"][:256], exp.data.arrays["validation"]["y"][:256]
+  r = loss_at_init(exp.model, exp.loss, v, x, y, num_classes=10)
+  assert r.details["head_bias_set"] and r.status == "pass", r.message
+  assert r.details["reference"] > 3.0  # the loss of the constant bias, not ln 10 = 2.30
