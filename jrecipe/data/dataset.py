@@ -211,7 +211,7 @@ def _stored_splits(name: str, data_dir: str) -> tuple[dict, dict]:
     if name.startswith(TFDS_PREFIX):
       meta, stored = read_tfds(name[len(TFDS_PREFIX):], data_dir)
     elif is_user_data(name):
-      meta, stored = read_user(name)
+      meta, stored = read_user(name, data_dir)
     else:
       meta, stored = read_builtin(name, data_dir)
     stored = {s: {k: _readonly(a) for k, a in d.items()} for s, d in stored.items()}
