@@ -4,37 +4,20 @@ Recipe step served: 'Become one with the data'. The builder is prepared into `da
 in the array_record format on first use (under the same lock as jrecipe's own builders: two
 processes never build at once), without TensorFlow, and read whole by random access into the
 dict a data function returns (`jrecipe.data.user`), so the splits are validated alike. TFDS
-keeps a prepared version: bump the builder's VERSION when its examples change.
+keeps a prepared version: bump the builder's VERSION when its examples change. TFDS writes the
+examples in an order shuffled by their keys unless the DatasetInfo says
+`disable_shuffling=True` (train_subset takes the first N of that order).
 """
 
-import inspect
 import os
 import numpy as np
 
 from jrecipe.errors import UserError
 
 
-def _with_code_path(cls: type) -> type:
-  """`cls`, or a subclass naming its own source file as `code_path`.
-
-  TFDS finds a builder's file (for its checksums) through the package `importlib_resources`,
-  which a TensorFlow-free install may lack (jrecipe.data.builders._Builder works around the
-  same); giving the path directly skips that lookup.
-  """
-  try:
-    cls.code_path  # noqa: B018 - the lookup that fails without importlib_resources
-    return cls
-  except ModuleNotFoundError:
-    from etils import epath
-    return type(cls.__name__, (cls,), {"code_path": epath.Path(inspect.getfile(cls)),
-                                       "name": cls.name, "__module__": cls.__module__},
-                skip_registration=True)
-
-
 def _prepared(name: str, cls: type, data_dir: str):
   """The builder of `cls` prepared (array_record) in data_dir; UserError if it cannot be."""
   from jrecipe.data import builders
-  cls = _with_code_path(cls)
 
   def make():
     try:
