@@ -132,3 +132,13 @@ def test_a_source_of_mismatched_shapes_exits_2_writing_nothing(tmp_path):
                "--config.data.name=tests.user_data:uneven_source", f"--workdir={wd}"])
   assert r.returncode == 2, r.stderr[-2000:]
   assert "element 7 has x (7, 8, 1)" in r.stderr and not wd.exists()
+
+
+def test_a_source_of_pairs_reads_in_order():
+  import grain
+  from jrecipe.data.user import read_source
+  x, y = np.arange(24, dtype=np.float32).reshape(6, 2, 2), np.arange(6) % 3
+  src = grain.MapDataset.source(range(6)).map(lambda i: (x[i], y[i]))
+  xs, ys = read_source("test", "train", src)
+  np.testing.assert_array_equal(xs, x)
+  np.testing.assert_array_equal(ys, y)

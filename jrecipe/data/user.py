@@ -11,9 +11,10 @@ sees exactly what the model sees. `config.data.name = 'mypkg.data:NAME'` names o
         'task': 'classification',                                 # or 'regression', 'sequence'
         'class_names': ('zero', ...)}                             # optional
 
-   A split may instead be a random-access data source (grain's protocol: anything with
-   `__len__` and `__getitem__`, e.g. `grain.MapDataset.source(ArrayRecordDataSource(paths))
-   .map(parse)`) whose elements are `(x, y)` pairs or dicts; a dict's input and label are
+   A split may instead be a random-access data source (grain's protocol: anything but a
+   tuple or list with `__len__` and `__getitem__`, e.g. `grain.MapDataset.source(
+   ArrayRecordDataSource(paths)).map(parse)`) whose elements are `(x, y)` pairs or dicts
+   (a tuple or list is always the split's (x, y) pair); a dict's input and label are
    `out['keys']` (e.g. `('image', 'label')`), else the first of `DICT_KEYS` it holds. Its
    elements are read once, in order, into arrays.
 2. A TFDS builder class (a `tfds.core.GeneratorBasedBuilder` subclass): prepared into
