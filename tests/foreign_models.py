@@ -78,8 +78,8 @@ class PartitionedMLP(nn.Module):
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))(x)
 
 
-def partitioned_mlp(spec, hidden: int = 32):
-  return PartitionedMLP(spec.num_classes, hidden)
+def partitioned_mlp(spec, width: int = 32):  # not `hidden`: digits_mlp's model has that field
+  return PartitionedMLP(spec.num_classes, width)
 
 
 # --- mixed precision: float32 compute, output cast back to the input's dtype -----------------

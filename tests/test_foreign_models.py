@@ -1,7 +1,9 @@
-"""Models written in the ecosystem's styles (tests/foreign_models.py), your own data and your
-own augmentation (tests/user_data.py), through every mode: no crash, no false alarm, and the
-planted bugs caught by the check made for them (issue 17)."""
+"""Models written in the ecosystem's styles (tests/foreign_models.py) through every mode (train
+with the monitor, check, inspect, ensemble, report; ablate on one): no crash, 0 FAIL in the
+battery, only the WARNs `JUSTIFIED_WARNS` explains, and the planted bugs caught by the check
+made for them (issue 17). Your own data: tests/test_user_data.py."""
 
+import json
 import os
 
 import jax
@@ -11,71 +13,136 @@ import pytest
 
 from jrecipe import experiment
 from jrecipe.checks.pytest_plugin import load_config
+from jrecipe.ablate import mode as ablate_mode
+from jrecipe.checks import runner as check_runner
 from jrecipe.checks.runner import run_battery
 from jrecipe.data_inspect import mode as inspect_mode
-from jrecipe.errors import UserError
+from jrecipe.ensemble import mode as ensemble_mode
 from jrecipe.report import mode as report_mode
 from jrecipe.train import loop
 from tests.helpers import REPO
 
 FAST = dict(budget_steps=40, batch_size=32, overfit_steps=300, gradcheck_burnin_steps=5)
 
-# style -> (adapter fields of the config's model section, the checks its adaptation touches)
+# style -> what plugging it into a shipped config takes beyond --config.model.name: the adapter
+# fields (docs/your_model.md), and `dim`, which the decoder's factory would otherwise inherit
+# from the transformer config's model (dim=64). Every factory is two lines with no **_.
 STYLES = {
-    "nnx_cnn": ({"width_field": "width"},
-                ["seed_determinism", "eval_mode", "state_updates", "gradient_check",
-                 "capacity_decreases_loss"]),
-    "partitioned_mlp": ({"width_field": "hidden"},
-                        ["init_bias", "gradient_check", "capacity_decreases_loss"]),
-    "float32_inside": ({}, ["gradient_check", "loss_at_init"]),
-    "with_extras": ({"output": 0}, ["logits_not_probabilities", "eval_mode", "dropout_varies"]),
-    "zero_head": ({"width_field": "width"},
-                  ["logits_not_probabilities", "init_bias", "capacity_decreases_loss"]),
-    "nested_head": ({}, ["init_bias"]),
-    "tiny_resnet": ({}, ["eval_mode", "state_updates", "gradient_check"]),
-    "shifting_decoder": ({"shifts_inputs": True}, ["loss_at_init", "causal_dependency"]),
+    "nnx_cnn": {"width_field": "width"},
+    "partitioned_mlp": {"width_field": "width"},
+    "float32_inside": {},
+    "with_extras": {"output": 0},
+    "zero_head": {"width_field": "width"},
+    "nested_head": {"width_field": "width"},
+    "tiny_resnet": {"width_field": "width"},
+    "shifting_decoder": {"shifts_inputs": True, "width_field": "dim", "dim": 32},
 }
 SEQUENCE = {"shifting_decoder", "leaky_decoder"}
+# The battery's WARNs on these styles, each a true statement about the model (0 FAIL anywhere):
+JUSTIFIED_WARNS = {
+    # BatchNorm couples a batch in training by design; the check says so ("legitimately") and
+    # warns on jrecipe's own BatchNorm models alike; eval mode is verified independent.
+    ("nnx_cnn", "batch_independence"): "BatchNorm's batch statistics legitimately couple",
+    ("tiny_resnet", "batch_independence"): "BatchNorm's batch statistics legitimately couple",
+    # A LayerNorm right before a default-initialised Dense gives logits of std ~1 at init:
+    # the loss starts well above ln 10, which is what 'verify loss @ init' is for (big_vision
+    # zero-initialises its head for this reason; zero_head passes).
+    ("nested_head", "loss_at_init"): "above the expected value",
+    ("shifting_decoder", "loss_at_init"): "above the expected value",  # the same, with LM1B's
+    # final LayerNorm; jrecipe's own transformer uses a normal(0.02) head for this reason
+}
+# Where 'init well' sets the data-derived bias: the final layer's, wherever it sits.
+HEADS = {"nnx_cnn": ("linear", "bias"), "partitioned_mlp": ("wo", "bias"),
+         "float32_inside": ("Dense_1", "bias"), "with_extras": ("Dense_1", "bias"),
+         "zero_head": ("head", "bias"), "nested_head": ("classifier", "out", "bias"),
+         "tiny_resnet": ("Dense_0", "bias"), "shifting_decoder": ("logits", "bias")}
 
 
 def config_for(factory: str, **model_fields):
-  """A shipped config (digits MLP, or the digits-sequence transformer) on `factory`."""
+  """A shipped config (digits MLP, or the digits-sequence transformer) on `factory`, as the
+  command line plugs it in: `--config.model.name=...` and `--config.model.<field>=...`."""
+  from jrecipe.cli_config import load_config_with_overrides
   base = "digits_seq_transformer.py" if factory in SEQUENCE else "digits_mlp.py"
-  cfg = load_config(os.path.join(REPO, "configs", base))
-  cfg.model = ml_collections.ConfigDict({"name": f"tests.foreign_models:{factory}",
-                                         **model_fields})
+  cfg = load_config_with_overrides(os.path.join(REPO, "configs", base), [
+      f"--config.model.name=tests.foreign_models:{factory}",
+      *[f"--config.model.{k}={v}" for k, v in model_fields.items()]])
   for k, v in FAST.items():
     cfg.checks[k] = v
+  cfg.num_epochs = 0.5
+  cfg.progress = False
+  cfg.monitor.every_steps = 2
+  cfg.monitor.probe_every_steps = 4
+  cfg.inspect.label_neighbors = 0  # the k-NN label vote sees only the data: test_inspect
   return cfg
+
+
+@pytest.fixture(scope="module", params=sorted(STYLES))
+def run(request, tmp_path_factory):
+  """One style through train (monitor on), check, inspect, report and ensemble, in process."""
+  name = request.param
+  cfg = config_for(name, **STYLES[name])
+  wd = str(tmp_path_factory.mktemp(name))
+  exp = experiment.build(cfg)
+  out = {"name": name, "exp": exp, "workdir": wd,
+         "summary": loop.train_and_evaluate(cfg, wd, exp=exp),
+         "check": check_runner.run_mode(cfg, wd),
+         "inspect": inspect_mode.run_mode(cfg, wd)}
+  with open(os.path.join(wd, "checks.json")) as f:
+    out["checks"] = {c["name"]: c for c in json.load(f)["checks"]}
+  ens = cfg.copy_and_resolve_references()
+  ens.ensemble.source, ens.ensemble.members = "ema", wd
+  out["ensemble"] = ensemble_mode.run_mode(ens, os.path.join(wd, "ensemble"))
+  out["report"] = report_mode.run_mode(None, wd)
+  return out
+
+
+def test_every_mode_runs(run):
+  wd = run["workdir"]
+  assert (run["check"], run["inspect"], run["ensemble"], run["report"]) == (0, 0, 0, 0)
+  assert "accuracy" in run["summary"]["test"]
+  for path in ("report.html", "checks.json", "inspect", "ensemble/ensemble.json"):
+    assert os.path.exists(os.path.join(wd, path)), path
+  assert run["exp"].model.head == HEADS[run["name"]]
+
+
+def test_the_battery_has_no_fail_and_only_justified_warns(run):
+  checks = run["checks"]
+  bad = {n: (c["status"], c["message"]) for n, c in checks.items()
+         if c["status"] == "fail" or (c["status"] == "warn" and JUSTIFIED_WARNS.get(
+             (run["name"], n), "\0") not in c["message"])}
+  assert not bad, bad
+  assert checks["capacity_decreases_loss"]["status"] == (
+      "skip" if run["name"] in ("float32_inside", "with_extras") else "pass")
+  if run["name"] == "float32_inside":  # not a FAIL: the model computes in float32 by design
+    g = checks["gradient_check"]
+    assert g["status"] == "skip" and "inconclusive: the model computes in float32" in g["message"]
 
 
 @pytest.fixture(scope="module")
 def built():
-  return {name: experiment.build(config_for(name, **fields))
-          for name, (fields, _) in STYLES.items()}
+  return {name: experiment.build(config_for(name, **STYLES[name]))
+          for name in ("nested_head", "partitioned_mlp", "nnx_cnn")}
 
 
-@pytest.mark.parametrize("name", sorted(STYLES))
-def test_the_checks_each_adaptation_touches_pass(built, name):
-  results = run_battery(built[name], only=STYLES[name][1])
-  bad = {r.name: (r.status, r.message) for r in results if r.status in ("fail", "warn")}
-  assert not bad, bad
-  by_name = {r.name: r for r in results}
-  if name == "float32_inside":  # not a FAIL: the model computes in float32 by design
-    g = by_name["gradient_check"]
-    assert g.status == "skip" and "inconclusive: the model computes in float32" in g.message
-
-
-def test_heads_are_found_wherever_they_sit(built):
-  heads = {n: built[n].model.head for n in ("nested_head", "zero_head", "partitioned_mlp",
-                                              "nnx_cnn", "shifting_decoder")}
-  assert heads == {"nested_head": ("classifier", "out", "bias"), "zero_head": ("head", "bias"),
-                   "partitioned_mlp": ("wo", "bias"), "nnx_cnn": ("linear", "bias"),
-                   "shifting_decoder": ("logits", "bias")}
+def test_init_well_sets_a_nested_head_from_the_data(built):
   exp = built["nested_head"]
   v = exp.init_variables(jax.random.key(0))
   np.testing.assert_allclose(np.asarray(v["params"]["classifier"]["out"]["bias"]),
                              exp.head_bias(), rtol=1e-6)
+
+
+def test_loss_at_init_reads_a_nested_head_bias(built):
+  """A data-derived bias at classifier/out/bias is the reference, not ('head', 'bias')."""
+  from jrecipe.checks.init import loss_at_init
+  from jrecipe.experiment import set_head_bias
+  exp = built["nested_head"]
+  v = exp.init_variables(jax.random.key(0), init_bias=False)
+  bias = np.array([4.0] + [0.0] * 9, np.float32)  # far from uniform: ln 10 would be wrong
+  v = set_head_bias(v, bias, exp.model.head_path)
+  x, y = exp.data.arrays["validation"]["x"][:256], exp.data.arrays["validation"]["y"][:256]
+  r = loss_at_init(exp.model, exp.loss, v, x, y, num_classes=10)
+  assert r.details["head_bias_set"] and r.status == "pass", r.message
+  assert r.details["reference"] > 3.0  # the loss of the constant bias, not ln 10 = 2.30
 
 
 def test_params_are_unboxed_and_the_built_nnx_module_follows_the_seed(built):
@@ -92,7 +159,7 @@ def test_params_are_unboxed_and_the_built_nnx_module_follows_the_seed(built):
 
 
 @pytest.mark.parametrize("factory, fields, check", [
-    ("leaky_decoder", {"shifts_inputs": True}, "causal_dependency"),  # mask sees t+1
+    ("leaky_decoder", {"shifts_inputs": True, "dim": 32}, "causal_dependency"),  # sees t+1
     ("nnx_bn_batch_stats_at_eval", {}, "eval_mode"),  # BatchNorm on batch statistics at eval
     ("batch_mixing", {}, "batch_independence"),  # a flatten that mixes the batch
 ])
@@ -101,76 +168,26 @@ def test_planted_bug_in_a_foreign_model_is_caught_by_its_check(factory, fields, 
   assert {r.name: r.status for r in result}[check] == "fail"
 
 
-@pytest.mark.parametrize("name", ["nnx_cnn", "with_extras", "tiny_resnet", "shifting_decoder"])
-def test_every_mode_runs(name, tmp_path):
-  cfg = config_for(name, **STYLES[name][0])
-  cfg.num_epochs = 0.5
-  cfg.progress = False
-  cfg.monitor.every_steps = 2
-  cfg.monitor.probe_every_steps = 4
-  wd = str(tmp_path / name)
-  summary = loop.train_and_evaluate(cfg, wd)
-  assert "test" in summary and os.path.exists(os.path.join(wd, "report.html"))
-  assert inspect_mode.run_mode(cfg, wd) == 0
-  assert report_mode.run_mode(None, wd) == 0
-
-
-# --- your own data and augmentation (docs/your_data.md) ----------------------------------------
-
-def user_data_config(**data):
-  cfg = load_config(os.path.join(REPO, "configs", "digits_mlp.py"))
-  cfg.data.name = "tests.user_data:load"
-  for k, v in data.items():
-    cfg.data.augment[k] = v
-  for k, v in FAST.items():
-    cfg.checks[k] = v
-  cfg.num_epochs = 1
-  cfg.progress = False
-  return cfg
-
-
-def test_your_data_and_augmentation_train_check_inspect_report(tmp_path):
-  cfg = user_data_config(fn="tests.user_data:rotate_with_label")
-  exp = experiment.build(cfg)
-  assert exp.spec.splits == {"train": 1257, "validation": 270, "test": 270}
-  wd = str(tmp_path / "run")
-  summary = loop.train_and_evaluate(cfg, wd, exp=exp)
-  assert summary["test"]["accuracy"] > 0.5
-  results = run_battery(exp, only=["data_before_net", "input_independent_baseline"])
-  assert all(r.status == "pass" for r in results), [(r.name, r.message) for r in results]
-  assert inspect_mode.run_mode(cfg, wd) == 0 and report_mode.run_mode(None, wd) == 0
-
-
-def test_the_augmentation_changes_labels_with_the_inputs():
-  import jax.numpy as jnp
-  exp = experiment.build(user_data_config(fn="tests.user_data:rotate_with_label"))
-  fn = exp.augment_fn()
-  y = jnp.asarray([6, 9, 3, 0] * 16, jnp.int32)
-  x = jnp.broadcast_to(jnp.arange(64.0).reshape(1, 8, 8, 1), (64, 8, 8, 1))
-  x2, y2 = fn(x, jax.random.key(0), y)
-  turned = np.asarray(y2 != y)
-  assert turned.any() and set(np.asarray(y)[turned].tolist()) <= {6, 9}
-  np.testing.assert_array_equal(np.asarray(x2)[turned], np.asarray(x)[turned][:, ::-1, ::-1])
-  assert np.all(np.asarray(y2)[np.asarray(y) == 3] == 3)
-
-
-@pytest.mark.parametrize("change, needle", [
-    ({"data": "tests.user_data:mismatched"}, "mismatched 'validation' arrays"),
-    ({"fn": "tests.user_data:crop_to_six"}, "changes the inputs from (2, 8, 8, 1)"),
-    ({"model": {"name": "tests.foreign_models:zero_head", "widht": 8}}, "widht"),
-])
-def test_bad_input_is_one_paragraph(change, needle):
-  cfg = user_data_config(**({"fn": change["fn"]} if "fn" in change else {}))
-  if "data" in change:
-    cfg.data.name = change["data"]
-  if "model" in change:
-    cfg.model = ml_collections.ConfigDict(change["model"])
-  with pytest.raises(UserError) as e:
-    experiment.build(cfg)
-  assert needle in str(e.value) and "\n" not in str(e.value)
+def test_ablate_sets_your_own_field(tmp_path):
+  """--mode=ablate on a user factory: the variant's override is the factory's own field."""
+  cfg = config_for("zero_head", width=32)  # an ablated field must be in the config
+  cfg.ablate.seeds = 1
+  cfg.ablate.variants = ("narrow: model.width=8 -> same",)
+  assert ablate_mode.run_mode(cfg, str(tmp_path)) == 0
+  with open(tmp_path / "ablate" / "narrow" / "seed0" / "config.json") as f:
+    assert json.load(f)["model"]["width"] == 8
 
 
 # --- a shipped config pointed at your factory, your fields on the command line ------------------
+
+def test_every_adapter_is_two_lines_without_double_star():
+  """The acceptance's line count: each factory is `def` + `return`; STYLES holds the rest."""
+  import inspect
+  from tests import foreign_models
+  for name in [*STYLES, "leaky_decoder", "nnx_bn_batch_stats_at_eval", "batch_mixing"]:
+    source = inspect.getsource(getattr(foreign_models, name)).strip().splitlines()
+    assert len(source) == 2 and "**" not in "".join(source), source
+
 
 def test_a_shipped_config_takes_your_factory_and_its_own_fields():
   from jrecipe.cli_config import load_config_with_overrides
@@ -225,3 +242,4 @@ def test_init_bias_passes_default_flax_heads_and_warns_on_a_2x_init():
     kl[(widths, act, scale)] = (r.status, round(r.details["kl_with"], 3))
   assert [s for (_, _, sc), (s, _) in kl.items() if sc == 1.0] == ["pass"] * 3, kl
   assert kl[((256, 256), "relu", 2.0)][0] == "warn", kl
+

@@ -55,8 +55,9 @@ def loss_at_init(model: Model, loss: Loss, variables: dict, x, y, *,
   """'Verify loss @ init' (recipe stage 2; CS231n 'look for correct loss at chance').
 
   Measures the data loss (no regularisation) at initialisation and compares it with the
-  loss of the outputs a vanishingly small init produces (the 'head' bias broadcast over
-  the outputs, zeros when there is none), computed from the loss's FORMULA
+  loss of the outputs a vanishingly small init produces (the head bias, at the model's
+  `head_path` wherever the final layer sits, broadcast over the outputs; zeros when there
+  is none), computed from the loss's FORMULA
   (`jrecipe.losses.closed_form_at_constant`: ln C for softmax cross-entropy, per token for
   sequences; (C-1) x margin for the Weston-Watkins SVM; the target variance (+ mean^2 at a
   zero bias) for L2; the Huber of the targets), never from the code under test: a loss
@@ -87,7 +88,7 @@ def loss_at_init(model: Model, loss: Loss, variables: dict, x, y, *,
   """
   ev = evaluate(model, loss, variables, x, y)
   measured = ev["loss"]
-  bias = head_bias(variables)
+  bias = head_bias(variables, model.head_path)  # wherever the head sits (models.contract)
   bias_set = bias is not None and bool(np.any(np.abs(bias) > 1e-6))
   const = bias if bias_set else None
   own = _constant_reference(loss, ev["outputs"], y, const)

@@ -150,7 +150,9 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
       fields taking the base config's defaults) with fields
       name: 'digits', 'mnist5k', 'digits_seq', or 'tfds:<name>' (any TFDS dataset with 'image'
         and 'label' features already prepared in data_dir in the array_record format; its
-        validation split is 'validation' if present, else the last 10% of 'train').
+        validation split is 'validation' if present, else the last 10% of 'train'), or an
+        import path 'pkg.module:Name' to your own data: a function returning arrays or
+        random-access sources per split, or a TFDS builder class (docs/your_data.md).
       data_dir: TFDS data directory; '' = $JRECIPE_DATA_DIR or ~/.cache/jrecipe/tfds.
       normalize: (default True) images become (x - mean) / std with scalar mean and std computed
         on the whole training split only (stored in spec.mean / spec.std). Sequence token ids
@@ -211,7 +213,7 @@ def _stored_splits(name: str, data_dir: str) -> tuple[dict, dict]:
     if name.startswith(TFDS_PREFIX):
       meta, stored = read_tfds(name[len(TFDS_PREFIX):], data_dir)
     elif is_user_data(name):
-      meta, stored = read_user(name)
+      meta, stored = read_user(name, data_dir)
     else:
       meta, stored = read_builtin(name, data_dir)
     stored = {s: {k: _readonly(a) for k, a in d.items()} for s, d in stored.items()}
