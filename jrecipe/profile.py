@@ -129,12 +129,13 @@ def cost_flops(compiled) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
-def step_flops(step_fn, state, batch) -> float:
-  """FLOPs of one compiled train step for this state and device batch (0 if unknown)."""
+def step_flops(step_fn, *args) -> float:
+  """FLOPs of a jitted function's program for these arguments, e.g. a train step's for a
+  state and a device batch (0 when `step_fn` cannot be lowered)."""
   lower = getattr(step_fn, "lower", None)
   if lower is None:
     return 0.0
-  return cost_flops(lower(state, batch).compile())
+  return cost_flops(lower(*args).compile())
 
 
 def summarize(step_seconds: list, flops: float, peak_tflops: float) -> dict:
