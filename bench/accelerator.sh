@@ -7,6 +7,9 @@
 #                                          then bench/accelerator.py; everything into OUT
 #   bench/accelerator.sh --reduced [OUT]   the same on this CPU, tiny (tests/test_accelerator_bench.py)
 #
+# $PYTHON picks the interpreter; $JRECIPE_ACCEL_PYTEST_ARGS and $JRECIPE_ACCEL_BENCH_ARGS add
+# arguments to pytest and to bench/accelerator.py (e.g. --runners=jrecipe,hand).
+#
 # The GPU image holds Python 3.12, JAX with its CUDA plugin, flax, optax, orbax-checkpoint,
 # torch, numpy, matplotlib, absl-py, tqdm and pytest; jrecipe runs from this checkout
 # (PYTHONPATH), not pip-installed, since its pins name the CPU stack. Each stage has a time
@@ -73,7 +76,7 @@ tail -n 3 "$OUT/pytest.log"
 
 # 3. The benchmark, interleaved: jrecipe, a hand-written jax.jit loop, PyTorch.
 timeout $limit_bench $PY bench/accelerator.py --out "$OUT" "${bench_args[@]}" \
-  > "$OUT/bench.log" 2>&1
+  ${JRECIPE_ACCEL_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cat "$OUT/summary.txt" 2>/dev/null || tail -n 20 "$OUT/bench.log"
 echo "tests exit $tests_rc, bench exit $bench_rc; everything in $OUT"
