@@ -29,6 +29,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.runners import permutation_batches  # noqa: E402  (numpy only: every worker)
+
 SIZES = {  # --reduced: minutes of compile on a 2-core CPU become seconds
     "full": {"batch": 512, "width": 64, "steps": 50, "rounds": 5, "train": 16384},
     "reduced": {"batch": 16, "width": 4, "steps": 3, "rounds": 2, "train": 256},
@@ -66,15 +68,6 @@ def _config(args):
   c.optimizer.learning_rate = LEARNING_RATE
   c.progress, c.monitor.enabled = False, False
   return c
-
-
-def _permutations(n, batch, seed=0):
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  while True:
-    perm = rng.permutation(n)
-    for i in range(n // batch):
-      yield perm[i * batch:(i + 1) * batch]
 
 
 def jrecipe_runner(args):
@@ -127,7 +120,7 @@ def hand_runner(args):
 
   jstep = jax.jit(step, donate_argnums=(0, 1, 2))
   h = {"s": (variables["params"], variables["batch_stats"], tx.init(variables["params"]))}
-  order = _permutations(len(y_all), args.batch)
+  order = permutation_batches(len(y_all), args.batch)
   idx = next(order)
   flops = profile.step_flops(jstep, *h["s"], x_all[idx], y_all[idx])
 
@@ -168,7 +161,7 @@ def torch_runner(args):
     opt.step()
     return loss
 
-  order = _permutations(len(y_all), args.batch)
+  order = permutation_batches(len(y_all), args.batch)
 
   def run(n):
     for _ in range(n):

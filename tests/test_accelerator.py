@@ -19,7 +19,7 @@ from jrecipe import experiment, precision
 from jrecipe.config_base import base_config
 from jrecipe.train import loop, parallel
 from jrecipe.train.trainer import Trainer
-from tests.helpers import REPO, load_params
+from tests.helpers import REPO, load_params, set_fields
 
 pytestmark = pytest.mark.accelerator
 DATA = "bench.accelerator_data:cifar_shaped"
@@ -41,13 +41,7 @@ def accel_config(model="resnet18", **overrides):
   c.batch_size, c.eval_batch_size, c.num_epochs = 64, 256, 3
   c.optimizer.learning_rate = 3e-3
   c.progress, c.monitor.enabled, c.ema_decay = False, False, 0.0
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return set_fields(c, overrides)
 
 
 def test_train_bfloat16_resnet_on_this_backend(tmp_path):

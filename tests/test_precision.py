@@ -202,3 +202,15 @@ def test_gradient_check_runs_float64_on_the_full_precision_model():
   batch = {"x": exp.data.arrays["train"]["x"][:4], "y": exp.data.arrays["train"]["y"][:4]}
   direct = gradient_check_model(exp.model, exp.loss, variables, batch)
   assert direct.status == "warn" and "float32" in direct.message, direct.message
+
+
+def test_float16_run_resumed_from_its_checkpoint_is_bit_identical(tmp_path):
+  """The loss scale lives in the optimizer state, so it is checkpointed and resumed with it."""
+  from jrecipe.train import loop
+  from tests.helpers import load_params
+  over = {"precision": "float16", "monitor.enabled": False}
+  loop.train_and_evaluate(tiny_config(num_epochs=4, **over), str(tmp_path / "whole"))
+  loop.train_and_evaluate(tiny_config(num_epochs=2, **over), str(tmp_path / "halves"))
+  loop.train_and_evaluate(tiny_config(num_epochs=4, **over), str(tmp_path / "halves"))
+  a, b = load_params(str(tmp_path / "whole")), load_params(str(tmp_path / "halves"))
+  assert a and all(np.array_equal(a[k], b[k]) for k in a)
