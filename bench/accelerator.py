@@ -212,7 +212,13 @@ class Worker:
     self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv,
                                f"--worker={name}"], cwd=REPO, env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=self.log, text=True)
-    self.info = json.loads(self._read("READY"))
+    self.info = None
+
+  def ready(self):
+    """Waits for the worker to be built and warm; its info (FLOPs, peak, versions)."""
+    if self.info is None:
+      self.info = json.loads(self._read("READY"))
+    return self.info
 
   def _read(self, tag):
     for line in self.p.stdout:
@@ -275,8 +281,10 @@ def main(args):
   names = [n for n in args.runners.split(",") if n]
   workers, t0 = {}, time.perf_counter()
   try:
-    for name in names:  # one at a time: compiles do not compete for the cores
+    for name in names:  # built side by side (the compiles dominate the start), timed apart
       workers[name] = Worker(name, args, out)
+    for w in workers.values():
+      w.ready()
     times = {n: [] for n in names}
     for r in range(args.rounds):
       order = names[r % len(names):] + names[:r % len(names)]

@@ -5,7 +5,8 @@
 #   bench/accelerator.sh [OUT]             on the GPU machine: install what is missing from
 #                                          bench/wheels, run the tests marked `accelerator`,
 #                                          then bench/accelerator.py; everything into OUT
-#   bench/accelerator.sh --reduced [OUT]   the same on this CPU, tiny (tests/test_accelerator_bench.py)
+#   bench/accelerator.sh --reduced [OUT]   the same on this CPU, tiny
+#                                          (tests/test_accelerator_bench.py runs it)
 #
 # $PYTHON picks the interpreter; $JRECIPE_ACCEL_PYTEST_ARGS and $JRECIPE_ACCEL_BENCH_ARGS add
 # arguments to pytest and to bench/accelerator.py (e.g. --runners=jrecipe,hand).
@@ -42,7 +43,9 @@ fi
 OUT=${1:-$REPO/bench_out/accelerator-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-{ date -u; $PY -V; $PY -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'optax', optax.__version__)";
+{ date -u; $PY -V
+  $PY -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())
+print('flax', flax.__version__, 'optax', optax.__version__)"
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())";
   nvidia-smi 2>/dev/null || echo "no nvidia-smi"; } > "$OUT/env.txt" 2>&1
 
@@ -59,7 +62,7 @@ if (( ${#missing[@]} )); then
     echo "missing ${missing[*]} and no bench/wheels: run bench/accelerator.sh --download first" \
       | tee "$OUT/install.log" >&2
   else
-    timeout 120 $PY -m pip install --no-index --no-deps --find-links "$WHEELS" "${missing[@]}" \
+    timeout 60 $PY -m pip install --no-index --no-deps --find-links "$WHEELS" "${missing[@]}" \
       > "$OUT/install.log" 2>&1 || echo "install failed: see install.log" >&2
   fi
 else
@@ -67,8 +70,8 @@ else
 fi
 
 # 2. The tests marked `accelerator` (train, check, kill-and-resume, mesh, bfloat16).
-limit_tests=180; limit_bench=240; bench_args=()
-if [[ $MODE == reduced ]]; then limit_tests=120; limit_bench=240; bench_args=(--reduced); fi
+limit_tests=170; limit_bench=230; bench_args=()
+if [[ $MODE == reduced ]]; then limit_tests=200; limit_bench=300; bench_args=(--reduced); fi
 timeout $limit_tests $PY -m pytest -q -m accelerator tests/test_accelerator.py \
   ${JRECIPE_ACCEL_PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
 tests_rc=$?

@@ -8,7 +8,6 @@ from torchvision so that the CPU's reduced run needs no torchvision and the two 
 layer for layer (torchvision's resnet18 has the ImageNet stem).
 """
 
-import torch
 from torch import nn
 import torch.nn.functional as F
 

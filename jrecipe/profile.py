@@ -216,7 +216,7 @@ class ProfileHook(Hook):
     write_json_atomic(os.path.join(self.dir, "summary.json"), record)
     if self.writer is not None:
       self.writer.write(loop.step, {k: record[k] for k in (
-          "median_step_seconds", "flops_per_step", "achieved_tflops", "mfu")},
+          "step_seconds", "median_step_seconds", "flops_per_step", "achieved_tflops", "mfu")},
           split="profile", tensorboard=False)
     log.info("Profile of steps %d-%d in %s: median step %.4f s, %.3g FLOPs/step (XLA cost "
              "analysis), %.3g TFLOP/s = MFU %.1f%% of %.4g TFLOP/s (%s).", *record["steps"],

@@ -45,6 +45,7 @@ def test_summary_has_step_times_flops_and_mfu(profiled):
   records = [json.loads(l) for l in open(os.path.join(profiled, "metrics.jsonl"))]
   [rec] = [r for r in records if r["split"] == "profile"]
   assert rec["step"] == 8 and rec["mfu"] == s["mfu"]
+  assert rec["step_seconds"] == s["step_seconds"]  # the log carries every traced step's time
 
 
 def test_flops_of_a_known_matmul():
@@ -66,3 +67,33 @@ def test_bad_steps_are_refused_before_training(bad, tmp_path):
   with pytest.raises(UserError, match="START:END"):
     loop.train_and_evaluate(tiny_config(**{"profile.steps": bad}), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+PER_DEVICE = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from tests.helpers import tiny_config
+from jrecipe import experiment, profile
+from jrecipe.train import parallel
+from jrecipe.train.trainer import Trainer
+exp = experiment.build(tiny_config())
+out = {{}}
+for mode, n in (("single", 1), ("mesh", 2)):
+  tr = Trainer.from_experiment(exp, parallel.make_placement(mode, n))
+  state = tr.to_device(tr.initial_state())
+  out[mode] = profile.step_flops(tr.step, state, tr.placement.put_batch(next(tr.batches(0))))
+print(json.dumps(out))
+"""
+
+
+def test_flops_are_one_devices_program_under_a_mesh():
+  """So MFU divides by one device's peak: a 2-device mesh step counts about half the FLOPs."""
+  import subprocess
+  import sys
+  from tests.helpers import REPO
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  r = subprocess.run([sys.executable, "-c", PER_DEVICE.format(repo=REPO)], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  flops = json.loads(r.stdout.strip().splitlines()[-1])
+  assert 0.45 < flops["mesh"] / flops["single"] < 0.6, flops
