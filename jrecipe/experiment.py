@@ -19,6 +19,7 @@ import numpy as np
 from jrecipe import losses as losses_lib
 from jrecipe import models as models_lib
 from jrecipe import optim
+from jrecipe import precision
 from jrecipe import validate
 from jrecipe.data import pipeline
 from jrecipe.errors import UserError
@@ -61,15 +62,15 @@ class Experiment:
                               steps_per_epoch=self.steps_per_epoch,
                               total_steps=self.total_steps)
     if not (c.get("init_from") and c.get("init_from_freeze", False)):
-      return tx
+      return precision.wrap_optimizer(tx, c.precision)
     from jrecipe.train import init_from
     if optim.needs_value_fn(c.optimizer):
       raise UserError(f"init_from_freeze does not work with optimizer {c.optimizer.name!r}: its "
                       "line search would move the frozen parameters. Use adam or sgd to "
                       "fine-tune with frozen layers.")
     import optax
-    return optax.chain(tx, optax.masked(optax.set_to_zero(),
-                                        functools.partial(init_from.freeze_mask, c)))
+    return precision.wrap_optimizer(optax.chain(tx, optax.masked(
+        optax.set_to_zero(), functools.partial(init_from.freeze_mask, c))), c.precision)
 
   def augment_fn(self) -> Optional[Callable]:
     """`augment(x, rng) -> x` for the train step, or None when augmentation is off.
@@ -215,7 +216,8 @@ def build(config: ml_collections.ConfigDict, *, bn_axis_name: Optional[str] = No
   data = pipeline.load_dataset(config.data, seed=config.seed)
   spec = data.spec
   with _bad_input("model", config.model):
-    model = models_lib.build_model(config.model, spec, bn_axis_name=bn_axis_name)
+    model = models_lib.build_model(config.model, spec, bn_axis_name=bn_axis_name,
+                                   precision=config.precision)
   with _bad_input("loss", config.loss):
     loss = losses_lib.build_loss(config.loss, spec)
   if spec.task == "regression" and loss.expects != "values":

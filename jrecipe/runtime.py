@@ -255,7 +255,7 @@ def choose_cpu_devices(config, mode: str = "train", *, cores: int | None = None,
 
 
 def setup_processes(distributed: bool, config=None, mode: str = "train") -> int | None:
-  """XLA:CPU flags, device count, CPU dispatch mode and multi-host initialisation, in order.
+  """XLA:CPU flags (CPU-only hosts), device count, CPU dispatch mode and multi-host init.
 
   Called once per process before anything creates the JAX backend. With `distributed`,
   every host of the job runs this with the same config and joins the job through
@@ -267,7 +267,8 @@ def setup_processes(distributed: bool, config=None, mode: str = "train") -> int 
   import jax
   from jrecipe.errors import UserError
   from jrecipe.train import parallel
-  tune_cpu_xla(str(config.model.name) if config is not None else None)
+  if cpu_only_host():  # XLA:CPU flags are measured for the CPU; an accelerator host keeps XLA's
+    tune_cpu_xla(str(config.model.name) if config is not None else None)
   n = _env_int(ENV_NUM_CPU_DEVICES, 1)
   if n is None and config is not None and not _forced_by_flags():
     n, why = choose_cpu_devices(config, mode)

@@ -68,6 +68,8 @@ class Model:
       data-derived bias; None: ('head', 'bias') if present, else no head bias.
     axis_names: collective axis names the adapter binds around each call (a BatchNorm's
       hard-coded `axis_name` on one device; `jrecipe.models.linen_adapter.bind_axes`).
+    full_precision: under `config.precision` 'bfloat16'/'float16', the same model computing
+      in float32 (the gradient check's float64 reference; `jrecipe.precision`); else None.
   """
 
   init: Callable
@@ -80,6 +82,7 @@ class Model:
   widen: Optional[Callable] = None
   head: Optional[tuple] = None
   axis_names: tuple = ()
+  full_precision: Optional["Model"] = None
 
   @property
   def head_path(self) -> tuple:

@@ -155,6 +155,8 @@ def validate_config(config: Any) -> None:
                     f"{high!r}: ratio_low must be below ratio_high (the healthy band of the "
                     "update/weight ratio, e.g. 1e-4 to 1e-2).")
   _parallel(values)
+  from jrecipe.profile import parse_steps  # 'START:END', refused before anything is written
+  parse_steps(values.get("profile.steps", ""))
 
 
 def _import_path_form(values: dict, dotted: str) -> None:

@@ -27,6 +27,11 @@ def tiny_config(**overrides):
   c.batch_size = 64
   c.progress = False
   c.log_every_steps = 5
+  return set_fields(c, overrides)
+
+
+def set_fields(c, overrides: dict):
+  """`c` with each dotted field of `overrides` ('model.hidden': (32,)) set."""
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")

@@ -115,6 +115,8 @@ FROZEN_DEFAULTS = {'ablate': {'kind': 'add', 'metric': 'accuracy', 'seeds': 3, '
                    'weight_decay': 0.0},
      'parallel': {'cpu_devices': 0, 'distributed': False, 'mode': 'mesh', 'num_devices': 0},
      'plateau': {'enabled': False, 'factor': 0.5, 'min_scale': 0.001, 'patience': 2},
+     'precision': 'float32',
+     'profile': {'peak_tflops': 0.0, 'steps': ''},
      'progress': True,
      'schedule': {'boundaries': (),
                   'decay_factor': 0.1,

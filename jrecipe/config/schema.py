@@ -52,6 +52,10 @@ TOP = Section("", "Top-level fields: the seed, the batch, the run's length and r
                          lo=1),
     "debug_nans": F(False, "On a non-finite step, rerun it under jax_debug_nans to name the op."),
     "progress": F(True, "Progress bar with ETA on the console."),
+    "precision": F("float32", "Compute dtype: 'float32', 'bfloat16' or 'float16' (dynamic loss "
+                   "scaling); parameters, optimizer state, loss and metrics stay float32.",
+                   choices="jrecipe.precision:PRECISIONS",
+                   why="bfloat16 is the accelerators' mixed precision (docs/performance.md)."),
 })
 
 INIT_FROM = Section("", "Transfer: initialise parameters from another run (top-level fields).", {
@@ -173,6 +177,14 @@ PARALLEL = Section("parallel", "Where the step runs (jrecipe.train.parallel).", 
     "distributed": F(False, "Call jax.distributed.initialize() for a multi-host job."),
     "cpu_devices": F(0, "CPU-only host: host devices to create; 0 = auto by model family.",
                      **_NONNEG),
+})
+
+PROFILE = Section("profile", "Profiling a run (jrecipe.profile): a jax.profiler trace of some "
+                  "steps, their time, FLOPs and model FLOPs utilisation.", {
+    "steps": F("", "'START:END': trace global steps START+1..END into DIR/profile (TensorBoard "
+               "profile plugin, Perfetto); '' = off. Start after step 0 to skip the compile."),
+    "peak_tflops": F(0.0, "The device's peak TFLOP/s for MFU; 0 = from jrecipe.profile's table "
+                     "of accelerators, or a measured matmul peak on CPU.", **_NONNEG),
 })
 
 CHECKS = Section("checks", "--mode=check: the recipe's battery of checks (jrecipe.checks).", {
@@ -321,8 +333,8 @@ LABEL = Section("label", "--mode=label: the human baseline (you label a random s
 
 # In the order of docs/config.md. Top-level sections share the path ''.
 SECTIONS = (TOP, DATA, AUGMENT, MODEL, LOSS, OPTIMIZER, SCHEDULE, MOMENTUM_SCHEDULE, PLATEAU,
-            CHECKPOINT, PARALLEL, CHECKS, INIT_FROM, ENSEMBLE, INSPECT, MONITOR, SEARCH, LR_FIND,
-            ABLATE, LABEL)
+            CHECKPOINT, PARALLEL, PROFILE, CHECKS, INIT_FROM, ENSEMBLE, INSPECT, MONITOR, SEARCH,
+            LR_FIND, ABLATE, LABEL)
 
 
 def fields():

@@ -137,7 +137,8 @@ def check_fields(name: str, factory: Callable, fields: dict, kind: str = "model"
   return {**defaults, **fields}
 
 
-def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str] = None) -> Model:
+def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str] = None,
+                precision: str = "float32") -> Model:
   """Builds the model a config names, adapted to jrecipe's pure-apply contract.
 
   Recipe step: "don't be a hero": pick a registered model you cannot get wrong ('linear',
@@ -152,6 +153,8 @@ def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str
     spec: the dataset's `DataSpec`; it fixes the input shape and the output size
       (`output_dim`).
     bn_axis_name: the pmap axis name over which BatchNorm averages batch statistics, or None.
+    precision: the config's `precision`: 'float32', or 'bfloat16' / 'float16' to compute in
+      16 bits with float32 parameters (`jrecipe.precision.apply_policy`).
 
   Returns:
     A `jrecipe.types.Model`: its `head` is the path of the final layer's bias, its
@@ -176,6 +179,7 @@ def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str
   with jax.transfer_guard("allow"):
     model = _adapt(name, factory, spec, bn_axis_name, fields)
     model = _outputs_and_head(model, spec, adapter)
+    model = _with_precision(model, spec, precision)
   widen_kwargs = getattr(factory, "widen_kwargs", None)
   scaled = contract.width_fields(adapter, factory)
   if scaled:
@@ -185,7 +189,8 @@ def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str
 
     def widen(factor: float) -> Model:
       wider = widen_kwargs(dict(full_fields), factor)
-      return build_model({"name": name, **wider, **kept}, spec, bn_axis_name=bn_axis_name)
+      return build_model({"name": name, **wider, **kept}, spec, bn_axis_name=bn_axis_name,
+                         precision=precision)
     model = dataclasses.replace(model, widen=widen)
   return model
 
@@ -230,6 +235,17 @@ def _outputs_and_head(model: Model, spec: DataSpec, adapter: dict) -> Model:
     return dataclasses.replace(model, head=("head", "bias"))
   variables = jax.jit(model.init)(jax.random.key(0), x)
   return dataclasses.replace(model, head=contract.find_head(model, variables, x))
+
+
+def _with_precision(model: Model, spec: DataSpec, precision: str) -> Model:
+  """The precision policy around `model`, with a warning if it hard-codes float32 layers."""
+  from jrecipe import precision as precision_lib
+  model = precision_lib.apply_policy(model, precision)
+  if model.full_precision is not None:
+    x = example_input(spec)
+    precision_lib.check_policy(model, precision, jax.eval_shape(model.init, jax.random.key(0), x),
+                               x)
+  return model
 
 
 def _register_builtin_models():

@@ -37,7 +37,7 @@ class NNXMLP(nnx.Module):
     act = ACTIVATIONS[self.activation]
     for i in range(len(self.hidden)):
       x = getattr(self, f"dense_{i}")(x)
-      if self.batchnorm:
-        x = getattr(self, f"bn_{i}")(x)
+      if self.batchnorm:  # NNX's BatchNorm promotes to its float32 statistics: keep x's dtype
+        x = getattr(self, f"bn_{i}")(x).astype(x.dtype)  # (mixed precision, jrecipe.precision)
       x = getattr(self, f"dropout_{i}")(act(x))
     return self.head(x)

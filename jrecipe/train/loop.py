@@ -156,7 +156,9 @@ def _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir, *
   stateful = [patience_hook, logger]
   if not fresh:
     hooks_lib.restore_hook_states(meta, stateful)
-  hooks = [hooks_lib.Preemption(), logger,
+  from jrecipe.profile import ProfileHook  # --config.profile.steps: first, so it times the step
+  profiler = ProfileHook.from_config(config, workdir, writer) if primary else None
+  hooks = [*([profiler] if profiler else []), hooks_lib.Preemption(), logger,
            hooks_lib.EpochEvaluation(evaluator, writer, ema=config.ema_decay > 0,
                                      at_init=chance if fresh else None)]
   if config.progress and primary:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jrecipe import optim
+from jrecipe import precision
 from jrecipe.train.state import TrainState
 from jrecipe.types import Loss, Model
 
@@ -184,6 +185,16 @@ def _ema(ema_decay: float, step, ema_params, params):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
+def _scaled_grads(loss_fn, scale, params, model_state, batch, rng, step):
+  """(loss, new model state, aux, gradients) from the loss multiplied by `scale` (float16)."""
+  def scaled(p, *args):
+    total, (new_state, aux) = loss_fn(p, *args)
+    return total * scale, (total, new_state, aux)
+  (_, (total, new_state, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(
+      params, model_state, batch, rng, step)
+  return total, new_state, aux, jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
+
+
 def make_train_step(parts: StepParts, *, axis_name: Optional[str] = None,
                     extra_metrics: Optional[Callable] = None):
   """Builds the pure train step `(state, batch) -> (state, metrics)`.
@@ -207,10 +218,18 @@ def make_train_step(parts: StepParts, *, axis_name: Optional[str] = None,
     return jax.lax.pmean(x, axis_name) if axis_name else x
 
   def train_step(state: TrainState, batch: dict[str, Any]):
-    (total, (new_model_state, aux)), grads = grad_fn(
-        state.params, state.model_state, batch, state.rng, state.step)
+    scale = precision.loss_scale(state.opt_state)
+    if scale is None:
+      (total, (new_model_state, aux)), grads = grad_fn(
+          state.params, state.model_state, batch, state.rng, state.step)
+    else:  # float16: differentiate the scaled loss, unscale the gradients (jrecipe.precision)
+      total, new_model_state, aux, grads = _scaled_grads(
+          loss_fn, scale, state.params, state.model_state, batch, state.rng, state.step)
     grads, total, aux, new_model_state = pmean((grads, total, aux, new_model_state))
     finite = jnp.isfinite(total) & _all_finite(grads)
+    # An overflow of the float16 loss scale skips the step and halves the scale; only at the
+    # smallest scale is a non-finite step the run's own (bad_step).
+    overflow = (~finite & (scale > precision.LOSS_SCALE_MIN)) if scale is not None else None
 
     def updated(_):
       """The optimizer's step: (new state, the updates as applied)."""
@@ -235,6 +254,9 @@ def make_train_step(parts: StepParts, *, axis_name: Optional[str] = None,
     # (docs/performance.md).
     kept = state.replace(step=state.step + 1,
                          bad_step=jnp.where(state.bad_step >= 0, state.bad_step, state.step))
+    if overflow is not None:
+      kept = kept.replace(opt_state=precision.on_overflow(state.opt_state),
+                          bad_step=jnp.where(overflow, state.bad_step, kept.bad_step))
     zero_updates = jax.tree.map(jnp.zeros_like, state.params)
     new_state, updates = jax.lax.cond(finite, updated, lambda _: (kept, zero_updates), None)
     metrics = dict(aux)
@@ -243,6 +265,8 @@ def make_train_step(parts: StepParts, *, axis_name: Optional[str] = None,
         learning_rate=_learning_rate(state.opt_state) * state.lr_scale,
         finite=finite.astype(jnp.float32),
     )
+    if overflow is not None:
+      metrics.update(loss_scale=scale, overflow=overflow.astype(jnp.float32))
     if extra_metrics is not None:
       metrics.update(extra_metrics(state.step + 1, grads, state.params, updates))
     return new_state, metrics

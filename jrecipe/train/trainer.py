@@ -230,13 +230,14 @@ class Trainer:
     if steps_per_epoch is None and self.exp is not None:
       steps_per_epoch = self.exp.steps_per_epoch
     loop = Loop(self, state, int(start_step), int(start_step), end, steps_per_epoch)
-    it = iter(batches if batches is not None else self.batches(start_step))
-    step_fn, put = self.step, self.placement.put_batch
+    it = parallel.prefetch(batches if batches is not None else self.batches(start_step),
+                           self.placement.put_batch)  # the next batches already on device
+    step_fn = self.step
     for h in hooks:
       h.begin(loop)
     loop.t_start = time.perf_counter()
     while loop.step < end and loop.stop_reason is None and loop.failure is None:
-      loop.state, metrics = step_fn(loop.state, put(next(it)))
+      loop.state, metrics = step_fn(loop.state, next(it))
       loop.step += 1
       if loop.t_first is None:
         jax.block_until_ready(metrics)

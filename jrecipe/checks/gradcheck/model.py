@@ -179,9 +179,16 @@ def gradient_check_model(model: Any, loss: Any, variables: Any, batch: dict, *, 
 @register_check("gradient_check", stage="gradients", needs=("loss_at_init",))
 def check_gradient_check(ctx) -> CheckResult:
   """After the burn-in, train mode with the dropout key of the burn-in's next step."""
+  from jrecipe.precision import full_precision
   burn = int(ctx.config.checks.gradcheck_burnin_steps)
   _, k_drop = ctx.step_keys(burn)
-  return gradient_check_model(
-      ctx.model, ctx.loss, ctx.burned_in, {"x": ctx.x, "y": ctx.y}, l2=ctx.config.l2 or 1e-3,
+  model = full_precision(ctx.model)  # float64 whatever config.precision says
+  result = gradient_check_model(
+      model, ctx.loss, ctx.burned_in, {"x": ctx.x, "y": ctx.y}, l2=ctx.config.l2 or 1e-3,
       rng=k_drop, max_examples=int(ctx.config.checks.gradcheck_examples),
       artifacts_dir=ctx.artifacts_dir)
+  if model is not ctx.model:
+    result.message += (f"; precision={ctx.config.precision}: checked in float64 on the same "
+                       "model without the 16-bit casts (the reference needs double precision)")
+    result.details["precision"] = str(ctx.config.precision)
+  return result
