@@ -35,8 +35,7 @@ def get_config(variant: str = ""):
     c.data.context_length = 64
     c.data.train_subset = 512
     c.model.num_layers = 1
-    c.model.dim = 32
-    c.model.heads = 2
+    c.model.dim = 64
     c.num_epochs = 1
     c.progress = False
   return c
