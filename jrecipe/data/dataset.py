@@ -150,9 +150,10 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   Args:
     data_config: the config.data section (a ConfigDict; a dict or None works too, its missing
       fields taking the base config's defaults) with fields
-      name: 'digits', 'mnist5k', 'digits_seq', or 'tfds:<name>' (any TFDS dataset with 'image'
-        and 'label' features already prepared in data_dir in the array_record format; its
-        validation split is 'validation' if present, else the last 10% of 'train').
+      name: 'digits', 'mnist5k', 'digits_seq', 'stdlib_bytes', 'stdlib_bytes_small', or
+        'tfds:<name>' (any TFDS dataset with 'image' and 'label' features already prepared in
+        data_dir in the array_record format; its validation split is 'validation' if
+        present, else the last 10% of 'train').
       data_dir: TFDS data directory; '' = $JRECIPE_DATA_DIR or ~/.cache/jrecipe/tfds.
       normalize: (default True) images become (x - mean) / std with scalar mean and std computed
         on the whole training split only (stored in spec.mean / spec.std). Sequence token ids
@@ -162,6 +163,8 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
       downsample: (default 0 = off; 1 = off) average-pool images by this factor (must divide
         height and width): the recipe's 'smaller input dimensionality' regulariser.
         spec.input_shape is the pooled shape; `raw` keeps the stored images.
+      context_length: (default 0 = the dataset's default, 128) text datasets only: bytes per
+        window; x is the window's first context_length bytes, y the next byte at each.
     seed: accepted for a uniform interface; the splits, the subset and the normalisation are
       deliberately independent of it (every run and seed is scored on the same examples).
 
