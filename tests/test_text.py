@@ -77,9 +77,13 @@ def test_splits_are_disjoint_by_file_and_windows_are_the_files_bytes(two_builds)
   root = meta["stdlib_root"]
   stream = b"".join(open(os.path.join(root, n), "rb").read() for n in files["validation"])
   src = b.as_data_source()["validation"]
+  ids = []
   for k in range(len(src)):
-    assert bytes(src[k]["tokens"]) == stream[k * LONG:k * LONG + LONG + 1]
-  assert len(src) == (len(stream) - 1) // LONG
+    i = int(src[k]["id"])
+    ids.append(i)
+    assert bytes(src[k]["tokens"]) == stream[i * LONG:i * LONG + LONG + 1]
+  assert sorted(ids) == list(range((len(stream) - 1) // LONG))
+  assert ids != sorted(ids)  # stored in a fixed random order: train_subset is a random sample
 
 
 def test_dataset_gives_next_byte_targets_and_rejects_bad_fields(two_builds):
@@ -92,7 +96,9 @@ def test_dataset_gives_next_byte_targets_and_rejects_bad_fields(two_builds):
   x, y = ds.arrays["train"]["x"], ds.arrays["train"]["y"]
   assert x.dtype == y.dtype == np.int32
   assert np.array_equal(x[:, 1:], y[:, :-1])  # y[t] = x[t + 1]
-  assert np.array_equal(y[:-1, -1], x[1:, 0])  # stride L: a window's last target opens the next
+  order = np.argsort(ds.arrays["train"]["id"])  # back to the byte stream's order
+  # stride L: a window's last target is the next window's first input
+  assert np.array_equal(y[order][:-1, -1], x[order][1:, 0])
   with pytest.raises(UserError, match="context_length"):
     D.load_dataset(dict(name="digits", data_dir=d, context_length=64))
   with pytest.raises(UserError, match="integer >= 2"):

@@ -20,7 +20,8 @@ Datasets (all from installed packages, no downloads):
   stdlib_bytes  byte-level language modelling on the Python standard library's own source
               (jrecipe/data/text.py: the file list, the split by file, the windows): one
               uint8 'tokens' window of context_length + 1 bytes per example (x = tokens[:-1],
-              y = tokens[1:], vocabulary 256). One TFDS builder config per context length
+              y = tokens[1:], vocabulary 256), stored in a fixed random order ('id' = the
+              window's index in its split's byte stream). One TFDS builder config per context length
               ('ctx128' is the default; `<data_dir>/stdlib_bytes/ctx128/1.0.0/`). Its metadata
               (metadata.json) holds the Python version, the corpus's SHA-256, every split's file
               list and the unigram baseline in bits per byte.
@@ -279,8 +280,12 @@ class StdlibBytes(_Builder):
     return {s: self._generate_examples(s) for s in cut}
 
   def _generate_examples(self, split) -> Iterator:
-    for k, w in enumerate(self._cut[split]):
-      yield k, {"tokens": w, "id": k}
+    # Stored in a fixed random order (SPLIT_SEED), like every jrecipe dataset, so the first N
+    # windows (train_subset) are a random sample of the split, not its first files; 'id' is
+    # the window's position in the split's byte stream (bytes id * L .. id * L + L).
+    cut = self._cut[split]
+    for k, i in enumerate(np.random.default_rng(SPLIT_SEED).permutation(len(cut))):
+      yield k, {"tokens": cut[i], "id": int(i)}
 
 
 class StdlibBytesSmall(StdlibBytes):

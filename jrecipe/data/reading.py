@@ -98,30 +98,27 @@ def read_builtin(name: str, data_dir: str, context_length: int = 0) -> tuple[dic
   become x = window[:-1] and y = window[1:] (next-byte targets at every position).
   """
   from jrecipe.data import store, text
-  config, stored_as = None, name
-  if name in TEXT_DATASETS:
+  is_text, stored_as = name in TEXT_DATASETS, name
+  if is_text:
     length = text.check_context(context_length or text.DEFAULT_CONTEXT)
     stored_as = f"{name}/ctx{length}"  # the builder config's directory (StdlibBytesConfig)
   cached = store.load(stored_as, data_dir)
   if cached is not None:
     return cached
   from jrecipe.data import builders
-  if name in TEXT_DATASETS:
-    config = builders.stdlib_bytes_config(length)
-  builder = builders.prepare(name, data_dir, config)
+  builder = builders.prepare(name, data_dir,
+                             builders.stdlib_bytes_config(length) if is_text else None)
   sources = builder.as_data_source()
   features = builder.info.features
-  if name in TEXT_DATASETS:
+  if is_text:
     keys = ("tokens", "id")
   else:
     keys = ("x", "y", "id") if name == "digits_seq" else ("image", "label", "id")
   splits = {}
   for split in SPLITS:
     cols = _read_split(sources[split], features, keys)
-    if name in TEXT_DATASETS:
-      splits[split] = {"x": cols["tokens"][:, :-1], "y": cols["tokens"][:, 1:], "id": cols["id"]}
-    else:
-      splits[split] = {"x": cols[keys[0]], "y": cols[keys[1]], "id": cols["id"]}
+    x, y = text.inputs_and_targets(cols["tokens"]) if is_text else (cols[keys[0]], cols[keys[1]])
+    splits[split] = {"x": x, "y": y, "id": cols["id"]}
   meta = _builtin_meta(name, features)
   store.save(stored_as, data_dir, meta, splits)
   return meta, splits

@@ -130,6 +130,13 @@ def windows(stream: np.ndarray, context_length: int) -> np.ndarray:
   return stream[idx]
 
 
+def inputs_and_targets(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) of stored windows [..., context_length + 1]: x = tokens[..., :-1], the bytes the
+  model reads, y = tokens[..., 1:], the next byte at each position (one record or a batch)."""
+  tokens = np.asarray(tokens)
+  return tokens[..., :-1], tokens[..., 1:]
+
+
 def unigram_bits(train: np.ndarray, other: np.ndarray) -> float:
   """Bits per byte of `other` under the unigram model fit on `train` ('dumb baselines').
 
