@@ -239,6 +239,28 @@ def huber(spec: DataSpec, delta: float = 1.0) -> Loss:
               predict=predict_values, correct=None)
 
 
+def derived_metrics(metrics: Mapping, spec: DataSpec, loss: Loss) -> dict:
+  """Metrics that follow from an evaluation's per-token loss: bits per byte for byte text.
+
+  Recipe step 'add a human-interpretable metric': for a language model on text whose tokens
+  are bytes (`spec.token_bytes`, 1.0 for stdlib_bytes), the softmax cross-entropy per token
+  in nats becomes bits per byte = loss / (ln 2 * token_bytes), the unit byte-level language
+  models are compared in (the unigram baseline of stdlib_bytes is about 4.7 bits per byte).
+  Only the registered softmax_xent is known to be that cross-entropy: other losses get none.
+
+  Args:
+    metrics: an evaluation's means ({'loss': per-token cross-entropy in nats, ...}).
+    spec: the dataset's DataSpec.
+    loss: the data loss.
+
+  Returns:
+    {'bits_per_byte': float} or {}.
+  """
+  if not spec.token_bytes or loss.name != "softmax_xent" or "loss" not in metrics:
+    return {}
+  return {"bits_per_byte": float(metrics["loss"]) / (np.log(2.0) * float(spec.token_bytes))}
+
+
 def _fields(loss_config: Any) -> tuple[str, dict]:
   if isinstance(loss_config, str):
     return loss_config, {}

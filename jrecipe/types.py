@@ -30,6 +30,8 @@ class DataSpec:
     sees_current: for sequence data, whether output t may depend on input t (True for
       next-token prediction where input t is token t and target t is token t+1).
     mean, std: the normalisation applied to the stored inputs (x - mean) / std.
+    token_bytes: for text sequence data, bytes of text per token (1.0 for byte-level text),
+      so that evaluation reports bits per byte; None for other data.
   """
 
   name: str
@@ -43,6 +45,7 @@ class DataSpec:
   sees_current: bool = True
   mean: float = 0.0
   std: float = 1.0
+  token_bytes: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)

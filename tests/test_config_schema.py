@@ -43,6 +43,7 @@ FROZEN_DEFAULTS = {'ablate': {'kind': 'add', 'metric': 'accuracy', 'seeds': 3, '
                 'overfit_steps': 500,
                 'skip': ''},
      'data': {'augment': {'crop_mode': 'reflect', 'fn': '', 'hflip': False, 'random_crop': 0},
+              'context_length': 0,
               'data_dir': '',
               'downsample': 0,
               'name': 'digits',

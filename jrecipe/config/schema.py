@@ -78,6 +78,10 @@ DATA = Section("data", "The dataset and its preprocessing (jrecipe.data).", {
                       **_NONNEG),
     "downsample": F(0, "Average-pool images by this factor ('smaller input dimensionality'); "
                     "0 or 1 = off.", **_NONNEG),
+    "context_length": F(0, "Text datasets (stdlib_bytes): bytes per window the model reads "
+                        "(targets: the next byte at each); 0 = the dataset's default (128).",
+                        **_NONNEG, why="It is a number of bytes, >= 2; 0 takes the dataset's "
+                                       "default."),
 })
 
 AUGMENT = Section("data.augment", "Training-time augmentation ('Simplify: no augmentation "

@@ -1,4 +1,5 @@
-"""TFDS builders for the offline datasets jrecipe ships with: digits, mnist5k, digits_seq.
+"""TFDS builders for the offline datasets jrecipe ships with: digits, mnist5k, digits_seq,
+stdlib_bytes.
 
 Recipe step served: 'Become one with the data' starts from a dataset whose splits never move.
 Each builder is a `tfds.core.GeneratorBasedBuilder` writing ArrayRecord files (readable without
@@ -16,6 +17,14 @@ Datasets (all from installed packages, no downloads):
   digits_seq  digits as next-token prediction: each image flattened to 64 pixel intensities
               (tokens 0..16, vocabulary 17); x[t] = pixel t for t in 0..62, y[t] = pixel t+1.
               int32 sequences of length 63. Same split (and ids) as digits.
+  stdlib_bytes  byte-level language modelling on the Python standard library's own source
+              (jrecipe/data/text.py: the file list, the split by file, the windows): one
+              uint8 'tokens' window of context_length + 1 bytes per example (x = tokens[:-1],
+              y = tokens[1:], vocabulary 256), stored in a fixed random order ('id' = the
+              window's index in its split's byte stream). One TFDS builder config per context length
+              ('ctx128' is the default; `<data_dir>/stdlib_bytes/ctx128/1.0.0/`). Its metadata
+              (metadata.json) holds the Python version, the corpus's SHA-256, every split's file
+              list and the unigram baseline in bits per byte.
 
 Building happens once per data_dir (`prepare`), under an exclusive `fcntl` lock: TFDS itself writes
 into a temporary `incomplete.XXXXXX_<version>` directory and renames it when done, so a reader never
@@ -34,7 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jrecipe.data import store
+from jrecipe.data import store, text
 from jrecipe.errors import UserError
 
 # The seed of the fixed splits. Changing it changes every split: bump the builders' VERSION.
@@ -125,12 +134,13 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
-  def _make_info(self, description, features, supervised_keys, homepage):
+  def _make_info(self, description, features, supervised_keys, homepage, metadata=None):
     # disable_shuffling: TFDS otherwise reorders examples by a hash of their key when writing;
     # the stored order is part of the fixed split (train_subset takes the first N).
     return tfds.core.DatasetInfo(
         builder=self, description=description, features=features,
-        supervised_keys=supervised_keys, disable_shuffling=True, homepage=homepage)
+        supervised_keys=supervised_keys, disable_shuffling=True, homepage=homepage,
+        metadata=metadata)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # everything comes from installed packages
@@ -214,7 +224,87 @@ class DigitsSeq(_Builder):
       yield k, {"x": tokens[i, :-1], "y": tokens[i, 1:], "id": int(i)}
 
 
-BUILDERS = {"digits": Digits, "mnist5k": Mnist5k, "digits_seq": DigitsSeq}
+class StdlibBytesConfig(tfds.core.BuilderConfig):
+  """A context length of the stdlib_bytes corpus: windows of `context_length + 1` bytes."""
+
+  def __init__(self, context_length: int):
+    super().__init__(name=f"ctx{context_length}",
+                     description=f"Windows of {context_length} + 1 bytes, stride "
+                                 f"{context_length}.")
+    self.context_length = context_length
+
+
+class StdlibBytes(_Builder):
+  """The standard library's .py source as byte windows for next-byte prediction."""
+
+  name = "stdlib_bytes"
+  EVERY = 1  # every file of the corpus (StdlibBytesSmall: every 16th)
+  # Named configs for the usual lengths (so `tfds.data_source('stdlib_bytes/ctx256')` works);
+  # `stdlib_bytes_config(n)` makes any other length as a custom config.
+  BUILDER_CONFIGS = [StdlibBytesConfig(2 ** k) for k in range(4, 12)]
+  DEFAULT_CONFIG_NAME = f"ctx{text.DEFAULT_CONTEXT}"
+
+  def _info(self):
+    length = self.builder_config.context_length
+    return self._make_info(
+        "The Python standard library's own .py source files (sorted list under sysconfig's "
+        "'stdlib' path, tests and site-packages excluded) as raw bytes (vocabulary 256) for "
+        f"next-byte prediction: each example is a window of {length} + 1 bytes, x = "
+        "tokens[:-1], y = tokens[1:], stride = the context length. Split by file (a hash of "
+        "its path: about 80/10/10), never by window. metadata.json names the Python version, "
+        "the corpus's SHA-256 and every split's files.",
+        tfds.features.FeaturesDict({
+            "tokens": tfds.features.Tensor(shape=(length + 1,), dtype=np.uint8,
+                                           encoding=_BYTES),
+            "id": tfds.features.Tensor(shape=(), dtype=np.int64),
+        }),
+        None, "https://docs.python.org/3/library/",
+        metadata=tfds.core.MetadataDict())  # filled while building, read back after
+
+  def _split_generators(self, dl_manager):
+    corpus = text.read_corpus(every=self.EVERY)
+    length = self.builder_config.context_length
+    cut = {s: text.windows(b, length) for s, b in corpus["bytes"].items()}
+    self.info.metadata.update({
+        "python": corpus["python"], "stdlib_root": corpus["root"],
+        "content_sha256": corpus["sha256"], "context_length": length,
+        "split_rule": "sha256(relative path)[:8] % 100: < 80 train, < 90 validation, else test",
+        "every_nth_file": self.EVERY,
+        "files": corpus["files"],
+        "bytes": {s: int(len(b)) for s, b in corpus["bytes"].items()},
+        "windows": {s: int(len(w)) for s, w in cut.items()},
+        "unigram_bits_per_byte": {s: text.unigram_bits(corpus["bytes"]["train"], b)
+                                  for s, b in corpus["bytes"].items()},
+    })
+    self._cut = cut
+    return {s: self._generate_examples(s) for s in cut}
+
+  def _generate_examples(self, split) -> Iterator:
+    # Stored in a fixed random order (SPLIT_SEED), like every jrecipe dataset, so the first N
+    # windows (train_subset) are a random sample of the split, not its first files; 'id' is
+    # the window's position in the split's byte stream (bytes id * L .. id * L + L).
+    cut = self._cut[split]
+    for k, i in enumerate(np.random.default_rng(SPLIT_SEED).permutation(len(cut))):
+      yield k, {"tokens": cut[i], "id": int(i)}
+
+
+class StdlibBytesSmall(StdlibBytes):
+  """stdlib_bytes thinned to every 16th file of each split (about 0.8 MB): smoke runs, tests."""
+
+  name = "stdlib_bytes_small"
+  EVERY = 16
+
+
+def stdlib_bytes_config(context_length: int) -> StdlibBytesConfig:
+  """The builder config of a context length: the named one if there is one, else a new one."""
+  for c in StdlibBytes.BUILDER_CONFIGS:
+    if c.context_length == context_length:
+      return c
+  return StdlibBytesConfig(context_length)
+
+
+BUILDERS = {"digits": Digits, "mnist5k": Mnist5k, "digits_seq": DigitsSeq,
+            "stdlib_bytes": StdlibBytes, "stdlib_bytes_small": StdlibBytesSmall}
 
 
 @contextlib.contextmanager
@@ -256,15 +346,19 @@ def _is_prepared(builder) -> bool:
   return (builder.data_path / "dataset_info.json").exists()
 
 
-def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def prepare(name: str, data_dir: str | None = None,
+            config: tfds.core.BuilderConfig | None = None) -> tfds.core.DatasetBuilder:
   """The builder of a jrecipe dataset, built into `data_dir` on first use (then reused).
 
   Safe for concurrent first builds: the build runs under an exclusive lock file
-  `<data_dir>/.<name>.lock`; a process that waited on it re-opens the finished dataset.
+  `<data_dir>/.<name>[-<config>].lock`; a process that waited on it re-opens the finished
+  dataset.
 
   Args:
-    name: one of `BUILDERS` ('digits', 'mnist5k', 'digits_seq').
+    name: one of `BUILDERS` ('digits', 'mnist5k', 'digits_seq', 'stdlib_bytes').
     data_dir: TFDS data directory; None or '' = $JRECIPE_DATA_DIR or ~/.cache/jrecipe/tfds.
+    config: the builder config (stdlib_bytes: `stdlib_bytes_config(context_length)`); None =
+      the builder's default.
 
   Returns:
     A prepared builder: `builder.as_data_source()` gives the random-access splits.
@@ -273,16 +367,18 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     raise UserError(f"Unknown jrecipe dataset {name!r}. Valid names: {', '.join(BUILDERS)}.")
   data_dir = resolve_data_dir(data_dir)
   cls = BUILDERS[name]
-  builder = cls(data_dir=data_dir)
+  make = functools.partial(cls, data_dir=data_dir, **({"config": config} if config else {}))
+  builder = make()
   if _is_prepared(builder):
     return builder
+  lock = f".{name}-{config.name}.lock" if config else f".{name}.lock"
   try:
-    with _file_lock(os.path.join(data_dir, f".{name}.lock")):
-      builder = cls(data_dir=data_dir)  # re-read: another process may have finished meanwhile
+    with _file_lock(os.path.join(data_dir, lock)):
+      builder = make()  # re-read: another process may have finished meanwhile
       if not _is_prepared(builder):
         with _quiet_progress_bars():
           builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"))
-        builder = cls(data_dir=data_dir)
+        builder = make()
   except PermissionError as e:
     raise UserError(
         f"Cannot write the dataset {name!r} into data_dir {data_dir!r}: {e}. Set data.data_dir "

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from jrecipe.data.reading import (DATASETS, SPLITS, TFDS_PREFIX, read_builtin, read_tfds,
-                                  valid_names)
+from jrecipe.data.reading import (DATASETS, SPLITS, TEXT_DATASETS, TFDS_PREFIX, read_builtin,
+                                  read_tfds, valid_names)
 from jrecipe.errors import UserError
 from jrecipe.sections import complete
 from jrecipe.types import DataSpec
@@ -58,7 +58,8 @@ def int_field(value: Any, where: str, minimum: int = 0) -> int:
 
 
 _LOCK = threading.Lock()
-_SPLITS_CACHE: dict[tuple, tuple[dict, dict]] = {}  # (name, data_dir) -> (meta, splits as stored)
+# (name, data_dir, context_length) -> (meta, splits as stored)
+_SPLITS_CACHE: dict[tuple, tuple[dict, dict]] = {}
 _DATASET_CACHE: dict[tuple, Dataset] = {}
 
 
@@ -133,7 +134,8 @@ def _build(name: str, meta: dict, stored_full: dict, normalize: bool, train_subs
       input_shape=tuple(int(d) for d in arrays["train"]["x"].shape[1:]),
       num_classes=meta["num_classes"], class_names=meta["class_names"], value_range=(lo, hi),
       splits={s: int(len(v["id"])) for s, v in arrays.items()}, time_axis=meta["time_axis"],
-      sees_current=meta["sees_current"], mean=mean, std=std)
+      sees_current=meta["sees_current"], mean=mean, std=std,
+      token_bytes=meta.get("token_bytes"))
   return Dataset(spec=spec, arrays=arrays, raw=raw)
 
 
@@ -148,11 +150,12 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   Args:
     data_config: the config.data section (a ConfigDict; a dict or None works too, its missing
       fields taking the base config's defaults) with fields
-      name: 'digits', 'mnist5k', 'digits_seq', or 'tfds:<name>' (any TFDS dataset with 'image'
-        and 'label' features already prepared in data_dir in the array_record format; its
-        validation split is 'validation' if present, else the last 10% of 'train'), or an
-        import path 'pkg.module:Name' to your own data: a function returning arrays or
-        random-access sources per split, or a TFDS builder class (docs/your_data.md).
+      name: 'digits', 'mnist5k', 'digits_seq', 'stdlib_bytes', 'stdlib_bytes_small', or
+        'tfds:<name>' (any TFDS dataset with 'image' and 'label' features already prepared in
+        data_dir in the array_record format; its validation split is 'validation' if
+        present, else the last 10% of 'train'), or an import path 'pkg.module:Name' to your
+        own data: a function returning arrays or random-access sources per split, or a TFDS
+        builder class (docs/your_data.md).
       data_dir: TFDS data directory; '' = $JRECIPE_DATA_DIR or ~/.cache/jrecipe/tfds.
       normalize: (default True) images become (x - mean) / std with scalar mean and std computed
         on the whole training split only (stored in spec.mean / spec.std). Sequence token ids
@@ -162,6 +165,8 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
       downsample: (default 0 = off; 1 = off) average-pool images by this factor (must divide
         height and width): the recipe's 'smaller input dimensionality' regulariser.
         spec.input_shape is the pooled shape; `raw` keeps the stored images.
+      context_length: (default 0 = the dataset's default, 128) text datasets only: bytes per
+        window; x is the window's first context_length bytes, y the next byte at each.
     seed: accepted for a uniform interface; the splits, the subset and the normalisation are
       deliberately independent of it (every run and seed is scored on the same examples).
 
@@ -173,11 +178,11 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
       prepared (the message says how to prepare it), or an invalid field.
   """
   del seed
-  name, data_dir, normalize, train_subset, downsample = _fields(data_config)
-  key = (name, data_dir, normalize, train_subset, downsample)
+  name, data_dir, normalize, train_subset, downsample, context = _fields(data_config)
+  key = (name, data_dir, normalize, train_subset, downsample, context)
   with _LOCK:
     if key not in _DATASET_CACHE:
-      meta, stored = _stored_splits(name, data_dir)
+      meta, stored = _stored_splits(name, data_dir, context)
       _DATASET_CACHE[key] = _build(name, meta, stored, normalize, train_subset, downsample)
     ds = _DATASET_CACHE[key]
   # Fresh dicts around the shared read-only arrays: a caller can rebind entries safely.
@@ -185,8 +190,9 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
                  raw={s: dict(d) for s, d in ds.raw.items()})
 
 
-def _fields(data_config: Any) -> tuple[str, str, bool, int, int]:
-  """(name, resolved data_dir, normalize, train_subset, downsample (0 = off)), validated."""
+def _fields(data_config: Any) -> tuple[str, str, bool, int, int, int]:
+  """(name, resolved data_dir, normalize, train_subset, downsample (0 = off), context_length
+  (0 = the dataset's default)), validated."""
   from jrecipe.data import store
   cfg = complete(data_config, "data")
   name = cfg.name
@@ -202,20 +208,24 @@ def _fields(data_config: Any) -> tuple[str, str, bool, int, int]:
     raise UserError(f"data.normalize={cfg.normalize!r} must be true or false.")
   train_subset = int_field(cfg.train_subset, "train_subset")
   downsample = int_field(cfg.downsample, "downsample")
+  context = int_field(cfg.context_length, "context_length")
   return (name, store.resolve_data_dir(cfg.data_dir), bool(cfg.normalize), train_subset,
-          downsample if downsample > 1 else 0)
+          downsample if downsample > 1 else 0, context)
 
 
-def _stored_splits(name: str, data_dir: str) -> tuple[dict, dict]:
+def _stored_splits(name: str, data_dir: str, context: int = 0) -> tuple[dict, dict]:
   """(meta, read-only splits as stored), read once per process (call with _LOCK held)."""
-  if (name, data_dir) not in _SPLITS_CACHE:
+  if context and name not in TEXT_DATASETS:
+    raise UserError(f"data.context_length={context} applies to the text datasets "
+                    f"({', '.join(TEXT_DATASETS)}), but {name!r} is not one: set it to 0.")
+  if (name, data_dir, context) not in _SPLITS_CACHE:
     from jrecipe.data.user import is_user_data, read_user
     if name.startswith(TFDS_PREFIX):
       meta, stored = read_tfds(name[len(TFDS_PREFIX):], data_dir)
     elif is_user_data(name):
       meta, stored = read_user(name, data_dir)
     else:
-      meta, stored = read_builtin(name, data_dir)
+      meta, stored = read_builtin(name, data_dir, context)
     stored = {s: {k: _readonly(a) for k, a in d.items()} for s, d in stored.items()}
-    _SPLITS_CACHE[(name, data_dir)] = (meta, stored)
-  return _SPLITS_CACHE[(name, data_dir)]
+    _SPLITS_CACHE[(name, data_dir, context)] = (meta, stored)
+  return _SPLITS_CACHE[(name, data_dir, context)]

@@ -11,7 +11,9 @@ import numpy as np
 
 from jrecipe.errors import UserError
 
-DATASETS: list[str] = ["digits", "mnist5k", "digits_seq"]
+DATASETS: list[str] = ["digits", "mnist5k", "digits_seq", "stdlib_bytes", "stdlib_bytes_small"]
+# Byte-level text datasets (jrecipe/data/text.py): windows cut at data.context_length.
+TEXT_DATASETS = ("stdlib_bytes", "stdlib_bytes_small")
 TFDS_PREFIX = "tfds:"
 SPLITS = ("train", "validation", "test")
 # For a 'tfds:<name>' dataset without a 'validation' split: this last fraction of 'train'.
@@ -87,36 +89,54 @@ def _read_split(source, features, keys) -> dict:
   return columns
 
 
-def read_builtin(name: str, data_dir: str) -> tuple[dict, dict]:
+def read_builtin(name: str, data_dir: str, context_length: int = 0) -> tuple[dict, dict]:
   """(meta, splits) of a jrecipe dataset, building it into data_dir on first use.
 
   After the first read through TFDS, later processes read a numpy copy of the same arrays
-  (`jrecipe.data.store`: valid only while the TFDS files are unchanged).
+  (`jrecipe.data.store`: valid only while the TFDS files are unchanged). A text dataset is
+  read at `context_length` (0 = its default): its stored windows of context_length + 1 bytes
+  become x = window[:-1] and y = window[1:] (next-byte targets at every position).
   """
-  from jrecipe.data import store
-  cached = store.load(name, data_dir)
+  from jrecipe.data import store, text
+  is_text, stored_as = name in TEXT_DATASETS, name
+  if is_text:
+    length = text.check_context(context_length or text.DEFAULT_CONTEXT)
+    stored_as = f"{name}/ctx{length}"  # the builder config's directory (StdlibBytesConfig)
+  cached = store.load(stored_as, data_dir)
   if cached is not None:
     return cached
   from jrecipe.data import builders
-  builder = builders.prepare(name, data_dir)
+  builder = builders.prepare(name, data_dir,
+                             builders.stdlib_bytes_config(length) if is_text else None)
   sources = builder.as_data_source()
   features = builder.info.features
-  sequence = name == "digits_seq"
-  keys = ("x", "y", "id") if sequence else ("image", "label", "id")
+  if is_text:
+    keys = ("tokens", "id")
+  else:
+    keys = ("x", "y", "id") if name == "digits_seq" else ("image", "label", "id")
   splits = {}
   for split in SPLITS:
     cols = _read_split(sources[split], features, keys)
-    splits[split] = {"x": cols[keys[0]], "y": cols[keys[1]], "id": cols["id"]}
-  if sequence:
-    meta = dict(task="sequence", num_classes=builders.SEQ_VOCAB,
+    x, y = text.inputs_and_targets(cols["tokens"]) if is_text else (cols[keys[0]], cols[keys[1]])
+    splits[split] = {"x": x, "y": y, "id": cols["id"]}
+  meta = _builtin_meta(name, features)
+  store.save(stored_as, data_dir, meta, splits)
+  return meta, splits
+
+
+def _builtin_meta(name: str, features) -> dict:
+  """The task, classes, time axis (and bytes per token) of a built-in dataset."""
+  from jrecipe.data import builders, text
+  if name in TEXT_DATASETS:
+    return dict(task="sequence", num_classes=text.VOCAB, class_names=text.byte_names(),
+                time_axis=1, sees_current=True, token_bytes=1.0)
+  if name == "digits_seq":
+    return dict(task="sequence", num_classes=builders.SEQ_VOCAB,
                 class_names=tuple(str(i) for i in range(builders.SEQ_VOCAB)), time_axis=1,
                 sees_current=True)
-  else:
-    label = features["label"]
-    meta = dict(task="classification", num_classes=label.num_classes,
-                class_names=tuple(label.names), time_axis=None, sees_current=True)
-  store.save(name, data_dir, meta, splits)
-  return meta, splits
+  label = features["label"]
+  return dict(task="classification", num_classes=label.num_classes,
+              class_names=tuple(label.names), time_axis=None, sees_current=True)
 
 
 def _tfds_help(name: str, data_dir: str, problem: str) -> UserError:

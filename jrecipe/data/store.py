@@ -50,6 +50,7 @@ def enabled() -> bool:
 
 
 def path(name: str, data_dir: str) -> str:
+  """The copy of `name` ('digits', or a builder config's 'stdlib_bytes/ctx128')."""
   return os.path.join(data_dir, DIRNAME, f"{name}-{BUILDER_VERSION}.npz")
 
 
@@ -105,7 +106,8 @@ def save(name: str, data_dir: str, meta: dict, splits: dict) -> None:
   tmp = None
   try:
     os.makedirs(os.path.dirname(p), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=f".{name}-", suffix=".npz.tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=f".{os.path.basename(name)}-",
+                               suffix=".npz.tmp")
     with os.fdopen(fd, "wb") as f:
       np.savez(f, fingerprint=np.array(fp), meta=np.array(json.dumps(meta)), **arrays)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from others sharing the data_dir

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jrecipe import losses
 from jrecipe.data import pipeline
 from jrecipe.train import parallel
 from jrecipe.train import step as step_lib
@@ -47,4 +48,5 @@ class Evaluator:
     count = float(host.pop("count"))
     out = {k: float(v) / count for k, v in host.items()}
     out["count"] = int(round(count))
+    out.update(losses.derived_metrics(out, self.exp.spec, self.exp.loss))
     return out

@@ -177,8 +177,9 @@ def _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir, *
 
 
 def _metric_text(m: dict) -> str:
-  acc = m.get("accuracy")
-  return f"loss {m['loss']:.4f}" + (f", accuracy {100 * acc:.2f}%" if acc is not None else "")
+  acc, bpb = m.get("accuracy"), m.get("bits_per_byte")
+  return (f"loss {m['loss']:.4f}" + (f", accuracy {100 * acc:.2f}%" if acc is not None else "")
+          + (f", {bpb:.3f} bits per byte" if bpb is not None else ""))
 
 
 def print_results(summary: dict) -> None:
