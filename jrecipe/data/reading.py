@@ -23,17 +23,14 @@ def valid_names() -> str:
   return ", ".join(DATASETS) + ", or 'tfds:<name>' for any TFDS dataset prepared in data_dir"
 
 
-def read_fast(source, features) -> dict | None:
-  """All records of a TFDS ArrayRecord source as stacked numpy columns, or None if unsupported.
+def fast_plan(features) -> dict | None:
+  """How to parse each feature of a TFDS ArrayRecord record without TFDS's decoding, or None.
 
   Handles what jrecipe's builders store: fixed-shape Tensors with BYTES encoding (one raw bytes
-  value per example) and int64 scalars (ClassLabel, ids). One array_record batch read, one
-  protobuf parse per record, then one `np.frombuffer` per column: several times faster than the
-  data source's per-example decoding (docs/performance.md; the equivalence is tested).
-  Anything else returns None and is read generically.
+  value per example) and int64 scalars (ClassLabel, ids). Anything else returns None and is
+  read generically (through the data source's own decoding).
   """
   import tensorflow_datasets as tfds
-  from tensorflow_datasets.proto import tf_example_pb2
   serialized = features.get_serialized_info()
   plan = {}
   for key, feature in features.items():
@@ -48,11 +45,16 @@ def read_fast(source, features) -> dict | None:
       plan[key] = ("int64", np.dtype(np.int64), ())
     else:
       return None
-  records = getattr(source, "data_source", None)
-  if records is None or not hasattr(records, "__getitems__"):
-    return None
-  n = len(source)
-  raw = records.__getitems__(list(range(n))) if n else []
+  return plan
+
+
+def parse_records(raw: list, plan: dict) -> dict:
+  """Serialized tf.train.Examples -> stacked numpy columns, following `fast_plan`'s plan.
+
+  One protobuf parse per record, then one `np.frombuffer` per column.
+  """
+  from tensorflow_datasets.proto import tf_example_pb2
+  n = len(raw)
   maps = [tf_example_pb2.Example.FromString(r).features.feature for r in raw]
   out = {}
   for key, (kind, dtype, shape) in plan.items():
@@ -62,6 +64,21 @@ def read_fast(source, features) -> dict | None:
     else:
       out[key] = np.fromiter((m[key].int64_list.value[0] for m in maps), np.int64, n)
   return out
+
+
+def read_fast(source, features) -> dict | None:
+  """All records of a TFDS ArrayRecord source as stacked numpy columns, or None if unsupported.
+
+  One array_record batch read, one protobuf parse per record, then one `np.frombuffer` per
+  column (`fast_plan`, `parse_records`): several times faster than the data source's
+  per-example decoding (docs/performance.md; the equivalence is tested).
+  """
+  plan = fast_plan(features)
+  records = getattr(source, "data_source", None)
+  if plan is None or records is None or not hasattr(records, "__getitems__"):
+    return None
+  n = len(source)
+  return parse_records(records.__getitems__(list(range(n))) if n else [], plan)
 
 
 def read_generic(source, keys, chunk: int = 1024) -> dict:
@@ -101,22 +118,31 @@ def read_builtin(name: str, data_dir: str) -> tuple[dict, dict]:
   builder = builders.prepare(name, data_dir)
   sources = builder.as_data_source()
   features = builder.info.features
-  sequence = name == "digits_seq"
-  keys = ("x", "y", "id") if sequence else ("image", "label", "id")
+  keys = builtin_keys(name)
   splits = {}
   for split in SPLITS:
     cols = _read_split(sources[split], features, keys)
     splits[split] = {"x": cols[keys[0]], "y": cols[keys[1]], "id": cols["id"]}
-  if sequence:
-    meta = dict(task="sequence", num_classes=builders.SEQ_VOCAB,
-                class_names=tuple(str(i) for i in range(builders.SEQ_VOCAB)), time_axis=1,
-                sees_current=True)
-  else:
-    label = features["label"]
-    meta = dict(task="classification", num_classes=label.num_classes,
-                class_names=tuple(label.names), time_axis=None, sees_current=True)
+  meta = builtin_meta(name, features)
   store.save(name, data_dir, meta, splits)
   return meta, splits
+
+
+def builtin_keys(name: str) -> tuple[str, str, str]:
+  """The (input, label, id) feature names of a jrecipe built-in dataset."""
+  return ("x", "y", "id") if name == "digits_seq" else ("image", "label", "id")
+
+
+def builtin_meta(name: str, features) -> dict:
+  """The task, classes and time axis of a jrecipe built-in dataset."""
+  from jrecipe.data import builders
+  if name == "digits_seq":
+    return dict(task="sequence", num_classes=builders.SEQ_VOCAB,
+                class_names=tuple(str(i) for i in range(builders.SEQ_VOCAB)), time_axis=1,
+                sees_current=True)
+  label = features["label"]
+  return dict(task="classification", num_classes=label.num_classes,
+              class_names=tuple(label.names), time_axis=None, sees_current=True)
 
 
 def _tfds_help(name: str, data_dir: str, problem: str) -> UserError:
