@@ -74,10 +74,10 @@ DATA = Section("data", "The dataset and its preprocessing (jrecipe.data).", {
                       **_NONNEG),
     "downsample": F(0, "Average-pool images by this factor ('smaller input dimensionality'); "
                     "0 or 1 = off.", **_NONNEG),
-    "pipeline": F("auto", "'memory' reads every split whole; 'stream' reads ArrayRecord "
-                  "records per batch (datasets larger than memory, docs/streaming.md); 'auto' "
-                  "streams a 'tfds:' dataset whose in-memory copy (~5x its files) exceeds "
-                  "memory_budget_mb.", choices="jrecipe.data.dataset:PIPELINES"),
+    "pipeline": F("auto", "'memory' reads splits whole; 'stream' reads records per batch "
+                  "(docs/streaming.md); 'auto' streams a 'tfds:' dataset whose copy in memory "
+                  "(~5x its files) exceeds memory_budget_mb.",
+                  choices="jrecipe.data.dataset:PIPELINES"),
     "memory_budget_mb": F(4096, "The memory a dataset may take in memory before "
                           "pipeline='auto' streams it (MB).", type=int, lo=1),
     "stream_prefetch": F(4, "Streaming: batches read ahead of the training step.", lo=1),
