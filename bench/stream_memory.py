@@ -4,7 +4,8 @@
 
 1. Generates a seeded image dataset of at least --gb GB (28x28x1 uint8 images, mnist5k's
    shape) as ArrayRecord through a real TFDS builder (`jrecipe.data.stream_synthetic`), in a
-   temporary directory, in a process of its own.
+   temporary directory, in a process of its own (which, without TensorFlow, holds the split
+   in memory while TFDS writes it: see `_generate`).
 2. In another process (whose peak RSS is the figure), builds the mnist5k CNN config on it with
    data.pipeline='stream' and measures, one after the other:
      - the input pipeline alone: examples/s of this process's batches, nothing stepping;
@@ -47,6 +48,11 @@ RECORD_BYTES = 28 * 28 + 30  # an image's bytes plus the tf.train.Example framin
 
 
 def _generate():
+  # TFDS's writer buffers a split's serialized records in memory up to 1 GB and then spills
+  # them to disk through tf.io.gfile, which needs TensorFlow (not installed: shared/STACK.md).
+  # This process (not the one measured) holds the whole split instead: about 1.5x its size.
+  from tensorflow_datasets.core import shuffle
+  shuffle.MAX_MEM_BUFFER_SIZE = 1 << 40
   from jrecipe.data import stream_synthetic
   stream_synthetic.prepare(FLAGS.data_dir, config_name=CONFIG, num_train=FLAGS.num_train,
                            num_validation=2000, num_test=2000, shape=SHAPE)

@@ -49,6 +49,7 @@ FROZEN_DEFAULTS = {'ablate': {'kind': 'add', 'metric': 'accuracy', 'seeds': 3, '
               'name': 'digits',
               'normalize': True,
               'pipeline': 'auto',
+              'stream_inspect_sample': 20000,
               'stream_prefetch': 4,
               'stream_threads': 2,
               'stream_workers': 0,

@@ -83,6 +83,8 @@ DATA = Section("data", "The dataset and its preprocessing (jrecipe.data).", {
     "stream_prefetch": F(4, "Streaming: batches read ahead of the training step.", lo=1),
     "stream_threads": F(2, "Streaming: reader threads (decoding, batching) in this process.",
                         lo=1),
+    "stream_inspect_sample": F(20000, "Streaming: --mode=inspect analyses a seeded sample of "
+                               "this many examples per split (exact duplicates: all).", lo=1),
     "stream_workers": F(0, "Streaming: grain worker processes for reading and decoding; 0 = "
                         "threads only (faster on a 2-core CPU, docs/streaming.md).", **_NONNEG),
 })
