@@ -224,3 +224,16 @@ def test_a_checkpoint_whose_position_means_other_examples_is_refused(reference, 
   cfg.batch_size, cfg.num_epochs = 32, 4  # step 57 of batch 32 is not step 57 of batch 64
   with pytest.raises(UserError, match="data position means other examples: its batch_size"):
     loop.train_and_evaluate(cfg, wd, allow_config_change=True)
+
+
+def test_array_records_are_read_per_file_directly_and_equal_getitems(synthetic, monkeypatch):
+  import tensorflow_datasets as tfds
+  d, name = synthetic
+  source = tfds.builder(name[len("tfds:"):], data_dir=d).as_data_source()["train"].data_source
+  keys = [5, 0, 599, 5, 300]
+  called = []
+  monkeypatch.setattr(type(source), "__getitems__",
+                      lambda self, k: called.append(k) or [self[i] for i in k])
+  direct = stream.read_array_records(source, keys)
+  assert not called  # the direct path, on this array_record version
+  assert direct == source.__getitems__(keys) and called

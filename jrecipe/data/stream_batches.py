@@ -2,8 +2,8 @@
 
 Recipe steps served:
   * 'Fix the random seed': the training batch of global step s is the in-memory path's batch
-    (the same `jrecipe.data.indexing` permutation and the same per-process slice of it,
-    `jrecipe.data.batches.train_rows`), read from the records of those rows only; a pipeline
+    (the same `jrecipe.data.indexing` permutation and the same per-process slice [lo, hi) of
+    it), read from the records of those rows only; a pipeline
     started at `start_step=k` yields exactly what a fresh one yields at step k, which is the
     whole of the iterator's position (`jrecipe.train.hooks.DataPosition` saves it).
   * 'Evaluate on the whole test set': every example once across processes, the last batch
