@@ -2,7 +2,9 @@
 
 Usage: python tests/stream_resume.py WORKDIR [--stop-at S] [--kill-at S] [--pipeline P]
 With XLA_FLAGS=--xla_force_host_platform_device_count=N the run is data-parallel over the N
-devices (parallel.mode='mesh'); a resumed run may have another N (elastic resume).
+devices (parallel.mode='mesh'); a resumed run may have another N (elastic resume). With
+JRECIPE_COORDINATOR, JRECIPE_NUM_PROCESSES, JRECIPE_PROCESS_ID (and JRECIPE_NUM_CPU_DEVICES)
+it is one process of a multi-process job on loopback (tests/test_multihost.py's launch).
   --stop-at S: stop after step S (the stop checkpoint is saved), as a preemption would.
   --kill-at S: SIGKILL this process after step S, once the first epoch's checkpoint (step 19)
                is committed: nothing after it is saved.
@@ -57,6 +59,8 @@ def main():
   p.add_argument("--kill-at", type=int)
   p.add_argument("--pipeline", default="stream")
   a = p.parse_args()
+  from jrecipe import runtime  # before the backend: devices, dispatch, joining a job
+  runtime.setup_processes(bool(os.environ.get(runtime.ENV_COORDINATOR)))
   hooks = []
   if a.stop_at:
     hooks.append(_At(a.stop_at, "stop", a.workdir))
@@ -64,7 +68,8 @@ def main():
     hooks.append(_At(a.kill_at, "kill", a.workdir))
   summary = loop_lib.train_and_evaluate(config(a.pipeline), a.workdir, hooks=hooks,
                                         allow_config_change=True)
-  print(json.dumps({"step": summary["step"], "devices": jax.device_count()}))
+  print(json.dumps({"step": summary["step"], "devices": jax.device_count(),
+                    "processes": jax.process_count()}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from jrecipe.data import pipeline, stream, stream_synthetic
+from jrecipe.data import dataset, pipeline, stream, stream_synthetic
 from jrecipe.errors import UserError
 from jrecipe.train import loop
 from tests.helpers import REPO, load_params, tiny_config
@@ -49,6 +49,7 @@ def test_streamed_batches_equal_the_in_memory_ones(name, fields, synthetic):
   assert mem.stream is None and st.stream is not None
   assert isinstance(st.arrays["train"]["x"], stream.StreamColumn)
   assert st.spec == mem.spec
+  assert dataset.fingerprint(st) == dataset.fingerprint(mem)  # a checkpoint resumes on either
   for split in mem.arrays:
     assert _equal({k: mem.arrays[split][k] for k in ("y", "id")},
                   {k: st.arrays[split][k] for k in ("y", "id")})
@@ -68,6 +69,12 @@ def test_streamed_batches_equal_the_in_memory_ones(name, fields, synthetic):
       eb = list(pipeline.eval_batches(st, split, batch_size=100, process_index=p,
                                       process_count=2))
       assert len(ea) == len(eb) and all(_equal(x, y) for x, y in zip(ea, eb))
+
+
+def test_the_data_fingerprint_tells_datasets_apart():
+  a, b = _data("digits", "memory"), _data("digits", "memory", train_subset=600)
+  assert dataset.fingerprint(a) != dataset.fingerprint(b)
+  assert dataset.fingerprint(a) != dataset.fingerprint(_data("mnist5k", "memory"))
 
 
 def test_streamed_evaluation_covers_every_example_once_across_hosts(synthetic):
@@ -208,9 +215,37 @@ def test_elastic_resume_8_to_4_to_2_devices_matches_the_uninterrupted_run(refere
     r = _script(wd, *(("--stop-at", stop) if stop else ()), devices=devices)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {
-        "step": stop or 57, "devices": devices}
+        "step": stop or 57, "devices": devices, "processes": 1}
     if stop:
       assert _checkpoint_meta(wd, stop)["data"]["next_step"] == stop
+  a, b = load_params(reference), load_params(wd)
+  diff = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+  assert diff <= 3e-8, diff
+
+
+def test_two_processes_stopped_mid_epoch_resume_as_one_process(reference, tmp_path):
+  """Two local processes of 2 devices each (loopback, gloo) stop at step 30; one process of 2
+  devices finishes the run: the data position maps to the same next global example."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  wd = tmp_path / "hosts"
+  procs, logs = [], [tmp_path / f"host{i}.log" for i in range(2)]
+  for i in range(2):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JRECIPE_COORDINATOR=f"127.0.0.1:{port}", JRECIPE_NUM_PROCESSES="2",
+               JRECIPE_PROCESS_ID=str(i), JRECIPE_NUM_CPU_DEVICES="2")
+    with open(logs[i], "w") as log:  # files, not pipes: a full pipe would stall a peer
+      procs.append(subprocess.Popen([sys.executable, SCRIPT, str(wd), "--stop-at", "30"],
+                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  codes = [p.wait(timeout=300) for p in procs]
+  assert codes == [0, 0], [open(f).read()[-3000:] for f in logs]
+  out = [json.loads(open(f).read().strip().splitlines()[-1]) for f in logs]
+  assert out[0] == {"step": 30, "devices": 4, "processes": 2}, out
+  assert _checkpoint_meta(wd, 30)["data"]["next_step"] == 30
+  r = _script(wd, devices=2)
+  assert r.returncode == 0, r.stderr[-3000:]
   a, b = load_params(reference), load_params(wd)
   diff = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
   assert diff <= 3e-8, diff
@@ -237,3 +272,25 @@ def test_array_records_are_read_per_file_directly_and_equal_getitems(synthetic, 
   direct = stream.read_array_records(source, keys)
   assert not called  # the direct path, on this array_record version
   assert direct == source.__getitems__(keys) and called
+
+
+def test_the_opening_pass_is_kept_beside_the_dataset_while_its_files_are_unchanged(
+    tmp_path, monkeypatch):
+  d = str(tmp_path)
+  name = "tfds:" + stream_synthetic.prepare(d, config_name="kept", num_train=200, num_test=50,
+                                            shape=(6, 6))
+  first = _data(name, "stream", d)
+  copies = os.listdir(os.path.join(d, ".jrecipe_arrays"))
+  assert len(copies) == 1 and "-stream-" in copies[0], copies
+  scans = []
+  real = stream._scan  # noqa: SLF001
+  monkeypatch.setattr(stream, "_scan", lambda *a: scans.append(a[2]) or real(*a))
+  dataset.clear_cache()
+  again = _data(name, "stream", d)
+  assert not scans and again.spec == first.spec
+  assert np.array_equal(again.arrays["train"]["y"], first.arrays["train"]["y"])
+  info = os.path.join(d, name[len("tfds:"):], "1.0.0", "dataset_info.json")
+  os.utime(info, ns=(0, 0))  # the files changed: the copy no longer counts
+  dataset.clear_cache()
+  _data(name, "stream", d)
+  assert scans == ["train", "validation", "test"]
