@@ -294,3 +294,18 @@ def test_the_opening_pass_is_kept_beside_the_dataset_while_its_files_are_unchang
   dataset.clear_cache()
   _data(name, "stream", d)
   assert scans == ["train", "validation", "test"]
+
+
+def test_grain_worker_processes_give_the_same_batches():
+  """data.stream_workers=1: reading and decoding in a grain worker process (the readers and
+  transforms pickle); the same batches as the threads."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["pytest"])  # grain reads its absl flags before starting workers
+  threads = _data("digits", "stream")
+  workers = _data("digits", "stream", stream_workers=1)
+  assert workers.stream.workers == 1
+  a = pipeline.train_batches(threads, batch_size=64, seed=2, start_step=15)
+  b = pipeline.train_batches(workers, batch_size=64, seed=2, start_step=15)
+  for _ in range(25):
+    assert _equal(next(a), next(b))

@@ -137,41 +137,51 @@ def _stack(values: list, what: str, name: str) -> np.ndarray:
         "records to one shape when preparing the dataset.") from e
 
 
-def generic_reader(source, keys: tuple, name: str, ids_from_rows: bool) -> Callable:
+class GenericReader:
   """rows -> columns through the source's own decoding (`__getitems__` or `__getitem__`);
-  records are dicts (keyed by `keys` = (input, label, id or None)) or (x, y) pairs."""
-  kx, ky, kid = keys
+  records are dicts (keyed by `keys` = (input, label, id or None)) or (x, y) pairs. A class,
+  not a closure, so that grain's worker processes can be sent it (pickled)."""
 
-  def read(rows):
-    getitems = getattr(source, "__getitems__", None)
-    recs = getitems(rows.tolist()) if getitems else [source[int(i)] for i in rows]
+  def __init__(self, source, keys: tuple, name: str, ids_from_rows: bool):
+    self.source, self.keys, self.name, self.ids_from_rows = source, keys, name, ids_from_rows
+
+  def __call__(self, rows: np.ndarray) -> dict:
+    kx, ky, kid = self.keys
+    getitems = getattr(self.source, "__getitems__", None)
+    recs = getitems(rows.tolist()) if getitems else [self.source[int(i)] for i in rows]
     if recs and not isinstance(recs[0], dict):
       recs = [{kx: r[0], ky: r[1]} for r in recs]
-    out = {"x": _stack([r[kx] for r in recs], "inputs", name),
-           "y": _stack([r[ky] for r in recs], "labels", name)}
-    out["id"] = rows.copy() if ids_from_rows or not kid else \
+    out = {"x": _stack([r[kx] for r in recs], "inputs", self.name),
+           "y": _stack([r[ky] for r in recs], "labels", self.name)}
+    out["id"] = rows.copy() if self.ids_from_rows or not kid else \
         np.asarray([r[kid] for r in recs], np.int64)
     return out
 
-  return read
+
+class TfdsReader:
+  """rows -> columns of a TFDS ArrayRecord source by the fast protobuf parse
+  (`jrecipe.data.reading.fast_plan`, `parse_records`)."""
+
+  def __init__(self, records, plan: dict, keys: tuple, ids_from_rows: bool):
+    self.records, self.plan, self.keys, self.ids_from_rows = records, plan, keys, ids_from_rows
+
+  def __call__(self, rows: np.ndarray) -> dict:
+    from jrecipe.data import reading
+    kx, ky, kid = self.keys
+    cols = reading.parse_records(read_array_records(self.records, rows.tolist()), self.plan)
+    ids = rows.copy() if self.ids_from_rows or not kid else cols[kid]
+    return {"x": cols[kx], "y": cols[ky], "id": ids}
 
 
 def tfds_reader(source, features, keys: tuple, name: str, ids_from_rows: bool) -> Callable:
-  """rows -> columns of a TFDS ArrayRecord source: the fast protobuf parse where the features
-  allow it (`jrecipe.data.reading.fast_plan`), the source's own decoding otherwise."""
+  """The reader of a TFDS ArrayRecord source: the fast parse where the features allow it,
+  the source's own decoding otherwise."""
   from jrecipe.data import reading
   plan = reading.fast_plan(features)
   records = getattr(source, "data_source", None)
   if plan is None or not hasattr(records, "__getitems__"):
-    return generic_reader(source, keys, name, ids_from_rows)
-  kx, ky, kid = keys
-
-  def read(rows):
-    cols = reading.parse_records(read_array_records(records, rows.tolist()), plan)
-    ids = rows.copy() if ids_from_rows or not kid else cols[kid]
-    return {"x": cols[kx], "y": cols[ky], "id": ids}
-
-  return read
+    return GenericReader(source, keys, name, ids_from_rows)
+  return TfdsReader(records, plan, keys, ids_from_rows)
 
 
 def read_array_records(source, keys: list) -> list:
@@ -380,7 +390,7 @@ def from_sources(name: str, sources: dict, meta: dict, data_config: Any = None,
                     "'validation' and 'test' random-access sources.")
   from jrecipe.sections import complete
   cfg = complete(data_config, "data")
-  records = {s: Records(generic_reader(sources[s], keys, name, keys[2] is None), 0,
+  records = {s: Records(GenericReader(sources[s], keys, name, keys[2] is None), 0,
                         len(sources[s])) for s in SPLITS}
   return _assemble(name, records, dict(meta), None, _info(cfg, "your sources"),
                    bool(cfg.normalize), int(cfg.train_subset), int(cfg.downsample))
@@ -394,6 +404,25 @@ def _info(data_config: Any, path: Optional[str]) -> StreamInfo:
                     workers=int(cfg.stream_workers))
 
 
+class Transform:
+  """Stored records -> what a column holds: the stored values (with a channel axis added to
+  [H, W] images), or, with `name`, the model inputs (`dataset.model_inputs`, then
+  `dataset.normalise` with `stats` = (mean, std)). A class so that it pickles."""
+
+  def __init__(self, channel: bool, *, sequence: bool = False, downsample: int = 0,
+               name: Optional[str] = None, stats: Optional[tuple] = None):
+    self.channel, self.sequence, self.downsample = channel, sequence, downsample
+    self.name, self.stats = name, stats
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    x = x[..., None] if self.channel else x
+    if self.name is None:
+      return x
+    f = dataset_lib.model_inputs(x, sequence=self.sequence, downsample=self.downsample,
+                                 name=self.name)
+    return dataset_lib.normalise(f, *self.stats) if self.stats else f
+
+
 def _assemble(name, records, meta, label, info, normalize, train_subset,
               downsample) -> dataset_lib.Dataset:
   """Scan every split, then the Dataset of StreamColumns around the in-memory labels."""
@@ -401,8 +430,9 @@ def _assemble(name, records, meta, label, info, normalize, train_subset,
   task_guess = (meta or {}).get("task")
   sequence = task_guess == "sequence"
 
-  def inputs(x):
-    return dataset_lib.model_inputs(x, sequence=sequence, downsample=downsample, name=name)
+  def inputs(x):  # the model inputs before normalisation, for the statistics
+    channel = x.ndim == 3 and name.startswith(TFDS_PREFIX) and not sequence
+    return Transform(channel, sequence=sequence, downsample=downsample, name=name)(x)
 
   stats = normalize and not sequence
   scans = _scans(name, records, info.source, f"d{downsample}{'n' if stats else ''}",
@@ -430,12 +460,9 @@ def _assemble(name, records, meta, label, info, normalize, train_subset,
     mean = t.total / t.count
     std = float(np.sqrt(t.m2 / t.count)) or 1.0
 
-  def stored(x):
-    return x[..., None] if channel else x
-
-  def model(x):
-    f = inputs(stored(x))
-    return dataset_lib.normalise(f, mean, std) if stats else f
+  stored = Transform(channel)
+  model = Transform(channel, sequence=sequence, downsample=downsample, name=name,
+                    stats=(mean, std) if stats else None)
 
   probe = model(records["train"].read(np.arange(1))["x"])
   raw_probe = stored(records["train"].read(np.arange(1))["x"])
