@@ -7,9 +7,10 @@ Recipe steps served:
   * 'Overfit one batch' / 'regularise': `train_subset` (first N training examples) and
     `downsample` (smaller input dimensionality) are config switches.
 
-Every dataset here fits in memory: each split is read once from its ArrayRecord files into numpy
-(`jrecipe.data.reading`) and cached per process; batches are numpy gathers
-(`jrecipe.data.batches`).
+In memory, each split is read once from its ArrayRecord files into numpy (`jrecipe.data.reading`)
+and cached per process; batches are numpy gathers (`jrecipe.data.batches`). A dataset larger
+than memory is streamed instead (data.pipeline, `choose_pipeline`; `jrecipe.data.stream`): the
+same Dataset, its inputs read a batch at a time.
 """
 
 import dataclasses
@@ -195,6 +196,9 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
       downsample: (default 0 = off; 1 = off) average-pool images by this factor (must divide
         height and width): the recipe's 'smaller input dimensionality' regulariser.
         spec.input_shape is the pooled shape; `raw` keeps the stored images.
+      pipeline: 'auto' (default), 'memory' or 'stream' (`choose_pipeline`). Streamed, the
+        'x' columns are `jrecipe.data.stream.StreamColumn`s read a batch at a time, with the
+        same values, ids, spec and batches as in memory (docs/streaming.md).
     seed: accepted for a uniform interface; the splits, the subset and the normalisation are
       deliberately independent of it (every run and seed is scored on the same examples).
 
