@@ -148,24 +148,34 @@ def test_bad_streamed_input_is_one_paragraph(tmp_path, synthetic):
     with pytest.raises(UserError) as e:
       _data(fields["name"], "stream", fields["data_dir"])
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+  with pytest.raises(UserError, match="a data function returning arrays in memory"):
+    _data("tests.user_data:load", "stream")
   st = _data(synthetic[1], "stream", synthetic[0])
   with pytest.raises(UserError, match="not divisible by the 3 processes"):
     pipeline.train_batches(st, batch_size=16, seed=0, process_index=0, process_count=3)
 
 
-def test_cli_exit_2_and_nothing_written_for_a_ragged_streamed_dataset(tmp_path):
+def test_cli_exit_2_and_nothing_written_for_bad_streamed_data(tmp_path):
   d = str(tmp_path / "tfds")
   name = stream_synthetic.prepare(d, config_name="ragged", num_train=40, num_test=10,
                                   ragged=True)
-  wd = tmp_path / "wd"
-  r = subprocess.run([sys.executable, "-m", "jrecipe", "--config=configs/digits_mlp.py:smoke",
-                      f"--config.data.name=tfds:{name}", f"--config.data.data_dir={d}",
-                      "--config.data.pipeline=stream", f"--workdir={wd}"], cwd=REPO,
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2, r.stderr[-3000:]
-  last = r.stderr.strip().splitlines()[-1]
-  assert last.startswith("jrecipe: error:") and "inconsistent shape" in last
-  assert not wd.exists() or not any(wd.iterdir())
+  cases = {"inconsistent shape": (f"tfds:{name}", d),
+           "does not exist": ("tfds:mnist", str(tmp_path / "nowhere"))}
+  procs = []
+  for i, (needle, (data, data_dir)) in enumerate(cases.items()):
+    wd = tmp_path / f"wd{i}"
+    procs.append((needle, wd, subprocess.Popen(
+        [sys.executable, "-m", "jrecipe", "--config=configs/digits_mlp.py:smoke",
+         f"--config.data.name={data}", f"--config.data.data_dir={data_dir}",
+         "--config.data.pipeline=stream", f"--workdir={wd}"], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+  for needle, wd, p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jrecipe: error:") and needle in last, last
+    assert "Traceback" not in err
+    assert not wd.exists() or not any(wd.iterdir())
 
 
 # --- the position in the checkpoint: exact and elastic resume ------------------------------
