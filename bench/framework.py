@@ -6,6 +6,9 @@ machine load:
   - jrecipe: the training loop's own path (step-indexed batches -> Placement.put_batch, an
     explicit transfer -> the jitted pure step with state donation), as train_and_evaluate
     drives it, the batch split over the process's devices (mesh);
+  - stream: the same loop with the dataset read through the streaming pipeline
+    (data.pipeline='stream': grain over the ArrayRecord files, a batch at a time); its ratio
+    to 'jrecipe' is the streaming path's cost on data that fits in memory;
   - hand: a minimal hand-written `jax.jit` loop (the same Linen module, optax.adam, a numpy
     permutation per epoch, numpy batches handed to the step; sharded the same way);
   - torch: the same model in plain PyTorch (when installed: `pip install torch==2.13.0`), in
@@ -37,7 +40,8 @@ flags.DEFINE_integer("steps", 100, "Timed steps per runner per round.")
 flags.DEFINE_list("workloads", ["digits_mlp", "mnist5k_cnn"], "Which workloads to run.")
 flags.DEFINE_list("devices", ["1", "cores"], "CPU device counts to run each workload with "
                   "('cores' = one per core).")
-flags.DEFINE_list("runners", ["jrecipe", "hand", "torch"], "Which loops to time.")
+flags.DEFINE_list("runners", ["jrecipe", "stream", "hand", "torch"], "Which loops to time "
+                  "(stream: jrecipe's loop on data.pipeline='stream').")
 flags.DEFINE_float("ema_decay", 0.0, "Parameter EMA kept by every runner (0 = none).")
 flags.DEFINE_bool("time_to_target", True, "Train each runner from scratch to the target test "
                   "accuracy (in the worker with the auto-chosen device count).")
@@ -54,8 +58,8 @@ flags.DEFINE_string("worker", "", "Internal: run one workload's timing in this p
 FLAGS = flags.FLAGS
 
 from bench.runners import (FAMILY, REPO, WORKLOADS, fmt, hand_runner,  # noqa: E402
-                           jrecipe_runner, load_config, stats, time_to_target, timed,
-                           torch_available, torch_runner)
+                           jrecipe_runner, load_config, stats, stream_config, time_to_target,
+                           timed, torch_available, torch_runner)
 
 # ------------------------------------------------------------------------------------------
 # Worker: one workload, this process's device count, every runner; driven round by round by
@@ -78,6 +82,8 @@ class Worker:
     for kind in runners:
       if kind == "jrecipe":
         self.built[kind] = jrecipe_runner(config, self.exp)
+      elif kind == "stream":  # the same loop, batches read from the ArrayRecord files
+        self.built[kind] = jrecipe_runner(stream_config(config))
       elif kind == "hand":
         self.built[kind] = hand_runner(self.exp, config)
       elif kind == "torch":
@@ -87,7 +93,7 @@ class Worker:
           continue
         self.built[kind] = torch_runner(self.exp, config)
       else:
-        raise ValueError(f"unknown runner {kind!r}; valid: jrecipe, hand, torch")
+        raise ValueError(f"unknown runner {kind!r}; valid: jrecipe, stream, hand, torch")
     for k, r in self.built.items():
       r["run"](10)  # warm-up: caches, allocator, thread pools
       self.info["runners"][k] = {x: r[x] for x in ("compile_seconds", "flops", "threads")
@@ -223,7 +229,8 @@ def bench_workload(name, counts, auto, rounds, steps, ttt):
         fig.update(steps_per_s=stats(sps), examples_per_s=statistics.median(sps) *
                    info["batch_size"], cpu_ms_per_step=stats([r[k][1] * 1e3 for r in rs]))
       ratios = {}
-      for a, b in (("jrecipe", "hand"), ("jrecipe", "torch"), ("hand", "torch")):
+      for a, b in (("jrecipe", "hand"), ("jrecipe", "torch"), ("hand", "torch"),
+                   ("stream", "jrecipe")):
         if a in info["runners"] and b in info["runners"]:
           ratios[f"{a}/{b}"] = stats([r[a][0] / r[b][0] for r in rs])
           ratios[f"{a}/{b} cpu"] = stats([r[b][1] / r[a][1] for r in rs])

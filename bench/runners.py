@@ -65,9 +65,17 @@ def permutation_batches(n, bs, seed=0):
 # ------------------------------------------------------------------------------------------
 # Runners: each is a dict with run(n) -> None (n steps, blocking at the end), reset(),
 # accuracy() -> test accuracy, compile_seconds, flops (one step, XLA's count) if known.
+def stream_config(config):
+  """The same config reading its dataset through the streaming pipeline (data.pipeline)."""
+  c = config.copy_and_resolve_references()
+  c.data.pipeline = "stream"
+  return c
+
+
 def jrecipe_runner(config, exp=None):
   """jrecipe's own loop: `Trainer.run` (step-indexed batches, explicit transfers, the jitted
-  pure step with state donation), with no hooks, as every mode drives it."""
+  pure step with state donation), with no hooks, as every mode drives it. With
+  `stream_config(config)` the batches come from the streaming pipeline instead."""
   import jax
   from jrecipe import experiment
   from jrecipe.train import parallel
@@ -83,9 +91,12 @@ def jrecipe_runner(config, exp=None):
   def reset():
     h["state"] = trainer.to_device(trainer.initial_state())
     h["step"] = 0
+    # One batch iterator for the whole run, as training has: a streamed dataset's grain
+    # pipeline (threads, prefetch buffer) is started once, not once per timed round.
+    h["batches"] = trainer.batches(0)
 
   def run(n):
-    loop = trainer.run(h["state"], start_step=h["step"], num_steps=n)
+    loop = trainer.run(h["state"], start_step=h["step"], num_steps=n, batches=h["batches"])
     jax.block_until_ready(loop.state)
     h["state"], h["step"] = loop.state, loop.step
 

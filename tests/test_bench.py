@@ -15,13 +15,14 @@ from tests.helpers import REPO
 
 @pytest.fixture(scope="module")
 def worker():
-  """jrecipe's loop and the hand-written loop on the digits MLP, in this process."""
-  return bench.Worker("digits_mlp", ["jrecipe", "hand"], 0.0)
+  """jrecipe's loop (in memory and streamed) and the hand-written loop on the digits MLP."""
+  return bench.Worker("digits_mlp", ["jrecipe", "stream", "hand"], 0.0)
 
 
 def test_round_times_every_runner(worker):
   r = worker.round(3)
-  assert set(r) == {"jrecipe", "hand"}
+  assert set(r) == {"jrecipe", "stream", "hand"}
+  assert worker.built["stream"]["exp"].data.stream is not None
   for steps_per_s, cpu_per_step in r.values():
     assert steps_per_s > 0 and cpu_per_step > 0
   info = worker.info
@@ -33,7 +34,7 @@ def test_round_times_every_runner(worker):
 def test_time_to_target_trains_from_scratch(worker):
   """Both loops reach 97% test accuracy on digits within the epoch budget."""
   out = worker.time_to_target()
-  for k in ("jrecipe", "hand"):
+  for k in ("jrecipe", "stream", "hand"):
     assert out[k]["seconds"] is not None and out[k]["seconds"] > 0, out
     assert out[k]["accuracy"] >= 0.97
   # A target that cannot be reached is reported as such, not as a time.

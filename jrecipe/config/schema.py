@@ -82,6 +82,19 @@ DATA = Section("data", "The dataset and its preprocessing (jrecipe.data).", {
                         "(targets: the next byte at each); 0 = the dataset's default (128).",
                         **_NONNEG, why="It is a number of bytes, >= 2; 0 takes the dataset's "
                                        "default."),
+    "pipeline": F("auto", "'memory' reads splits whole; 'stream' reads records per batch "
+                  "(docs/streaming.md); 'auto' streams a 'tfds:' dataset whose copy in memory "
+                  "(~5x its files) exceeds memory_budget_mb.",
+                  choices="jrecipe.data.dataset:PIPELINES"),
+    "memory_budget_mb": F(4096, "The memory a dataset may take in memory before "
+                          "pipeline='auto' streams it (MB).", type=int, lo=1),
+    "stream_prefetch": F(4, "Streaming: batches read ahead of the training step.", lo=1),
+    "stream_threads": F(2, "Streaming: reader threads (decoding, batching) in this process.",
+                        lo=1),
+    "stream_inspect_sample": F(20000, "Streaming: --mode=inspect analyses a seeded sample of "
+                               "this many examples per split (exact duplicates: all).", lo=1),
+    "stream_workers": F(0, "Streaming: grain worker processes for reading and decoding; 0 = "
+                        "threads only (faster on a 2-core CPU, docs/streaming.md).", **_NONNEG),
 })
 
 AUGMENT = Section("data.augment", "Training-time augmentation ('Simplify: no augmentation "

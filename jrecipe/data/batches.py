@@ -83,9 +83,13 @@ def train_batches(ds: Dataset, *, batch_size: int, seed: int, start_step: int = 
   if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) \
       or start_step < 0:
     raise UserError(f"start_step={start_step!r} must be a non-negative integer.")
+  lo, hi = process_index * local, (process_index + 1) * local
+  if ds.stream is not None:  # grain over the ArrayRecord files, the same order
+    from jrecipe.data import stream_batches
+    return stream_batches.train_batches(ds, batch_size=batch_size, seed=seed,
+                                        start_step=start_step, lo=lo, hi=hi)
   x, y = ds.arrays["train"]["x"], ds.arrays["train"]["y"]
   index_batches = IndexBatches(len(x), batch_size, int(seed))
-  lo, hi = process_index * local, (process_index + 1) * local
 
   def generate():
     step = int(start_step)
@@ -123,21 +127,31 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, process_index: int
   arrays = ds.arrays[split]
   n = len(arrays["id"])
   lo, hi = process_index * local, (process_index + 1) * local
-  ones = np.ones(local, np.float32)
-  ones.flags.writeable = False
+  if ds.stream is not None:
+    from jrecipe.data import stream_batches
+    return stream_batches.eval_batches(ds, split, batch_size=batch_size, lo=lo, hi=hi)
 
   def generate():
     for b in range(math.ceil(n / batch_size)):
-      start = b * batch_size
-      if start + hi <= n:  # this process's slice is all real examples
-        batch = {k: v[start + lo:start + hi] for k, v in arrays.items()}
-        batch["mask"] = ones
+      rows, mask = eval_rows(n, batch_size, b, lo, hi)
+      if isinstance(rows, slice):  # all real examples: views, no copy
+        batch = {k: v[rows] for k, v in arrays.items()}
       else:
-        idx = np.arange(start + lo, start + hi)
-        real = idx < n
-        idx = np.where(real, idx, 0)
-        batch = {k: v.take(idx, axis=0) for k, v in arrays.items()}
-        batch["mask"] = real.astype(np.float32)
+        batch = {k: v.take(rows, axis=0) for k, v in arrays.items()}
+      batch["mask"] = mask
       yield batch
 
   return generate()
+
+
+def eval_rows(n: int, batch_size: int, b: int, lo: int, hi: int):
+  """(rows, mask) of this process's slice [lo, hi) of global evaluation batch b of a split
+  of n examples: a slice when every row is real, else indices padded with row 0 and a mask
+  (1 real, 0 padding). Shared by the in-memory and the streaming path."""
+  start = b * batch_size
+  if start + hi <= n:
+    mask = np.ones(hi - lo, np.float32)
+    return slice(start + lo, start + hi), mask
+  idx = np.arange(start + lo, start + hi)
+  real = idx < n
+  return np.where(real, idx, 0), real.astype(np.float32)

@@ -7,12 +7,14 @@ Recipe steps served:
   * 'Overfit one batch' / 'regularise': `train_subset` (first N training examples) and
     `downsample` (smaller input dimensionality) are config switches.
 
-Every dataset here fits in memory: each split is read once from its ArrayRecord files into numpy
-(`jrecipe.data.reading`) and cached per process; batches are numpy gathers
-(`jrecipe.data.batches`).
+In memory, each split is read once from its ArrayRecord files into numpy (`jrecipe.data.reading`)
+and cached per process; batches are numpy gathers (`jrecipe.data.batches`). A dataset larger
+than memory is streamed instead (data.pipeline, `choose_pipeline`; `jrecipe.data.stream`): the
+same Dataset, its inputs read a batch at a time.
 """
 
 import dataclasses
+import os
 import threading
 from typing import Any
 
@@ -45,6 +47,38 @@ class Dataset:
   spec: DataSpec
   arrays: dict[str, dict[str, np.ndarray]]
   raw: dict[str, dict[str, np.ndarray]]
+  # None in memory; a streamed dataset's `jrecipe.data.stream.StreamInfo` (its 'x' columns are
+  # then `StreamColumn`s read from the ArrayRecord files batch by batch; 'y' and 'id' are numpy).
+  stream: Any = None
+
+
+def model_inputs(x: np.ndarray, *, sequence: bool, downsample: int, name: str) -> np.ndarray:
+  """Stored inputs -> what the model sees before normalisation (one definition for both the
+  in-memory and the streaming path, so both give bit-identical batches)."""
+  if sequence:
+    return x.astype(np.int32)
+  x = x.astype(np.float32)
+  return _downsample(x, downsample, name) if downsample > 1 else x
+
+
+def normalise(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+  """(x - mean) / std in float32, the scalar statistics cast once (both paths)."""
+  return (x - np.float32(mean)) / np.float32(std)
+
+
+def fingerprint(ds: "Dataset") -> str:
+  """What a checkpoint's data position is valid for: the dataset's identity and the training
+  split's labels and ids (a short hash), the same whichever pipeline reads it, so a run may
+  switch between the in-memory and the streaming path and still resume at the next example."""
+  import hashlib
+  import json
+  spec = ds.spec
+  h = hashlib.sha256(json.dumps(
+      [spec.name, spec.splits, list(spec.input_shape), float(np.float32(spec.mean)),
+       float(np.float32(spec.std))]).encode())
+  for k in ("y", "id"):
+    h.update(np.ascontiguousarray(ds.arrays["train"][k]).tobytes())
+  return h.hexdigest()[:16]
 
 
 
@@ -88,30 +122,32 @@ def _downsample(x: np.ndarray, factor: int, name: str) -> np.ndarray:
   return x.mean(axis=(2, 4), dtype=np.float64).astype(np.float32)
 
 
+def check_fields(name: str, meta: dict, n_train: int, train_subset: int,
+                 downsample: int) -> None:
+  """UserError for a train_subset larger than the split, or downsampling a sequence."""
+  if train_subset > n_train:
+    raise UserError(
+        f"data.train_subset={train_subset} exceeds the {n_train} training examples of "
+        f"{name!r}. Use at most {n_train}, or 0 for all of them.")
+  if meta["task"] == "sequence" and downsample > 1:
+    raise UserError(
+        f"data.downsample={downsample} applies to images, but {name!r} is a sequence dataset. "
+        "Set data.downsample to 0.")
+
+
 def _build(name: str, meta: dict, stored_full: dict, normalize: bool, train_subset: int,
            downsample: int) -> Dataset:
   """The Dataset for one configuration, from the splits as stored (shared, read-only)."""
   stored = dict(stored_full)
-  n_train = len(stored["train"]["id"])
+  check_fields(name, meta, len(stored["train"]["id"]), train_subset, downsample)
   if train_subset:
-    if train_subset > n_train:
-      raise UserError(
-          f"data.train_subset={train_subset} exceeds the {n_train} training examples of "
-          f"{name!r}. Use at most {n_train}, or 0 for all of them.")
     stored["train"] = {k: v[:train_subset] for k, v in stored["train"].items()}
   sequence = meta["task"] == "sequence"
-  if sequence and downsample > 1:
-    raise UserError(
-        f"data.downsample={downsample} applies to images, but {name!r} is a sequence dataset. "
-        "Set data.downsample to 0.")
   lo = min(float(s["x"].min()) for s in stored_full.values() if len(s["x"]))
   hi = max(float(s["x"].max()) for s in stored_full.values() if len(s["x"]))
 
   def inputs(x):
-    if sequence:
-      return x.astype(np.int32)
-    x = x.astype(np.float32)
-    return _downsample(x, downsample, name) if downsample > 1 else x
+    return model_inputs(x, sequence=sequence, downsample=downsample, name=name)
 
   arrays = {s: {"x": inputs(v["x"])} for s, v in stored.items()}
   mean, std = 0.0, 1.0
@@ -122,7 +158,7 @@ def _build(name: str, meta: dict, stored_full: dict, normalize: bool, train_subs
     mean = float(np.mean(ref, dtype=np.float64))
     std = float(np.std(ref, dtype=np.float64)) or 1.0
     for a in arrays.values():
-      a["x"] = (a["x"] - np.float32(mean)) / np.float32(std)
+      a["x"] = normalise(a["x"], mean, std)
   for s, v in stored.items():
     y = v["y"]
     arrays[s]["y"] = y.astype(np.float32) if meta["task"] == "regression" else y.astype(np.int32)
@@ -167,6 +203,9 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
         spec.input_shape is the pooled shape; `raw` keeps the stored images.
       context_length: (default 0 = the dataset's default, 128) text datasets only: bytes per
         window; x is the window's first context_length bytes, y the next byte at each.
+      pipeline: 'auto' (default), 'memory' or 'stream' (`choose_pipeline`). Streamed, the
+        'x' columns are `jrecipe.data.stream.StreamColumn`s read a batch at a time, with the
+        same values, ids, spec and batches as in memory (docs/streaming.md).
     seed: accepted for a uniform interface; the splits, the subset and the normalisation are
       deliberately independent of it (every run and seed is scored on the same examples).
 
@@ -179,15 +218,52 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   """
   del seed
   name, data_dir, normalize, train_subset, downsample, context = _fields(data_config)
-  key = (name, data_dir, normalize, train_subset, downsample, context)
+  mode, cfg = choose_pipeline(data_config)
+  key = (name, data_dir, normalize, train_subset, downsample, context, mode)
+  if mode == "stream":
+    key += (int(cfg.stream_prefetch), int(cfg.stream_threads), int(cfg.stream_workers))
   with _LOCK:
     if key not in _DATASET_CACHE:
-      meta, stored = _stored_splits(name, data_dir, context)
-      _DATASET_CACHE[key] = _build(name, meta, stored, normalize, train_subset, downsample)
+      if mode == "stream":
+        from jrecipe.data import stream
+        _DATASET_CACHE[key] = stream.open_stream(data_config)
+      else:
+        meta, stored = _stored_splits(name, data_dir, context)
+        _DATASET_CACHE[key] = _build(name, meta, stored, normalize, train_subset, downsample)
     ds = _DATASET_CACHE[key]
   # Fresh dicts around the shared read-only arrays: a caller can rebind entries safely.
   return Dataset(spec=ds.spec, arrays={s: dict(d) for s, d in ds.arrays.items()},
-                 raw={s: dict(d) for s, d in ds.raw.items()})
+                 raw={s: dict(d) for s, d in ds.raw.items()}, stream=ds.stream)
+
+
+PIPELINES = ("auto", "memory", "stream")
+# Bytes in memory per stored byte of an image dataset read whole: the stored copy ('raw') plus
+# the float32 model inputs (4 bytes per uint8 value).
+_MEMORY_FACTOR = 5
+
+
+def choose_pipeline(data_config: Any) -> tuple[str, Any]:
+  """('memory' or 'stream', the completed data section): data.pipeline, with 'auto' streaming
+  a 'tfds:' dataset whose in-memory copy (about 5x its stored bytes: the stored values plus
+  float32 inputs) would exceed data.memory_budget_mb. Built-in datasets and data functions
+  are small: 'auto' keeps them in memory."""
+  cfg = complete(data_config, "data")
+  mode = cfg.pipeline
+  if mode not in PIPELINES:
+    raise UserError(f"data.pipeline={mode!r} is not a pipeline. Valid values: 'auto' (stream "
+                    "datasets larger than data.memory_budget_mb), 'memory', 'stream'.")
+  if mode != "auto":
+    return mode, cfg
+  name = cfg.name
+  if not (isinstance(name, str) and name.startswith(TFDS_PREFIX)):
+    return "memory", cfg
+  from jrecipe.data import store
+  path = os.path.join(store.resolve_data_dir(cfg.data_dir), name[len(TFDS_PREFIX):])
+  stored = 0
+  for root, _, files in os.walk(path):
+    stored += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  big = stored * _MEMORY_FACTOR > float(cfg.memory_budget_mb) * 2**20
+  return ("stream" if big else "memory"), cfg
 
 
 def _fields(data_config: Any) -> tuple[str, str, bool, int, int, int]:

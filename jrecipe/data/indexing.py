@@ -43,8 +43,10 @@ class IndexBatches:
     self._b = int(batch_size)
     self._seed = int(seed)
     self.steps_per_epoch = self._n // self._b
-    self._epoch = -1
-    self._perm = None
+    # (epoch, permutation) as one tuple, replaced whole: the streaming pipeline reads index
+    # batches from several threads, and two separate attributes could pair one epoch's number
+    # with another epoch's permutation at an epoch boundary.
+    self._cached = (-1, None)
 
   def __len__(self) -> int:
     return sys.maxsize
@@ -54,11 +56,12 @@ class IndexBatches:
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order of epoch `epoch`: a permutation of [0, N) determined by (seed, epoch)."""
-    if epoch != self._epoch:
+    cached_epoch, perm = self._cached
+    if epoch != cached_epoch:
       rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self._seed, epoch])))
-      self._perm = rng.permutation(self._n)
-      self._epoch = epoch
-    return self._perm
+      perm = rng.permutation(self._n)
+      self._cached = (epoch, perm)
+    return perm
 
   def __getitem__(self, step):
     epoch, j = divmod(int(step), self.steps_per_epoch)

@@ -2,7 +2,8 @@
 
 Recipe steps served (each in its own module):
   * 'Become one with the data': `load_dataset` and `Dataset` (`jrecipe.data.dataset`), read from
-    ArrayRecord files by `jrecipe.data.reading`.
+    ArrayRecord files by `jrecipe.data.reading`, or streamed from them a batch at a time
+    (`jrecipe.data.stream`, data.pipeline='stream').
   * 'Fix the random seed' and 'evaluate on the whole test set': `train_batches`,
     `eval_batches` and `steps_per_epoch` (`jrecipe.data.batches`).
   * 'Regularise: data augmentation': `augment` (`jrecipe.data.augmentation`).

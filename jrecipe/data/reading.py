@@ -25,17 +25,14 @@ def valid_names() -> str:
   return ", ".join(DATASETS) + ", or 'tfds:<name>' for any TFDS dataset prepared in data_dir"
 
 
-def read_fast(source, features) -> dict | None:
-  """All records of a TFDS ArrayRecord source as stacked numpy columns, or None if unsupported.
+def fast_plan(features) -> dict | None:
+  """How to parse each feature of a TFDS ArrayRecord record without TFDS's decoding, or None.
 
   Handles what jrecipe's builders store: fixed-shape Tensors with BYTES encoding (one raw bytes
-  value per example) and int64 scalars (ClassLabel, ids). One array_record batch read, one
-  protobuf parse per record, then one `np.frombuffer` per column: several times faster than the
-  data source's per-example decoding (docs/performance.md; the equivalence is tested).
-  Anything else returns None and is read generically.
+  value per example) and int64 scalars (ClassLabel, ids). Anything else returns None and is
+  read generically (through the data source's own decoding).
   """
   import tensorflow_datasets as tfds
-  from tensorflow_datasets.proto import tf_example_pb2
   serialized = features.get_serialized_info()
   plan = {}
   for key, feature in features.items():
@@ -50,11 +47,16 @@ def read_fast(source, features) -> dict | None:
       plan[key] = ("int64", np.dtype(np.int64), ())
     else:
       return None
-  records = getattr(source, "data_source", None)
-  if records is None or not hasattr(records, "__getitems__"):
-    return None
-  n = len(source)
-  raw = records.__getitems__(list(range(n))) if n else []
+  return plan
+
+
+def parse_records(raw: list, plan: dict) -> dict:
+  """Serialized tf.train.Examples -> stacked numpy columns, following `fast_plan`'s plan.
+
+  One protobuf parse per record, then one `np.frombuffer` per column.
+  """
+  from tensorflow_datasets.proto import tf_example_pb2
+  n = len(raw)
   maps = [tf_example_pb2.Example.FromString(r).features.feature for r in raw]
   out = {}
   for key, (kind, dtype, shape) in plan.items():
@@ -64,6 +66,21 @@ def read_fast(source, features) -> dict | None:
     else:
       out[key] = np.fromiter((m[key].int64_list.value[0] for m in maps), np.int64, n)
   return out
+
+
+def read_fast(source, features) -> dict | None:
+  """All records of a TFDS ArrayRecord source as stacked numpy columns, or None if unsupported.
+
+  One array_record batch read, one protobuf parse per record, then one `np.frombuffer` per
+  column (`fast_plan`, `parse_records`): several times faster than the data source's
+  per-example decoding (docs/performance.md; the equivalence is tested).
+  """
+  plan = fast_plan(features)
+  records = getattr(source, "data_source", None)
+  if plan is None or records is None or not hasattr(records, "__getitems__"):
+    return None
+  n = len(source)
+  return parse_records(records.__getitems__(list(range(n))) if n else [], plan)
 
 
 def read_generic(source, keys, chunk: int = 1024) -> dict:
@@ -113,18 +130,18 @@ def read_builtin(name: str, data_dir: str, context_length: int = 0) -> tuple[dic
   if is_text:
     keys = ("tokens", "id")
   else:
-    keys = ("x", "y", "id") if name == "digits_seq" else ("image", "label", "id")
+    keys = builtin_keys(name)
   splits = {}
   for split in SPLITS:
     cols = _read_split(sources[split], features, keys)
     x, y = text.inputs_and_targets(cols["tokens"]) if is_text else (cols[keys[0]], cols[keys[1]])
     splits[split] = {"x": x, "y": y, "id": cols["id"]}
-  meta = _builtin_meta(name, features)
+  meta = builtin_meta(name, features)
   store.save(stored_as, data_dir, meta, splits)
   return meta, splits
 
 
-def _builtin_meta(name: str, features) -> dict:
+def builtin_meta(name: str, features) -> dict:
   """The task, classes, time axis (and bytes per token) of a built-in dataset."""
   from jrecipe.data import builders, text
   if name in TEXT_DATASETS:
@@ -137,6 +154,11 @@ def _builtin_meta(name: str, features) -> dict:
   label = features["label"]
   return dict(task="classification", num_classes=label.num_classes,
               class_names=tuple(label.names), time_axis=None, sees_current=True)
+
+
+def builtin_keys(name: str) -> tuple[str, str, str]:
+  """The (input, label, id) feature names of a jrecipe built-in image or sequence dataset."""
+  return ("x", "y", "id") if name == "digits_seq" else ("image", "label", "id")
 
 
 def _tfds_help(name: str, data_dir: str, problem: str) -> UserError:

@@ -56,7 +56,12 @@ def path(name: str, data_dir: str) -> str:
 
 def fingerprint(name: str, data_dir: str) -> str | None:
   """The TFDS directory's files (name, size, mtime) and the format, or None if not built."""
-  root = os.path.join(data_dir, name, BUILDER_VERSION)
+  return dir_fingerprint(os.path.join(data_dir, name, BUILDER_VERSION))
+
+
+def dir_fingerprint(root: str) -> str | None:
+  """A prepared TFDS directory's files (name, size, mtime) and this format; None if it is not
+  prepared (no dataset_info.json)."""
   if not os.path.isfile(os.path.join(root, "dataset_info.json")):
     return None
   files = []
@@ -64,15 +69,22 @@ def fingerprint(name: str, data_dir: str) -> str | None:
     if entry.is_file():
       st = entry.stat()
       files.append([entry.name, st.st_size, st.st_mtime_ns])
-  return json.dumps({"format": FORMAT, "version": BUILDER_VERSION, "files": files})
+  return json.dumps({"format": FORMAT, "version": os.path.basename(root), "files": files})
 
 
 def load(name: str, data_dir: str) -> tuple[dict, dict] | None:
   """(meta, splits) from the copy, or None when there is none valid for the TFDS files."""
   if not enabled():
     return None
-  fp = fingerprint(name, data_dir)
-  p = path(name, data_dir)
+  out = read_npz(path(name, data_dir), fingerprint(name, data_dir))
+  if out is not None and "class_names" in out[0]:
+    out[0]["class_names"] = tuple(out[0]["class_names"])
+  return out
+
+
+def read_npz(p: str, fp: str | None) -> tuple[dict, dict] | None:
+  """(meta, {split: {column: array}}) of a file `write_npz` wrote for fingerprint `fp`, or
+  None (no file, another fingerprint, or a damaged file)."""
   if fp is None or not os.path.isfile(p):
     return None
   try:
@@ -88,33 +100,32 @@ def load(name: str, data_dir: str) -> tuple[dict, dict] | None:
   except Exception as e:  # a damaged or foreign file: read TFDS instead
     log.warning("Ignoring the dataset copy %s (%s); reading TFDS.", p, e)
     return None
-  if "class_names" in meta:
-    meta["class_names"] = tuple(meta["class_names"])
   return meta, splits
 
 
 def save(name: str, data_dir: str, meta: dict, splits: dict) -> None:
   """Writes the copy atomically; any failure (a read-only data_dir, ...) only logs."""
-  if not enabled():
-    return
-  fp = fingerprint(name, data_dir)
+  if enabled():
+    write_npz(path(name, data_dir), fingerprint(name, data_dir), meta, splits)
+
+
+def write_npz(p: str, fp: str | None, meta: dict, splits: dict) -> None:
+  """Writes (fingerprint, meta, splits) to `p` atomically; any failure only logs."""
   if fp is None:
     return
-  p = path(name, data_dir)
   arrays = {f"{split}/{col}": np.asarray(a) for split, cols in splits.items()
             for col, a in cols.items()}
   tmp = None
   try:
     os.makedirs(os.path.dirname(p), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=f".{os.path.basename(name)}-",
-                               suffix=".npz.tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=".copy-", suffix=".npz.tmp")
     with os.fdopen(fd, "wb") as f:
       np.savez(f, fingerprint=np.array(fp), meta=np.array(json.dumps(meta)), **arrays)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from others sharing the data_dir
     os.replace(tmp, p)
     tmp = None
   except OSError as e:
-    log.info("No dataset copy written for %s in %s: %s", name, data_dir, e)
+    log.info("No dataset copy written to %s: %s", p, e)
   finally:
     if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)

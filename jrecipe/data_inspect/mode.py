@@ -72,17 +72,28 @@ def run_mode(config, workdir: str, options=None) -> int:
                     "it first (jrecipe --mode=train) or use mistakes=auto/off.")
   from jrecipe.data_inspect.table import check_names
   image = core.stats_lib.is_image(data.raw["train"]["x"].shape[1:], spec.task)
+  raw, streamed = {k: data.raw[k] for k in data.raw}, None
+  if data.stream is not None:  # bounded memory: jrecipe.data.stream_inspect
+    from jrecipe.data import stream_inspect
+    raw, sampled = stream_inspect.sample(data, int(config.seed),
+                                         int(config.data.stream_inspect_sample))
+    streamed = {"sample": {"seed": int(config.seed), "splits": sampled, "note": (
+        "a streamed dataset: exact duplicates are over every example (exact_duplicates_all); "
+        "every other finding is on this seeded sample")},
+        "exact_duplicates_all": stream_inspect.exact_duplicates(data, s["top_k"])}
   check_names(s["filter"], s["sort_by"], core.table_columns(
       spec.task, image, spec.num_classes, core.will_rank_label_errors(
-          spec.task, spec.num_classes, s["label_neighbors"], len(data.raw["train"]["y"]))))
+          spec.task, spec.num_classes, s["label_neighbors"], len(raw["train"]["y"]))))
   findings = core.inspect_splits(
-      {k: data.raw[k] for k in data.raw}, task=spec.task, num_classes=spec.num_classes,
+      raw, task=spec.task, num_classes=spec.num_classes,
       class_names=spec.class_names, value_range=s["value_range"] or spec.value_range,
       near_dup_threshold=float(s["near_dup_threshold"]), neighbors=s["near_dup_neighbors"],
       max_shift=s["max_shift"], label_neighbors=s["label_neighbors"], top_k=s["top_k"],
       seed=int(config.seed), name=spec.name)
   if s["value_range"] is None:
     findings.summary["value_range_declared"] = False
+  if streamed is not None:
+    findings.summary["streamed"] = streamed
   analysis = None
   if want_mistakes:
     analysis = after_training.analyze_run(workdir, split=s["split"], top_k=s["top_k"])
@@ -92,6 +103,12 @@ def run_mode(config, workdir: str, options=None) -> int:
       descending=s["descending"], top_k=s["top_k"], outlier_k=s["outlier_k"],
       samples_per_class=s["samples_per_class"], seed=int(config.seed))
   lines = report.console_lines(summary)
+  if streamed is not None:
+    e, k = streamed["exact_duplicates_all"], streamed["sample"]["splits"]
+    sampled = ", ".join(f"{name} {v['sampled']} of {v['of']}" for name, v in k.items())
+    lines.append(f"Streamed: exact duplicates over all {e['examples_hashed']} examples: "
+                 f"{e['groups']} groups {e['across_splits'] or ''}; the rest on a seeded "
+                 f"sample ({sampled})")
   if analysis is not None:
     after_training.write_mistakes(analysis, outdir, image=findings.image, top_k=s["top_k"])
     r = analysis["result"]

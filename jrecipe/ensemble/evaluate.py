@@ -43,8 +43,11 @@ def _predict_fn(model, outputs: str):
 
 def member_outputs(member, x: np.ndarray, *, outputs: str = "logp",
                    batch_size: int = DEFAULT_BATCH) -> np.ndarray:
-  """One member's log-probabilities ('logp') or logits ('logits') on all of `x`, float32."""
-  x = np.asarray(x)
+  """One member's log-probabilities ('logp') or logits ('logits') on all of `x`, float32.
+
+  `x` may be a streamed split's `StreamColumn`: it is read one batch at a time."""
+  if not hasattr(x, "take"):
+    x = np.asarray(x)
   if tuple(x.shape[1:]) != tuple(member.spec.input_shape):
     raise UserError(f"Member {member.name!r} takes inputs of shape {member.spec.input_shape}, "
                     f"got {x.shape[1:]}.")

@@ -353,7 +353,7 @@ def run_mode(config, workdir: str, options=None) -> int:
     raise UserError(f"label.split={s['split']!r} is not a split of {spec.name!r}; valid: "
                     f"{', '.join(sorted(data.raw))}.")
   raw = data.raw[s["split"]]
-  if np.asarray(raw["x"]).ndim not in (3, 4):
+  if len(np.shape(raw["x"])) not in (3, 4):  # .shape: a streamed split stays unread
     raise UserError(f"--mode=label draws images, but {spec.name!r} has inputs of shape "
                     f"{tuple(np.shape(raw['x'])[1:])}.")
   class_names = list(spec.class_names or [str(i) for i in range(spec.num_classes)])

@@ -12,6 +12,8 @@
   PatienceHook     early stopping and reduce-on-plateau on the validation loss
   CheckpointHook   orbax checkpoints each `every_epochs`, at the end and at a stop; it saves the
                    state dicts of the stateful hooks inside the checkpoint
+  DataPosition     (stateful, no cadence) the input pipeline's position saved with the state:
+                   the next global step, the global batch, the seed and the data's fingerprint
 
 Each hook is usable alone (tests/test_hooks.py) and by other modes.
 """
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrecipe.errors import UserError
 from jrecipe.train.trainer import Hook, Loop
 
 log = logging.getLogger("jrecipe")
@@ -348,3 +351,50 @@ def restore_hook_states(meta: dict, hooks: Sequence[Any]) -> None:
   for h in hooks:
     if getattr(h, "name", None) and h.name in meta and hasattr(h, "load_state_dict"):
       h.load_state_dict(meta[h.name])
+
+
+class DataPosition(Hook):
+  """The input pipeline's position, saved inside every checkpoint ('fix the random seed').
+
+  Batch k is a pure function of (seed, k) on both pipelines (in memory and streaming), so the
+  position is the next global step plus what makes step k mean the same examples: the global
+  batch size, the seed and the data's fingerprint (`jrecipe.data.dataset.fingerprint`). On
+  resume the saved position must match the run's, so a SIGKILL or a preemption continues at
+  the exact next example, whichever pipeline and however many devices or hosts read it; a
+  checkpoint whose position points at other examples is refused with a paragraph.
+
+  Args:
+    exp: the Experiment (its data and config).
+    start_step: the global step the run starts (or resumes) at.
+  """
+
+  name = "data"
+
+  def __init__(self, exp, start_step: int):
+    from jrecipe.data import dataset
+    self.exp, self.step = exp, int(start_step)
+    self.position = {"fingerprint": dataset.fingerprint(exp.data),
+                     "batch_size": int(exp.config.batch_size), "seed": int(exp.config.seed),
+                     "pipeline": "stream" if exp.data.stream is not None else "memory"}
+
+  def after_step(self, loop: Loop, metrics: dict) -> None:
+    self.step = loop.step
+
+  def state_dict(self) -> dict:
+    return {**self.position, "next_step": self.step}
+
+  def load_state_dict(self, d: dict) -> None:
+    for key in ("fingerprint", "batch_size", "seed"):
+      if key in d and d[key] != self.position[key]:
+        raise UserError(
+            f"The checkpoint to resume was written by a run whose data position means other "
+            f"examples: its {key} is {d[key]!r}, this run's is {self.position[key]!r}. The "
+            "position is a global step, and step k reads the examples that (seed, global "
+            "batch size, dataset) give it; with another of them the resumed run would not "
+            "continue at the next example. Resume with the original dataset, batch_size and "
+            "seed (the device and host counts may change), or start in a new workdir.")
+    if "next_step" in d and int(d["next_step"]) != self.step:
+      raise UserError(
+          f"The checkpoint at step {self.step} records its data position at step "
+          f"{d['next_step']}: the checkpoint is inconsistent. Resume from another checkpoint "
+          "or start in a new workdir.")

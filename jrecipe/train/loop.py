@@ -153,7 +153,8 @@ def _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir, *
                                   step_losses=config.monitor.enabled
                                   and config.monitor.step_losses,
                                   on_nonfinite=on_nonfinite)
-  stateful = [patience_hook, logger]
+  position = hooks_lib.DataPosition(exp, start_step)
+  stateful = [patience_hook, logger, position]
   if not fresh:
     hooks_lib.restore_hook_states(meta, stateful)
   from jrecipe.profile import ProfileHook  # --config.profile.steps: first, so it times the step
@@ -170,7 +171,7 @@ def _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir, *
                       primary=primary, total_steps=exp.total_steps,
                       resume_step=None if fresh else start_step)
     hooks.append(hooks_lib.MonitorHook(monitor, fresh=fresh))
-  hooks += [*user_hooks, patience_hook,
+  hooks += [*user_hooks, patience_hook, position,
             hooks_lib.CheckpointHook(ckpt, every_epochs=config.checkpoint.every_epochs,
                                      stateful=stateful)]
   return hooks, monitor

@@ -1,0 +1,485 @@
+"""Streamed datasets: splits read from their ArrayRecord files a batch at a time, never whole.
+
+Recipe steps served, at a scale that does not fit in memory:
+  * 'Become one with the data': the same `Dataset` as the in-memory path (`spec`, `arrays`,
+    `raw`, stable ids), but each split's inputs are a `StreamColumn`, an array-like that reads
+    only the rows asked for (`take`, slicing) from the random-access source. Labels and ids
+    (a few bytes per example) are kept in memory, so label checks, class priors and
+    evaluation sizes work unchanged.
+  * 'Fix the random seed': the training order is the in-memory one (`jrecipe.data.indexing`),
+    so both paths give identical batches for the same (seed, global step) (tested).
+
+Sources: any TFDS dataset prepared as array_record (`tfds:<name>`, read without TensorFlow
+through `builder.as_data_source()`), jrecipe's built-in datasets (their TFDS files), and your
+own random-access sources (`from_sources`: anything with `__len__` and `__getitem__`, the grain
+`RandomAccessDataSource` protocol, whose records are dicts or (x, y) pairs).
+
+Opening a dataset makes one bounded-memory pass over every split (`_scan`, CHUNK records at a
+time): labels and ids, the stored value range, a check that every record has one shape and
+dtype, and the training split's normalisation statistics (exact for integer-valued inputs,
+combined per chunk otherwise: equal to the in-memory statistics once cast to float32, which is
+all normalisation uses). The batches themselves come from `jrecipe.data.stream_batches`.
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from jrecipe.data import dataset as dataset_lib
+from jrecipe.data.reading import SPLITS, TFDS_PREFIX, TFDS_VALIDATION_FRACTION
+from jrecipe.errors import UserError
+from jrecipe.types import DataSpec
+
+CHUNK = 4096  # records per read in the opening pass (a few MB for image datasets)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+  """How a streamed dataset is read (`Dataset.stream`).
+
+  Attributes:
+    source: where the records come from (a directory, or 'your sources').
+    disk_bytes: the size of its files on disk (0 when unknown).
+    prefetch: batches produced ahead of the step (grain's prefetch buffer).
+    threads: reader threads (grain's ReadOptions.num_threads).
+    workers: grain worker processes (0: threads in this process).
+  """
+
+  source: str
+  disk_bytes: int
+  prefetch: int
+  threads: int
+  workers: int
+
+
+class Records:
+  """Random access to one split's stored columns ('x', 'y', 'id') through `read(rows)`.
+
+  Args:
+    read: rows (int64 indices of the underlying source) -> {'x', 'y', 'id'} numpy columns.
+    start, stop: this split's rows of the source (a carved validation split is a range of
+      'train').
+  """
+
+  def __init__(self, read: Callable[[np.ndarray], dict], start: int, stop: int):
+    self._read, self.start, self.stop = read, int(start), int(stop)
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def read(self, rows: np.ndarray) -> dict:
+    rows = np.asarray(rows, np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+      raise IndexError(f"rows outside [0, {len(self)})")
+    return self._read(rows + self.start)
+
+  def view(self, start: int, stop: int) -> "Records":
+    return Records(self._read, self.start + start, self.start + stop)
+
+
+class StreamColumn:
+  """A split's inputs as a read-on-demand array: `take(rows)`, `col[i]`, `col[a:b]`, `len`.
+
+  Reads only the rows asked for and returns numpy; `np.asarray(col)` reads the whole column
+  (CHUNK records at a time): what the bounded-memory modes avoid.
+  """
+
+  def __init__(self, records: Records, transform: Callable, shape: tuple, dtype):
+    self.records, self.transform = records, transform
+    self.shape, self.dtype = (len(records), *shape), np.dtype(dtype)
+
+  ndim = property(lambda self: len(self.shape))
+  size = property(lambda self: int(np.prod(self.shape)))
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def take(self, rows, axis: int = 0) -> np.ndarray:
+    if axis != 0:
+      raise ValueError("a StreamColumn is read along its example axis only")
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim == 0:
+      return self.take(rows[None])[0]
+    if not rows.size:
+      return np.zeros((0, *self.shape[1:]), self.dtype)
+    return self.transform(self.records.read(rows)["x"])
+
+  def __getitem__(self, key):
+    if isinstance(key, slice):
+      return self.take(np.arange(*key.indices(len(self))))
+    if isinstance(key, tuple):
+      return self[key[0]][(slice(None), *key[1:])]
+    if isinstance(key, (int, np.integer)):
+      return self.take(np.asarray([key if key >= 0 else len(self) + key]))[0]
+    return self.take(np.asarray(key))
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    parts = [self[i:i + CHUNK] for i in range(0, len(self), CHUNK)]
+    out = np.concatenate(parts) if parts else np.zeros(self.shape, self.dtype)
+    return out.astype(dtype) if dtype is not None else out
+
+  def __repr__(self) -> str:
+    return f"StreamColumn(shape={self.shape}, dtype={self.dtype})"
+
+
+def _stack(values: list, what: str, name: str) -> np.ndarray:
+  try:
+    return np.stack([np.asarray(v) for v in values])
+  except ValueError as e:
+    shapes = sorted({str(np.shape(v)) for v in values})
+    raise UserError(
+        f"The {what} of dataset {name!r} are records of inconsistent shape ({', '.join(shapes)}"
+        "): jrecipe batches a split's records into one array per batch, so every record's "
+        "input must have one shape and dtype (and its label one shape). Pad or crop the "
+        "records to one shape when preparing the dataset.") from e
+
+
+class GenericReader:
+  """rows -> columns through the source's own decoding (`__getitems__` or `__getitem__`);
+  records are dicts (keyed by `keys` = (input, label, id or None)) or (x, y) pairs. A class,
+  not a closure, so that grain's worker processes can be sent it (pickled)."""
+
+  def __init__(self, source, keys: tuple, name: str, ids_from_rows: bool):
+    self.source, self.keys, self.name, self.ids_from_rows = source, keys, name, ids_from_rows
+
+  def __call__(self, rows: np.ndarray) -> dict:
+    kx, ky, kid = self.keys
+    getitems = getattr(self.source, "__getitems__", None)
+    recs = getitems(rows.tolist()) if getitems else [self.source[int(i)] for i in rows]
+    if recs and not isinstance(recs[0], dict):
+      recs = [{kx: r[0], ky: r[1]} for r in recs]
+    out = {"x": _stack([r[kx] for r in recs], "inputs", self.name),
+           "y": _stack([r[ky] for r in recs], "labels", self.name)}
+    out["id"] = rows.copy() if self.ids_from_rows or not kid else \
+        np.asarray([r[kid] for r in recs], np.int64)
+    return out
+
+
+class TfdsReader:
+  """rows -> columns of a TFDS ArrayRecord source by the fast protobuf parse
+  (`jrecipe.data.reading.fast_plan`, `parse_records`)."""
+
+  def __init__(self, records, plan: dict, keys: tuple, ids_from_rows: bool):
+    self.records, self.plan, self.keys, self.ids_from_rows = records, plan, keys, ids_from_rows
+
+  def __call__(self, rows: np.ndarray) -> dict:
+    from jrecipe.data import reading
+    kx, ky, kid = self.keys
+    cols = reading.parse_records(read_array_records(self.records, rows.tolist()), self.plan)
+    ids = rows.copy() if self.ids_from_rows or not kid else cols[kid]
+    return {"x": cols[kx], "y": cols[ky], "id": ids}
+
+
+def tfds_reader(source, features, keys: tuple, name: str, ids_from_rows: bool) -> Callable:
+  """The reader of a TFDS ArrayRecord source: the fast parse where the features allow it,
+  the source's own decoding otherwise."""
+  from jrecipe.data import reading
+  plan = reading.fast_plan(features)
+  records = getattr(source, "data_source", None)
+  if plan is None or not hasattr(records, "__getitems__"):
+    return GenericReader(source, keys, name, ids_from_rows)
+  return TfdsReader(records, plan, keys, ids_from_rows)
+
+
+def read_array_records(source, keys: list) -> list:
+  """The serialized records `keys` of an array_record `ArrayRecordDataSource`, in order.
+
+  Why not `source.__getitems__(keys)`: it starts a thread pool on every call (one thread per
+  file touched), which cost more than the reads themselves: 2.8 ms against 1.2 ms for 128
+  random records of a 2-file dataset on the 2-core CPU (grain's reader threads already read
+  batches in parallel). This groups the keys per file and calls each file's reader directly;
+  if the source's private layout moves (`_split_keys_per_reader`, `_ensure_reader_exists`,
+  `_readers`), it falls back to `__getitems__` (tests/test_stream.py checks both agree and
+  that the direct path is the one taken on this stack).
+  """
+  try:
+    per_reader = source._split_keys_per_reader(keys)  # noqa: SLF001 - see the docstring
+    out = [None] * len(keys)
+    for reader_idx, positions_and_indices in per_reader.items():
+      source._ensure_reader_exists(reader_idx)  # noqa: SLF001
+      positions, indices = zip(*positions_and_indices)
+      for record, i in zip(source._readers[reader_idx].read(list(positions)), indices):  # noqa: SLF001
+        out[i] = record
+    return out
+  except AttributeError:
+    return source.__getitems__(keys)
+
+
+def _disk_bytes(path: Optional[str]) -> int:
+  if not path or not os.path.isdir(path):
+    return 0
+  return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+
+
+def _open_tfds(name: str, data_dir: str):
+  """(records by split, meta, directory) of a TFDS dataset or a jrecipe built-in one."""
+  from jrecipe.data import reading
+  if name.startswith(TFDS_PREFIX):
+    tfds_name = name[len(TFDS_PREFIX):]
+    sources, features = reading._tfds_sources(tfds_name, data_dir)  # noqa: SLF001 - shared
+    keys, ids_from_rows = ("image", "label", None), True
+    builder_dir = _data_path(sources)
+  else:
+    from jrecipe.data import builders
+    builder = builders.prepare(name, data_dir)
+    sources, features = builder.as_data_source(), builder.info.features
+    keys, ids_from_rows = reading.builtin_keys(name), False
+    builder_dir = str(builder.data_path)
+  records = {s: Records(tfds_reader(src, features, keys, name, ids_from_rows), 0, len(src))
+             for s, src in sources.items() if s in SPLITS}
+  records = _carve_validation(name, records)
+  if name.startswith(TFDS_PREFIX):
+    meta = None  # from the labels (`_tfds_meta`), after the scan
+    label = features["label"]
+  else:
+    meta, label = reading.builtin_meta(name, features), None
+  return records, meta, label, builder_dir
+
+
+def _data_path(sources) -> Optional[str]:
+  src = next(iter(sources.values()))
+  info = getattr(src, "dataset_info", None)
+  return str(info.data_dir) if info is not None else None
+
+
+def _carve_validation(name: str, records: dict) -> dict:
+  """The last TFDS_VALIDATION_FRACTION of 'train' as 'validation' when there is none (the
+  in-memory path's rule, `jrecipe.data.reading._carve_validation`)."""
+  if "validation" in records:
+    return records
+  train = records["train"]
+  n = len(train)
+  n_val = max(1, int(round(TFDS_VALIDATION_FRACTION * n)))
+  if n_val >= n:
+    raise UserError(f"The TFDS dataset {name!r} has only {n} training examples: too few to "
+                    "carve a validation split from.")
+  return {**records, "train": train.view(0, n - n_val), "validation": train.view(n - n_val, n)}
+
+
+@dataclasses.dataclass
+class _Scan:
+  """What one pass over a split found."""
+  y: np.ndarray
+  ids: np.ndarray
+  shape: tuple
+  dtype: Any
+  lo: float
+  hi: float
+  total: float = 0.0  # sum of the model inputs (train only)
+  m2: float = 0.0  # sum of squared deviations (Chan et al.'s pairwise combination)
+  count: int = 0
+
+
+def _scan(records: Records, name: str, split: str, inputs: Optional[Callable]) -> _Scan:
+  """One pass over a split, CHUNK records at a time: labels, ids, shape, range, statistics."""
+  ys, ids, shape, dtype = [], [], None, None
+  lo, hi, total, m2, count = np.inf, -np.inf, 0.0, 0.0, 0
+  for start in range(0, len(records), CHUNK):
+    cols = records.read(np.arange(start, min(len(records), start + CHUNK)))
+    x = cols["x"]
+    if shape is None:
+      shape, dtype = x.shape[1:], x.dtype
+    elif x.shape[1:] != shape or x.dtype != dtype:
+      raise UserError(
+          f"The {split!r} split of dataset {name!r} has records of inconsistent shape: inputs "
+          f"{shape} {dtype} in its first records, {x.shape[1:]} {x.dtype} from record {start}. "
+          "jrecipe batches a split's records into one array per batch, so every record must "
+          "have one input shape and dtype: pad or crop them when preparing the dataset.")
+    ys.append(cols["y"])
+    ids.append(np.asarray(cols["id"], np.int64))
+    if len(x):
+      lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    if inputs is not None and len(x):
+      f = inputs(x)
+      n_c, s_c = f.size, float(np.sum(f, dtype=np.float64))
+      m2_c = float(np.sum(np.square(f.astype(np.float64) - s_c / n_c)))
+      if count:
+        delta = s_c / n_c - total / count
+        m2 += m2_c + delta * delta * count * n_c / (count + n_c)
+      else:
+        m2 = m2_c
+      total, count = total + s_c, count + n_c
+  if shape is None:
+    raise UserError(f"The {split!r} split of dataset {name!r} has no records: every split "
+                    "needs at least one example.")
+  return _Scan(np.concatenate(ys), np.concatenate(ids), tuple(shape), dtype, lo, hi, total, m2,
+               count)
+
+
+def _scans(name: str, records: dict, path: str, variant: str,
+           scan: Callable[[str], _Scan]) -> dict:
+  """Every split's `_Scan`, from the copy beside the dataset when it is valid for its files.
+
+  Why: the pass reads every record; a later run, or another host sharing the data_dir, reads
+  the labels and statistics from `<data_dir>/.jrecipe_arrays/` instead (the same rule as the
+  in-memory copy, `jrecipe.data.store`: used only while the TFDS files' names, sizes and
+  modification times are unchanged; JRECIPE_DATA_SNAPSHOT=0 turns it off).
+  """
+  from jrecipe.data import store
+  fp = store.dir_fingerprint(path) if path and os.path.isdir(path) and store.enabled() else None
+  if fp is None:
+    return {s: scan(s) for s in SPLITS}
+  safe = name.replace(":", "_").replace("/", "_")
+  copy = os.path.join(_data_root(path, name), store.DIRNAME,
+                      f"{safe}-{os.path.basename(path)}-stream-{variant}.npz")
+  cached = store.read_npz(copy, fp)
+  if cached is not None and set(cached[0]) == set(SPLITS):
+    meta, cols = cached
+    return {s: _Scan(y=cols[s]["y"], ids=cols[s]["id"], shape=tuple(m["shape"]),
+                     dtype=np.dtype(m["dtype"]), lo=m["lo"], hi=m["hi"], total=m["total"],
+                     m2=m["m2"], count=m["count"]) for s, m in meta.items()}
+  scans = {s: scan(s) for s in SPLITS}
+  store.write_npz(copy, fp, {s: {"shape": list(v.shape), "dtype": v.dtype.str, "lo": v.lo,
+                                 "hi": v.hi, "total": v.total, "m2": v.m2, "count": v.count}
+                             for s, v in scans.items()},
+                  {s: {"y": v.y, "id": v.ids} for s, v in scans.items()})
+  return scans
+
+
+def _data_root(path: str, name: str) -> str:
+  """The data_dir of a prepared dataset's directory: <data_dir>/<name>[/<config>]/<version>."""
+  depth = 1 + (name[len(TFDS_PREFIX):].count("/") + 1 if name.startswith(TFDS_PREFIX) else 1)
+  for _ in range(depth):
+    path = os.path.dirname(path)
+  return path
+
+
+def open_stream(data_config: Any) -> dataset_lib.Dataset:
+  """The Dataset a config's data section names, streamed (data.pipeline='stream').
+
+  Raises:
+    UserError: a missing data_dir, a TFDS dataset that is not prepared, a missing split,
+      records of inconsistent shape, or a field that does not fit the data.
+  """
+  name, data_dir, normalize, train_subset, downsample = dataset_lib._fields(data_config)  # noqa: SLF001
+  if not name.startswith(TFDS_PREFIX) and name not in dataset_lib.DATASETS:
+    raise UserError(
+        f"data.pipeline='stream' reads TFDS-prepared ArrayRecord datasets (the built-in ones "
+        f"or 'tfds:<name>'), but data.name={name!r} is a data function returning arrays in "
+        "memory. Use data.pipeline='memory' (or 'auto') for it, or pass your random-access "
+        "sources to jrecipe.data.stream.from_sources.")
+  if not os.path.isdir(data_dir) and name.startswith(TFDS_PREFIX):
+    raise UserError(
+        f"The data_dir {data_dir!r} of the TFDS dataset {name!r} does not exist: set "
+        "data.data_dir (or $JRECIPE_DATA_DIR) to the directory where it is prepared (the one "
+        f"holding {name[len(TFDS_PREFIX):]}/<version>/dataset_info.json).")
+  records, meta, label, path = _open_tfds(name, data_dir)
+  return _assemble(name, records, meta, label, _info(data_config, path), normalize,
+                   train_subset, downsample)
+
+
+def from_sources(name: str, sources: dict, meta: dict, data_config: Any = None,
+                 keys: tuple = ("x", "y", None)) -> dataset_lib.Dataset:
+  """A streamed Dataset over your own random-access sources (the grain protocol).
+
+  Args:
+    name: the dataset's name in messages and the spec.
+    sources: 'train', 'validation', 'test' -> an object with `__len__` and `__getitem__`
+      (optionally `__getitems__`) whose records are dicts (keys `keys`) or (x, y) pairs.
+    meta: dict(task=..., num_classes=..., class_names=..., time_axis=..., sees_current=...)
+      as `jrecipe.data.user.read_user` returns.
+    data_config: the config.data section (normalize, train_subset, downsample, stream_*).
+    keys: (input key, label key, id key or None: ids are record indices).
+  """
+  missing = [s for s in SPLITS if s not in sources]
+  if missing:
+    raise UserError(f"The sources of {name!r} lack the splits {missing}: give 'train', "
+                    "'validation' and 'test' random-access sources.")
+  from jrecipe.sections import complete
+  cfg = complete(data_config, "data")
+  records = {s: Records(GenericReader(sources[s], keys, name, keys[2] is None), 0,
+                        len(sources[s])) for s in SPLITS}
+  return _assemble(name, records, dict(meta), None, _info(cfg, "your sources"),
+                   bool(cfg.normalize), int(cfg.train_subset), int(cfg.downsample))
+
+
+def _info(data_config: Any, path: Optional[str]) -> StreamInfo:
+  from jrecipe.sections import complete
+  cfg = complete(data_config, "data")
+  return StreamInfo(source=path or "", disk_bytes=_disk_bytes(path),
+                    prefetch=int(cfg.stream_prefetch), threads=int(cfg.stream_threads),
+                    workers=int(cfg.stream_workers))
+
+
+class Transform:
+  """Stored records -> what a column holds: the stored values (with a channel axis added to
+  [H, W] images), or, with `name`, the model inputs (`dataset.model_inputs`, then
+  `dataset.normalise` with `stats` = (mean, std)). A class so that it pickles."""
+
+  def __init__(self, channel: bool, *, sequence: bool = False, downsample: int = 0,
+               name: Optional[str] = None, stats: Optional[tuple] = None):
+    self.channel, self.sequence, self.downsample = channel, sequence, downsample
+    self.name, self.stats = name, stats
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    x = x[..., None] if self.channel else x
+    if self.name is None:
+      return x
+    f = dataset_lib.model_inputs(x, sequence=self.sequence, downsample=self.downsample,
+                                 name=self.name)
+    return dataset_lib.normalise(f, *self.stats) if self.stats else f
+
+
+def _assemble(name, records, meta, label, info, normalize, train_subset,
+              downsample) -> dataset_lib.Dataset:
+  """Scan every split, then the Dataset of StreamColumns around the in-memory labels."""
+  downsample = downsample if downsample > 1 else 0
+  task_guess = (meta or {}).get("task")
+  sequence = task_guess == "sequence"
+
+  def inputs(x):  # the model inputs before normalisation, for the statistics
+    channel = x.ndim == 3 and name.startswith(TFDS_PREFIX) and not sequence
+    return Transform(channel, sequence=sequence, downsample=downsample, name=name)(x)
+
+  stats = normalize and not sequence
+  scans = _scans(name, records, info.source, f"d{downsample}{'n' if stats else ''}",
+                 lambda s: _scan(records[s], name, s, inputs if s == "train" and stats else None))
+  if meta is None:
+    from jrecipe.data import reading
+    meta = reading._tfds_meta(label, {s: {"y": v.y} for s, v in scans.items()})  # noqa: SLF001
+  shape = scans["train"].shape
+  shapes = {s: v.shape for s, v in scans.items()}
+  if len(set(shapes.values())) > 1:
+    raise UserError(f"The splits of dataset {name!r} have records of inconsistent shape "
+                    f"({shapes}): every split's inputs must have one shape.")
+  dataset_lib.check_fields(name, meta, len(records["train"]), train_subset, downsample)
+  if train_subset:
+    records = {**records, "train": records["train"].view(0, train_subset)}
+    t = scans["train"]
+    scans["train"] = dataclasses.replace(t, y=t.y[:train_subset], ids=t.ids[:train_subset])
+  channel = not sequence and len(shape) == 2 and name.startswith(TFDS_PREFIX)
+  if not sequence and len(shape) + channel != 3 and name.startswith(TFDS_PREFIX):
+    raise UserError(f"The TFDS dataset {name!r} has images of shape {shape}; jrecipe expects "
+                    "[H, W] or [H, W, C].")
+  mean, std = 0.0, 1.0
+  if stats:
+    t = scans["train"]
+    mean = t.total / t.count
+    std = float(np.sqrt(t.m2 / t.count)) or 1.0
+
+  stored = Transform(channel)
+  model = Transform(channel, sequence=sequence, downsample=downsample, name=name,
+                    stats=(mean, std) if stats else None)
+
+  probe = model(records["train"].read(np.arange(1))["x"])
+  raw_probe = stored(records["train"].read(np.arange(1))["x"])
+  arrays, raw = {}, {}
+  for s in SPLITS:
+    y = scans[s].y
+    y = y.astype(np.float32) if meta["task"] == "regression" else y.astype(np.int32)
+    ids = scans[s].ids
+    arrays[s] = {"x": StreamColumn(records[s], model, probe.shape[1:], probe.dtype),
+                 "y": dataset_lib._readonly(y), "id": dataset_lib._readonly(ids)}  # noqa: SLF001
+    raw[s] = {"x": StreamColumn(records[s], stored, raw_probe.shape[1:], raw_probe.dtype),
+              "y": dataset_lib._readonly(scans[s].y), "id": arrays[s]["id"]}  # noqa: SLF001
+  lo = min(v.lo for v in scans.values())
+  hi = max(v.hi for v in scans.values())
+  spec = DataSpec(name=name, task=meta["task"], input_shape=tuple(int(d) for d in probe.shape[1:]),
+                  num_classes=meta["num_classes"], class_names=meta["class_names"],
+                  value_range=(lo, hi), splits={s: len(records[s]) for s in SPLITS},
+                  time_axis=meta["time_axis"], sees_current=meta["sees_current"], mean=mean,
+                  std=std)
+  return dataset_lib.Dataset(spec=spec, arrays=arrays, raw=raw, stream=info)
