@@ -72,3 +72,14 @@ def test_xla_cpu_flags_only_on_a_cpu_only_host(monkeypatch, platforms, tuned):
   monkeypatch.setitem(runtime.CPU_XLA_FLAGS, version("jaxlib"), {"*": ("--xla_cpu_probe=1",)})
   runtime.setup_processes(False, None)
   assert ("--xla_cpu_probe=1" in runtime.os.environ["XLA_FLAGS"]) == tuned
+
+
+def test_prefetch_bench_runs():
+  """bench/prefetch.py (the A/B behind docs/performance.md's figure) in a tiny form."""
+  import subprocess
+  import sys
+  from tests.helpers import REPO
+  r = subprocess.run([sys.executable, "bench/prefetch.py", "--rounds", "1", "--steps", "3"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "prefetch/plain:" in r.stdout
