@@ -91,3 +91,19 @@ def test_eval_mode_leaves_batch_mixing_to_batch_independence_in_a_stateless_mode
   left = eval_mode(model.apply, v, x, stateless=True)
   assert left.status == "pass" and left.details["batch_mixing"], left.message
   assert eval_mode(model.apply, v, x, stateless=False).status == "fail"
+
+
+def test_dropout_varies_vary_rtol_both_sides():
+  """Outputs that differ across the two steps' keys by just under VARY_RTOL count as
+  identical (fail: the mask never changes); just over, as different (pass)."""
+  from jrecipe.checks import stochastic
+  x = np.ones((4, 3), np.float32)
+  keys = (jax.random.PRNGKey(0), jax.random.PRNGKey(1))  # raw keys [0, 0] and [0, 1]
+
+  def varies_by(delta):
+    apply = lambda v, xx, train, rngs: xx + (
+        delta * rngs["dropout"][1].astype(jnp.float32) if train else 0.0)
+    return stochastic.dropout_varies(apply, {}, x, keys, has_dropout=True)
+  inside, outside = varies_by(0.5 * stochastic.VARY_RTOL), varies_by(2 * stochastic.VARY_RTOL)
+  assert (inside.status, outside.status) == ("fail", "pass"), (inside.message, outside.message)
+  assert inside.value < stochastic.VARY_RTOL < outside.value

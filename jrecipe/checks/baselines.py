@@ -89,12 +89,16 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
 
 
 @register_check("input_independent_baseline", stage="baselines",
-                needs=("data_before_net", "loss_at_init", "batch_independence"))
+                needs=("data_before_net", "loss_at_init", "batch_independence",
+                       "effective_schedule", "weight_decay"))
 def check_input_independent_baseline(ctx) -> CheckResult:
   """Real against zeroed inputs, trained with the budget, compared on held-out examples.
 
   Needs batch_independence: a model that mixes the examples of its batch learns from the
-  wrong inputs, so its failure here (and overfit_one_batch's) follows from that one.
+  wrong inputs, so its failure here (and overfit_one_batch's) follows from that one. Needs
+  the optimizer's measured checks: the short runs train with the user's optimizer, so a
+  schedule inside it that stops the steps, a frozen leaf, an uphill step or a decay that
+  erases the weights explains a failure here and in every training check after it.
   """
   return input_independent_baseline(
       ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx, steps=ctx.steps,
