@@ -84,7 +84,7 @@ def train_batches(ds: Dataset, *, batch_size: int, seed: int, start_step: int = 
       or start_step < 0:
     raise UserError(f"start_step={start_step!r} must be a non-negative integer.")
   lo, hi = process_index * local, (process_index + 1) * local
-  if ds.stream is not None:  # grain over the ArrayRecord files, the same order
+  if getattr(ds, "stream", None) is not None:  # grain over the ArrayRecord files, the same order
     from jrecipe.data import stream_batches
     return stream_batches.train_batches(ds, batch_size=batch_size, seed=seed,
                                         start_step=start_step, lo=lo, hi=hi)
@@ -127,7 +127,7 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, process_index: int
   arrays = ds.arrays[split]
   n = len(arrays["id"])
   lo, hi = process_index * local, (process_index + 1) * local
-  if ds.stream is not None:
+  if getattr(ds, "stream", None) is not None:
     from jrecipe.data import stream_batches
     return stream_batches.eval_batches(ds, split, batch_size=batch_size, lo=lo, hi=hi)
 

@@ -354,7 +354,7 @@ def open_stream(data_config: Any) -> dataset_lib.Dataset:
     UserError: a missing data_dir, a TFDS dataset that is not prepared, a missing split,
       records of inconsistent shape, or a field that does not fit the data.
   """
-  name, data_dir, normalize, train_subset, downsample = dataset_lib._fields(data_config)  # noqa: SLF001
+  name, data_dir, normalize, train_subset, downsample, _ = dataset_lib._fields(data_config)  # noqa: SLF001
   if not name.startswith(TFDS_PREFIX) and name not in dataset_lib.DATASETS:
     raise UserError(
         f"data.pipeline='stream' reads TFDS-prepared ArrayRecord datasets (the built-in ones "
