@@ -113,6 +113,22 @@ def _completed(config):
   return full
 
 
+def _setup_processes(runtime, distributed: bool, config, mode: str) -> None:
+  """`runtime.setup_processes`, with JAX's refusal to find a job to join (a ValueError from
+  `jax.distributed.initialize`, e.g. no coordinator address) as the user's error it is."""
+  try:
+    runtime.setup_processes(distributed, config, mode)
+  except ValueError as e:
+    if not distributed:
+      raise
+    raise UserError(
+        "--config.parallel.distributed=True, but JAX found no multi-host job to join: "
+        f"{(str(e).splitlines() or [''])[0][:200].rstrip('.')}. Set $JRECIPE_COORDINATOR (host:port of "
+        "process 0), $JRECIPE_NUM_PROCESSES and $JRECIPE_PROCESS_ID, or launch under a "
+        "scheduler JAX detects (Slurm, Open MPI, a Cloud TPU pod); on one machine leave "
+        "parallel.distributed False.") from e
+
+
 def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, *,
             compilation_cache: str | None = None, start_runtime: bool = True) -> int:
   """Everything the entry point does once the flags are parsed: the work directory's lock,
@@ -142,7 +158,7 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
       run_mode = mode.load()
       if start_runtime:
         # First: nothing may create the JAX backend before jax.distributed.initialize().
-        runtime.setup_processes(distributed, config, mode.name)
+        _setup_processes(runtime, distributed, config, mode.name)
         runtime.enable_compilation_cache(compilation_cache)
       _lock_workdir(held, mode, workdir, distributed, early=False)
       watchdog = peers.start_watchdog() if distributed else None  # a dead peer: exit, named

@@ -336,3 +336,18 @@ def test_cli_exit_2_for_shape_mismatch_missing_dataset_and_indivisible_batch(tmp
     assert last.startswith("jrecipe: error:") and needle in last, err[-3000:]
     assert "Traceback" not in err
     assert not wd.exists() or not any(wd.iterdir())
+
+
+def test_distributed_without_a_job_to_join_is_exit_2_not_a_traceback(tmp_path):
+  """bench/fuzz.py found JAX's ValueError ('coordinator_address should be defined') as a
+  traceback and exit 1."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JRECIPE_COORDINATOR",
+                                                                  "JRECIPE_NUM_PROC",
+                                                                  "JRECIPE_PROCESS_ID"))}
+  r = subprocess.run([sys.executable, "-m", "jrecipe", f"--config={DIGITS}:smoke",
+                      "--config.parallel.distributed=True", f"--workdir={tmp_path / 'wd'}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  (line,) = r.stderr.strip().splitlines()
+  assert "JAX found no multi-host job to join" in line and "$JRECIPE_COORDINATOR" in line
+  assert not (tmp_path / "wd").exists()
