@@ -84,7 +84,8 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
   curve = np.asarray(tr_real, np.float64)
   if not np.isfinite(lr_) or not np.all(np.isfinite(curve)):
     return result("fail", head + ": training on the real inputs diverged (non-finite "
-                  "loss); lower the learning rate, check the inputs for inf/NaN.")
+                  "loss): the learning rate is too HIGH (lower it), or the inputs hold "
+                  "inf/NaN.")
   if len(curve) and np.max(curve) > DIVERGE_FACTOR * curve[0]:
     details["train_loss_first"], details["train_loss_peak"] = float(curve[0]), float(
         np.max(curve))
