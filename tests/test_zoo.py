@@ -84,6 +84,15 @@ def test_a_cheap_entry_fails_its_check_and_its_twin_passes(entry):
   assert _TWINS[key].status == "pass", (_TWINS[key].status, _TWINS[key].message)
 
 
+def test_the_far_too_high_rate_entry_diverges_finitely_and_is_called_too_high():
+  """The zoo's SGD at 10,000x: the loss peaks far above its start and ends finite (dead
+  units): input_independent_baseline says 'too HIGH' from the training curve."""
+  e = zoo.BY_NAME["optimizer.learning_rate_far_too_high"]
+  bad = _only(e, e.bug, e.check)
+  assert bad.status == "fail" and "too HIGH" in bad.message, bad.message
+  assert bad.details["train_loss_peak"] > 3 * bad.details["train_loss_first"]
+
+
 def _outcome(rc, cause, **statuses):
   return run.Outcome(rc, statuses, cause, f"Most likely cause: {cause}", 1.0)
 

@@ -107,3 +107,22 @@ def test_dropout_varies_vary_rtol_both_sides():
   inside, outside = varies_by(0.5 * stochastic.VARY_RTOL), varies_by(2 * stochastic.VARY_RTOL)
   assert (inside.status, outside.status) == ("fail", "pass"), (inside.message, outside.message)
   assert inside.value < stochastic.VARY_RTOL < outside.value
+
+
+def test_input_independent_baseline_calls_a_diverged_run_a_rate_too_high():
+  """SGD at a huge rate diverges (loss peak > 3x its start): 'too HIGH', never 'too small';
+  the same model and data at a sane rate pass."""
+  from jrecipe.checks.baselines import input_independent_baseline
+  from tests import planted
+  rs = np.random.RandomState(0)
+  x = rs.randn(256, 8, 8, 1).astype(np.float32)
+  y = np.argmax(x.reshape(256, -1)[:, :10], axis=1).astype(np.int32)  # learnable from x
+  model = planted.linen_model(planted._MLP(10))  # pylint: disable=protected-access
+  v = model.init(jax.random.PRNGKey(0), x[:2])
+  run = lambda tx: input_independent_baseline(model, planted.xent_loss(), v, x[:192], y[:192],
+                                              tx=tx, steps=60, rng=0, x_val=x[192:],
+                                              y_val=y[192:], batch_size=32)
+  bad = run(optax.sgd(1e3))  # a non-finite loss (the finite peak: test_zoo's entry)
+  assert bad.status == "fail" and "too HIGH" in bad.message, bad.message
+  good = run(optax.adam(1e-2))
+  assert good.status == "pass", good.message

@@ -11,6 +11,7 @@ from jrecipe.types import Loss, Model
 
 BASELINE_LOSS_MARGIN = 0.10  # real inputs >= 10% lower loss...
 BASELINE_ACC_MARGIN = 0.01  # ...or accuracy at least 1 point and 3 standard errors higher
+DIVERGE_FACTOR = 3.0  # a training loss peaking above 3x its first value diverged: rate too high
 
 
 def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, *, tx,
@@ -80,12 +81,29 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
           f"with zeroed inputs{acc_txt} after {steps} steps")
   if loss_win or acc_win:
     return result("pass", head + ": the model uses its input.")
-  if not np.isfinite(lr_) or not np.all(np.isfinite(tr_real)):
-    return result("fail", head + ": training on the real inputs diverged (non-finite "
-                  "loss); lower the learning rate, check the inputs for inf/NaN.")
+  diverged = _divergence(lr_, np.asarray(tr_real, np.float64), details)
+  if diverged:
+    return result("fail", head + diverged)
   return result("fail", head + ": the model is not using its input; likely causes: inputs "
                 "zeroed, replaced or detached inside the model or pipeline, labels not "
                 "matching inputs, or a budget/learning rate too small to learn anything.")
+
+
+def _divergence(held_out_loss: float, curve: np.ndarray, details: dict) -> str:
+  """': training ... diverged ...' when the real run's loss is non-finite or its training
+  loss peaked above DIVERGE_FACTOR x its first value (a rate too HIGH, said before any 'too
+  small'), else ''."""
+  if not np.isfinite(held_out_loss) or not np.all(np.isfinite(curve)):
+    return (": training on the real inputs diverged (non-finite loss): the learning rate is "
+            "too HIGH (lower it), or the inputs hold inf/NaN.")
+  if len(curve) and np.max(curve) > DIVERGE_FACTOR * curve[0]:
+    details["train_loss_first"], details["train_loss_peak"] = float(curve[0]), float(
+        np.max(curve))
+    return (f": training on the real inputs diverged (training loss {curve[0]:.4g} at the "
+            f"first step, peak {np.max(curve):.4g}, more than {DIVERGE_FACTOR:g}x): the "
+            "learning rate is too HIGH (or the optimizer amplifies its steps); lower it, then "
+            "re-run.")
+  return ""
 
 
 @register_check("input_independent_baseline", stage="baselines",

@@ -176,7 +176,8 @@ OPTIMIZER = [
     _field("optimizer", "optimizer.name", O, "boundary_at_step_zero", "adam",
            "effective_schedule", _HYPER + "; I: Coding bug", "a decay boundary {0: 0.0}: rate 0"),
     _field("optimizer", "optimizer.name", O, "learning_rate_far_too_high", "adam",
-           "overfit_one_batch", _HYPER + "; D: exploding", "SGD at 10,000x the rate"),
+           "input_independent_baseline", _HYPER + "; D: exploding", "SGD at 10,000x the "
+           "rate (the first check that trains sees the divergence and says 'too high')"),
 ]
 
 _DATA = "H: Training/training data quality; I: Data bug"
