@@ -22,6 +22,8 @@ from jrecipe.report import mode as report_mode
 from jrecipe.train import loop
 from tests.helpers import REPO
 
+# The battery's short runs: 20 steps at batch 16 leave the CNN's input_independent_baseline
+# unable to learn (a FAIL that is the budget's, measured); these pass on every style.
 FAST = dict(budget_steps=40, batch_size=32, overfit_steps=300, gradcheck_burnin_steps=5)
 
 # style -> what plugging it into a shipped config takes beyond --config.model.name: the adapter
@@ -96,6 +98,7 @@ def run(request, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_every_mode_runs(run):
   wd = run["workdir"]
   assert (run["check"], run["inspect"], run["ensemble"], run["report"]) == (0, 0, 0, 0)
@@ -105,6 +108,7 @@ def test_every_mode_runs(run):
   assert run["exp"].model.head == HEADS[run["name"]]
 
 
+@pytest.mark.slow
 def test_the_battery_has_no_fail_and_only_justified_warns(run):
   checks = run["checks"]
   bad = {n: (c["status"], c["message"]) for n, c in checks.items()
