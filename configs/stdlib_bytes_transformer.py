@@ -9,9 +9,10 @@ Windows of 128 bytes; at each position the model predicts the next byte (vocabul
 Expect about 2.7 bits per byte on the test files after 0.2 epochs (481 steps of 32 windows,
 Adam 1e-3), against 4.70 for the unigram baseline (byte frequencies of the training files,
 metadata.json's unigram_bits_per_byte) and 8 for uniform bytes. Measured, seed 0, CPython
-3.11.7: test loss 1.859 nats per byte = 2.682 bits per byte, next-byte accuracy 50.7%
-(validation 2.583 bits per byte vs 4.710 unigram); 16 minutes of wall time on 2 cores shared with
-other jobs (2.6 min user + 2.7 min system CPU). `--mode=check` on this config: see docs/text.md.
+3.11.7: test loss 1.867 nats per byte = 2.694 bits per byte, next-byte accuracy 50.4%
+(validation 2.602 bits per byte vs 4.710 unigram; EMA 2.686 test); 12.4 minutes of wall time on
+2 cores shared with other jobs (3.6 min user + 1.4 min system CPU). `--mode=check`: 15 pass,
+0 fail, 1 warn (gradient_check, explained in docs/text.md).
 Smoke variant: `--config=configs/stdlib_bytes_transformer.py:smoke` (one block of width 64 on
 64-byte windows of stdlib_bytes_small, 512 training windows, one epoch).
 """
