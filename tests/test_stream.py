@@ -267,6 +267,16 @@ def test_a_checkpoint_whose_position_means_other_examples_is_refused(reference, 
   shutil.copytree(reference, wd)
   cfg = stream_resume.config()
   cfg.batch_size, cfg.num_epochs = 32, 4  # step 57 of batch 32 is not step 57 of batch 64
+  # The config comparison refuses a batch_size change first (jrecipe.train.workdir); the data
+  # position in the checkpoint is the guard of last resort, for checkpoints copied under a
+  # config.json that already says the new batch size.
+  with pytest.raises(UserError, match="cannot change on resume"):
+    loop.train_and_evaluate(cfg, wd, allow_config_change=True)
+  with open(os.path.join(wd, "config.json")) as f:
+    saved = json.load(f)
+  saved["batch_size"], saved["num_epochs"] = 32, 4
+  with open(os.path.join(wd, "config.json"), "w") as f:
+    json.dump(saved, f)
   with pytest.raises(UserError, match="data position means other examples: its batch_size"):
     loop.train_and_evaluate(cfg, wd, allow_config_change=True)
 
