@@ -31,6 +31,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from tests.config_fuzz import snapshot  # noqa: E402  (the property tests' own comparison)
+
 BASE = ["--config=configs/digits_mlp.py:smoke", "--config.model.hidden=(32,)"]
 
 
@@ -85,16 +89,6 @@ def listed(tmp: str) -> list[dict]:
   ]
 
 
-def _snapshot(root: str) -> dict:
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(d, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, root)] = fh.read()
-  return out
-
-
 def _run(args, timeout: float, preexec=None) -> tuple[int, str, str]:
   """(exit status, stderr, how: 'exit' | 'preempted' | 'hang')."""
   p = subprocess.Popen([sys.executable, "-m", "jrecipe", *args], cwd=REPO, text=True,
@@ -135,7 +129,7 @@ def _problems(case: dict, code: int, err: str, how: str, wd: str, before) -> lis
     found.append(f"no {case['needle']!r} on stderr")
   if code == 2 and before is None and wd and os.path.isdir(wd):
     found.append("refusal left a new work directory behind")
-  if code == 2 and before is not None and _snapshot(wd) != before:
+  if code == 2 and before is not None and snapshot(wd) != before:
     found.append("refusal changed the finished run")
   metrics = os.path.join(wd, "metrics.jsonl") if wd else ""
   if code == 0 and metrics and os.path.exists(metrics):
@@ -152,7 +146,7 @@ def run_case(i: int, case: dict, tmp: str, finished: tuple, timeout: float) -> d
   elif existing:
     wd = os.path.join(tmp, f"case{i}")
     shutil.copytree(finished[0], wd)
-    before = _snapshot(wd)
+    before = snapshot(wd)
   else:
     wd, before = os.path.join(tmp, f"case{i}"), None
   extra = list(case["extra"])

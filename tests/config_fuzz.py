@@ -17,6 +17,7 @@ traceback or a hang, and nothing half-written in the work directory.
 
 import dataclasses
 import math
+import os
 
 import ml_collections
 from hypothesis import strategies as st
@@ -211,3 +212,14 @@ def cases(draw, max_overrides: int = 3):
     overrides.append(draw(OVERRIDE))
     return Case(tuple(overrides), nonsense=False, why="free-form")
   return Case(tuple(overrides), nonsense=bool(why), why=why)
+
+
+def snapshot(root: str) -> dict:
+  """{relative path: bytes} of every file under root: a refused run must leave it equal."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = fh.read()
+  return out

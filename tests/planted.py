@@ -14,6 +14,8 @@ def naive_xent(outputs, labels):
 
 from flax import linen as nn  # noqa: E402
 
+from jrecipe.zoo.models import tanh_with_rule  # noqa: E402
+
 
 class _MLP(nn.Module):
   """A small MLP with switches that plant the silent bugs the battery must catch."""
@@ -71,21 +73,7 @@ def detached_output_mlp(spec, bn_axis_name):
   return _MLP(spec.num_classes, detach_output=True)
 
 
-@jax.custom_vjp
-def _bad_tanh(x):
-  return jnp.tanh(x)
-
-
-def _bad_tanh_fwd(x):
-  y = jnp.tanh(x)
-  return y, y
-
-
-def _bad_tanh_bwd(y, g):
-  return (g * (1.0 - y * y) * 1.01,)  # the wrong rule: 1% too large
-
-
-_bad_tanh.defvjp(_bad_tanh_fwd, _bad_tanh_bwd)
+_bad_tanh = tanh_with_rule(1.01)  # the wrong rule: 1% too large
 
 
 class _BadVjpMLP(nn.Module):

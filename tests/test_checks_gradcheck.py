@@ -10,23 +10,7 @@ from flax import linen as nn
 from jrecipe.checks.gradcheck import gradient_check, gradient_check_model, relu_pattern
 from jrecipe.train.step import l2_penalty
 from jrecipe.types import Loss, Model
-
-
-def tanh_with_rule(scale=1.0, sign=1.0):
-  """tanh whose backward rule is multiplied by sign * scale (1, 1 is correct)."""
-  @jax.custom_vjp
-  def act(x):
-    return jnp.tanh(x)
-
-  def fwd(x):
-    y = jnp.tanh(x)
-    return y, y
-
-  def bwd(y, g):
-    return (sign * scale * g * (1.0 - y * y),)
-
-  act.defvjp(fwd, bwd)
-  return act
+from jrecipe.zoo.models import tanh_with_rule
 
 
 def mlp_loss(act):

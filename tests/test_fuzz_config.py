@@ -18,7 +18,7 @@ from jrecipe import main as main_lib
 from jrecipe import modes
 from jrecipe.cli_config import load_config_with_overrides
 from jrecipe.errors import UserError
-from tests.config_fuzz import DIGITS, cases
+from tests.config_fuzz import DIGITS, cases, snapshot
 from tests.helpers import REPO
 
 SMOKE = os.path.join(REPO, DIGITS) + ":smoke"
@@ -45,23 +45,13 @@ def run_entry(overrides, workdir: str, mode: str = "validate") -> tuple[int, str
   return code, err.getvalue()
 
 
-def _snapshot(root: str) -> dict:
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(d, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, root)] = fh.read()
-  return out
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   """A finished smoke run of digits_mlp, trained by the same entry point."""
   wd = str(tmp_path_factory.mktemp("fuzz") / "run")
   code, err = run_entry(["--config.model.hidden=(32,)"], wd, mode="train")
   assert code == 0, err
-  return wd, _snapshot(wd)
+  return wd, snapshot(wd)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +82,7 @@ def test_generated_overrides_exit_0_or_2_with_one_paragraph_and_write_nothing(
   event(f"exit {code}" + (" (nonsense)" if case.nonsense else ""))
   _assert_outcome(case, code, err)
   if existing:
-    assert _snapshot(run_dir) == before, case
+    assert snapshot(run_dir) == before, case
   else:
     assert not os.path.exists(wd), (case, os.listdir(wd))
 

@@ -23,21 +23,25 @@ def _known(bug: str, valid: tuple, factory: str) -> str:
   return bug
 
 
-@jax.custom_vjp
-def _tanh_wrong_vjp(x):
-  return jnp.tanh(x)
+def tanh_with_rule(scale=1.0, sign=1.0):
+  """tanh whose backward rule is multiplied by sign * scale ((1, 1) is the correct rule): the
+  planted wrong gradient of a hand-written custom_vjp, shared by the zoo and the tests."""
+  @jax.custom_vjp
+  def act(x):
+    return jnp.tanh(x)
+
+  def fwd(x):
+    y = jnp.tanh(x)
+    return y, y
+
+  def bwd(y, g):
+    return (sign * scale * g * (1.0 - y * y),)
+
+  act.defvjp(fwd, bwd)
+  return act
 
 
-def _tanh_fwd(x):
-  y = jnp.tanh(x)
-  return y, y
-
-
-def _tanh_bwd(y, g):
-  return (g * (1.0 - y * y) * 1.05,)  # the planted rule: 5% too large
-
-
-_tanh_wrong_vjp.defvjp(_tanh_fwd, _tanh_bwd)
+_tanh_wrong_vjp = tanh_with_rule(1.05)  # the planted rule: 5% too large
 
 MLP_BUGS = ("batch_mixing_reshape", "softmax_output", "tanh_output", "missing_nonlinearity",
             "dropout_at_eval", "frozen_layer", "zero_init", "huge_init", "ignores_input",
