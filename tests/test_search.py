@@ -283,10 +283,10 @@ def _trials(url, name, k):
 def _wait(cond, timeout, what, proc=None):
   t0 = time.time()
   while time.time() - t0 < timeout:
-    assert proc is None or proc.poll() is None, f"the master exited ({proc.returncode})"
-    v = cond()
+    v = cond()  # before the liveness check: a condition met just before the master exited counts
     if v:
       return v
+    assert proc is None or proc.poll() is None, f"the master exited ({proc.returncode})"
     time.sleep(0.3)
   raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
@@ -295,8 +295,10 @@ def _wait(cond, timeout, what, proc=None):
 def test_master_workers_kill_and_resume(tmp_path):
   d = tmp_path / "srch"
   url = f"sqlite:///{d}/study.db"
-  # stage-1 trials long enough (a few seconds each), and enough of them, to be caught running
-  stages = "8x10,2x0.5"
+  # stage-1 trials long enough (a few seconds each on an idle CI machine, where 10 epochs took
+  # 1-2 s and the master finished its search before the test saw the requeue), and enough of
+  # them, to be caught running
+  stages = "8x30,2x0.5"
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   log = open(tmp_path / "master1.log", "w")
   master = subprocess.Popen(_master(d, stages), cwd=REPO, env=env, stdout=log,
