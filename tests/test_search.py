@@ -280,6 +280,18 @@ def _trials(url, name, k):
     return []
 
 
+def _epochs_logged(path):
+  """The last epoch in a trial's metrics.jsonl while it trains; None before training or after it."""
+  try:
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.endswith("\n")]
+  except OSError:
+    return None
+  if not rows or any(r.get("split", "").startswith("final") for r in rows):
+    return None
+  return max(float(r.get("epoch", 0)) for r in rows)
+
+
 def _wait(cond, timeout, what, proc=None):
   t0 = time.time()
   while time.time() - t0 < timeout:
@@ -308,18 +320,31 @@ def test_master_workers_kill_and_resume(tmp_path):
     def running_with_metrics():
       done = [t for t in _trials(url, "srch", 1) if t.state.name == "COMPLETE"]
       for t in _trials(url, "srch", 1):
-        if (t.state.name == "RUNNING" and done and "dir" in t.user_attrs
-            and os.path.exists(os.path.join(t.user_attrs["dir"], "metrics.jsonl"))):
-          return t
+        if t.state.name == "RUNNING" and done and "dir" in t.user_attrs:
+          # read after the snapshot: training has started and has most of its 30 epochs to go
+          epochs = _epochs_logged(os.path.join(t.user_attrs["dir"], "metrics.jsonl"))
+          if epochs is not None and epochs < 15:
+            return t
       return None
-    victim = _wait(running_with_metrics, 150, "a running trial after a complete one", master)
-    os.kill(int(victim.user_attrs["worker"].split(":")[1]), signal.SIGKILL)
+    # The snapshot that names the victim is a database read old (a second or more on a loaded
+    # machine): its trial may have completed before the kill lands, and the worker dies between
+    # trials with nothing to requeue. Such a missed kill is retried on another running trial.
+    for _ in range(4):
+      victim = _wait(running_with_metrics, 150, "a running trial after a complete one", master)
+      os.kill(int(victim.user_attrs["worker"].split(":")[1]), signal.SIGKILL)
 
-    def requeued():
-      ts = _trials(url, "srch", 1)
-      retry = [t for t in ts if t.user_attrs.get("retry_of") == victim.number]
-      return retry and ts[victim.number].state.name == "FAIL" and retry
-    retry = _wait(requeued, 60, "the killed trial to be failed and requeued", master)[0]
+      def requeued():
+        ts = _trials(url, "srch", 1)
+        if ts[victim.number].state.name == "COMPLETE":
+          return ("missed",)
+        retry = [t for t in ts if t.user_attrs.get("retry_of") == victim.number]
+        return retry and ts[victim.number].state.name == "FAIL" and ("requeued", retry[0])
+      outcome = _wait(requeued, 60, "the killed trial to be failed and requeued", master)
+      if outcome[0] == "requeued":
+        retry = outcome[1]
+        break
+    else:
+      raise AssertionError("four kills in a row landed after their trial had completed")
 
     # 2. The master killed (its workers finish their trial, see it gone, and stop).
     done_before = {t.number: t.datetime_complete for t in _trials(url, "srch", 1)
