@@ -317,6 +317,43 @@ def test_a_full_disk_under_config_or_metrics_is_one_paragraph_exit_1(tmp_path, k
   assert len(rows) == len(set(rows)) and ("final_test", 20 * (1257 // 64)) in rows
 
 
+# The storage fills up at the very end, while report.html is written (after summary.json).
+_FULL_DISK_AT_REPORT_DRIVER = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from jrecipe.report import html
+write = html.write_report
+def filling_write(*a, **k):
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+  return write(*a, **k)
+html.write_report = filling_write
+sys.argv = ["jrecipe"] + sys.argv[1:]
+from jrecipe.main import run
+run()
+"""
+
+
+def test_a_full_disk_while_the_report_is_written_is_exit_1_and_a_rerun_writes_it(tmp_path):
+  """A finished run whose report.html the storage refused used to exit 0 with a warning, so a
+  scheduler saw success and the report was missing: now it is the storage paragraph and exit 1,
+  no temporary file is left, and the rerun writes the report without repeating a final row."""
+  wd = tmp_path / "wd"
+  args = [*_ARGS, "--config.num_epochs=1", f"--workdir={wd}"]
+  r = subprocess.run([sys.executable, "-c", _FULL_DISK_AT_REPORT_DRIVER, *args], cwd=REPO,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  (line,) = re.findall(r"jrecipe: error: .*", r.stderr)
+  assert re.search(rf"writing {wd}/report.html failed with File too large \(EFBIG\)", line), line
+  assert "The checkpoints are intact" in line, line
+  assert not (wd / "report.html").exists() and not list(tmp_path.rglob("*.tmp*"))
+  r = run_cli(args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (wd / "report.html").stat().st_size > 1024
+  rows = [(x["split"], x["step"]) for x in map(json.loads, open(wd / "metrics.jsonl"))]
+  assert len(rows) == len(set(rows)) and [s for s, _ in rows].count("final_test") == 1
+
+
 def test_cli_exit_2_for_shape_mismatch_missing_dataset_and_indivisible_batch(tmp_path):
   cases = [("--config.model={'name': 'tests.planted:seven_output_mlp'}", {}, "(2, 7)"),
            ("--config.data.name=tfds:nonexistent", {}, "nonexistent"),

@@ -176,6 +176,12 @@ class Monitor:
         from jrecipe.report import html
         path = html.write_report(self.workdir)
         log.info("Report: %s", path)
+      except OSError as e:
+        from jrecipe.train import workdir as workdir_lib
+        if e.errno in workdir_lib.STORAGE_ERRNOS:
+          raise  # the storage refused the write: exit 1 with the one paragraph, not exit 0
+        log.warning("Could not write report.html (%s: %s); rebuild it with --mode=report.",
+                    type(e).__name__, e)
       except Exception as e:  # noqa: BLE001 - a report bug must not lose a finished run
         log.warning("Could not write report.html (%s: %s); rebuild it with --mode=report.",
                     type(e).__name__, e)

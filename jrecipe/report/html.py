@@ -15,6 +15,7 @@ breaking the page.
 """
 
 import base64
+import contextlib
 import datetime
 import glob
 import html
@@ -391,7 +392,12 @@ def write_report(workdir: str, loss_scale: Optional[str] = None) -> str:
   page = Report(workdir, loss_scale).build()
   path = os.path.join(workdir, "report.html")
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(page)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(page)
+    os.replace(tmp, path)
+  except OSError as e:  # a full disk: no half-written temporary file left, the file named
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise OSError(e.errno, e.strerror, path) from e
   return path
