@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
   options = modes.ModeOptions(allow_config_change=FLAGS.allow_config_change,
                               new_study=FLAGS.new_study)
   return execute(mode, FLAGS.config, FLAGS.workdir, options,
-                 compilation_cache=FLAGS.compilation_cache)
+                 compilation_cache=FLAGS.compilation_cache, supervise=True)
 
 
 def _completed(config):
@@ -130,13 +130,16 @@ def _setup_processes(runtime, distributed: bool, config, mode: str) -> None:
 
 
 def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, *,
-            compilation_cache: str | None = None, start_runtime: bool = True) -> int:
+            compilation_cache: str | None = None, start_runtime: bool = True,
+            supervise: bool = False) -> int:
   """Everything the entry point does once the flags are parsed: the work directory's lock,
   validation of the config before any file or device is touched, the process set-up, the
   mode. A mistake is one paragraph on stderr and exit 2 (SystemExit), a run failure exit 1.
 
   `start_runtime=False` skips `runtime.setup_processes` and the compilation cache, which a
   process does once, before the backend exists (tests call this many times in one process).
+  `supervise=True` (the command line): a distributed run trains in a child process whose
+  abort by JAX, when the coordinator dies, becomes one jrecipe line (`train.supervisor`).
   """
   if not str(workdir).strip():
     _fail("--workdir is empty: pass the run's directory, e.g. --workdir=/tmp/digits (it is "
@@ -145,7 +148,11 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
   distributed = bool(parallel.get("distributed", False)) if hasattr(parallel, "get") else False
   if distributed and not mode.multihost:
     _fail(f"--mode={mode.name} runs on one host: drop --config.parallel.distributed.")
-  from jrecipe.train import peers
+  from jrecipe.train import peers, supervisor
+  if distributed and supervise and start_runtime:
+    if not supervisor.supervised():
+      return supervisor.supervise()
+    supervisor.die_with_parent()
   watchdog, result = None, 0
   with contextlib.ExitStack() as held:
     try:

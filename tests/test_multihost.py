@@ -176,6 +176,32 @@ def test_a_dead_peer_stops_the_survivor_in_bounded_time_with_a_message_naming_it
   assert "Fatal Python error" not in log and "Traceback" not in log, log[-3000:]
 
 
+def test_a_dead_coordinator_stops_the_survivor_at_once_with_a_message_naming_it(tmp_path):
+  """Process 0 hosts JAX's coordination service: when it dies, JAX's client in every survivor
+  aborts the process (SIGABRT, a C++ 'Terminating process' line and thread dump). The
+  survivor's supervisor (jrecipe.train.supervisor) turns that into one line naming process 0
+  and exit 1, with JAX's text kept in a file instead of the log."""
+  wd = str(tmp_path / "wd")
+  args = [*ARGS, f"--workdir={wd}", "--config.num_epochs=300",
+          "--config.checkpoint.every_epochs=1"]
+  job = _Job(tmp_path, args, "deadcoord", extra_env={"JRECIPE_PEER_TIMEOUT": "5"})
+  try:
+    deadline = time.time() + TIMEOUT
+    job.wait_for_checkpoint(wd, deadline)
+    job.procs[0].kill()
+    t0 = time.time()
+    code = job.procs[1].wait(timeout=60)
+    took = time.time() - t0
+  finally:
+    job.kill()
+  log = job.log(1)
+  assert code == 1 and took < 5 + 10, (code, took, log[-3000:])
+  lines = [l for l in log.splitlines() if l.startswith("jrecipe: error:")]
+  assert len(lines) == 1 and "lost process 0 (the coordinator) of 2" in lines[0], log[-3000:]
+  assert "Fatal Python error" not in log and "Traceback" not in log, log[-3000:]
+  assert "Terminating process" not in log, log[-3000:]
+
+
 def test_distributed_settings_that_cannot_work_are_refused(tmp_path):
   """Coordinator variables without the distributed flag would make every process 'process 0'
   and all of them would write the same files; check mode has no multi-host path."""

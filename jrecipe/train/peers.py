@@ -11,9 +11,9 @@ is lost: the survivor prints one jrecipe line naming it and exits with status 1 
 committed checkpoint is intact; relaunching every process resumes). A process that finished
 marks itself done, so a slower peer writing its last files is not alarmed.
 
-Limit: when process 0 (which hosts the coordination service) dies, JAX's own client in each
-survivor aborts within about 0.1 s, usually before this thread notices; that exit is prompt
-but is JAX's message, not jrecipe's (docs/failures.md).
+When process 0 (which hosts the coordination service) dies, JAX's own client in each
+survivor aborts the process within about 0.1 s, before this thread notices; the survivor's
+supervisor (`train.supervisor`) turns that abort into the same kind of line (docs/failures.md).
 """
 
 import os
