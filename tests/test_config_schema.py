@@ -52,6 +52,7 @@ FROZEN_DEFAULTS = {'ablate': {'kind': 'add', 'metric': 'accuracy', 'seeds': 3, '
               'pipeline': 'auto',
               'stream_inspect_sample': 20000,
               'stream_prefetch': 4,
+              'stream_row_cache_mb': 1024,
               'stream_threads': 2,
               'stream_workers': 0,
               'train_subset': 0},

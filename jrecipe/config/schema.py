@@ -93,6 +93,9 @@ DATA = Section("data", "The dataset and its preprocessing (jrecipe.data).", {
                         lo=1),
     "stream_inspect_sample": F(20000, "Streaming: --mode=inspect analyses a seeded sample of "
                                "this many examples per split (exact duplicates: all).", lo=1),
+    "stream_row_cache_mb": F(1024, "Streaming: a decoded copy of the inputs beside the dataset "
+                             "(far faster to read than small ArrayRecords) when they fit in "
+                             "this many MB; 0 = never (docs/streaming.md).", **_NONNEG),
     "stream_workers": F(0, "Streaming: grain worker processes for reading and decoding; 0 = "
                         "threads only (faster on a 2-core CPU, docs/streaming.md).", **_NONNEG),
 })

@@ -221,7 +221,8 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
   mode, cfg = choose_pipeline(data_config)
   key = (name, data_dir, normalize, train_subset, downsample, context, mode)
   if mode == "stream":
-    key += (int(cfg.stream_prefetch), int(cfg.stream_threads), int(cfg.stream_workers))
+    key += (int(cfg.stream_prefetch), int(cfg.stream_threads), int(cfg.stream_workers),
+            int(cfg.stream_row_cache_mb))
   with _LOCK:
     if key not in _DATASET_CACHE:
       if mode == "stream":

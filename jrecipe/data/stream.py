@@ -45,6 +45,9 @@ class StreamInfo:
     prefetch: batches produced ahead of the step (grain's prefetch buffer).
     threads: reader threads (grain's ReadOptions.num_threads).
     workers: grain worker processes (0: threads in this process).
+    row_cache_mb: the largest decoded copy of the inputs kept beside the dataset
+      (`jrecipe.data.stream_rows`; 0: none).
+    decoded_copy: whether the inputs are read from that copy (set when the dataset opens).
   """
 
   source: str
@@ -52,6 +55,8 @@ class StreamInfo:
   prefetch: int
   threads: int
   workers: int
+  row_cache_mb: int = 0
+  decoded_copy: bool = False
 
 
 class Records:
@@ -319,12 +324,10 @@ def _scans(name: str, records: dict, path: str, variant: str,
   modification times are unchanged; JRECIPE_DATA_SNAPSHOT=0 turns it off).
   """
   from jrecipe.data import store
-  fp = store.dir_fingerprint(path) if path and os.path.isdir(path) and store.enabled() else None
+  fp = _fingerprint(path)
   if fp is None:
     return {s: scan(s) for s in SPLITS}
-  safe = name.replace(":", "_").replace("/", "_")
-  copy = os.path.join(_data_root(path, name), store.DIRNAME,
-                      f"{safe}-{os.path.basename(path)}-stream-{variant}.npz")
+  copy = _copy_path(path, name, f"stream-{variant}.npz")
   cached = store.read_npz(copy, fp)
   if cached is not None and set(cached[0]) == set(SPLITS):
     meta, cols = cached
@@ -337,6 +340,47 @@ def _scans(name: str, records: dict, path: str, variant: str,
                              for s, v in scans.items()},
                   {s: {"y": v.y, "id": v.ids} for s, v in scans.items()})
   return scans
+
+
+def _fingerprint(path: Optional[str]) -> Optional[str]:
+  """The prepared TFDS directory's fingerprint (`store.dir_fingerprint`), or None when it is
+  not one or the copies beside datasets are off (JRECIPE_DATA_SNAPSHOT=0)."""
+  from jrecipe.data import store
+  return store.dir_fingerprint(path) if path and os.path.isdir(path) and store.enabled() else None
+
+
+def _copy_path(path: str, name: str, suffix: str) -> str:
+  """Where a copy of the dataset at `path` lives: `<data_dir>/.jrecipe_arrays/...`."""
+  from jrecipe.data import store
+  safe = name.replace(":", "_").replace("/", "_")
+  return os.path.join(_data_root(path, name), store.DIRNAME,
+                      f"{safe}-{os.path.basename(path)}-{suffix}")
+
+
+def _decoded_copies(name: str, records: dict, scans: dict, info: StreamInfo) -> tuple:
+  """(records, used): each split's records read from its decoded copy
+  (`jrecipe.data.stream_rows`) when all the splits' inputs fit in `info.row_cache_mb`, the
+  copy is made or already valid, and the dataset is a prepared TFDS directory."""
+  from jrecipe.data import stream_rows
+  fp = _fingerprint(info.source) if info.row_cache_mb else None
+  if fp is None:
+    return records, False
+  total = sum(len(records[s]) * int(np.prod(scans[s].shape, dtype=np.int64)) *
+              np.dtype(scans[s].dtype).itemsize for s in SPLITS)
+  if total > info.row_cache_mb * 2**20:
+    return records, False
+  out = {}
+  for s in SPLITS:
+    sc, r, n = scans[s], records[s], len(records[s])
+    where = _copy_path(info.source, name, f"rows-{s}.bin")
+    chunks = lambda r=r, n=n: (r.read(np.arange(a, min(n, a + CHUNK)))["x"]  # noqa: E731
+                               for a in range(0, n, CHUNK))
+    rows = (stream_rows.open_copy(where, fp, sc.shape, sc.dtype, n) or
+            stream_rows.write_copy(where, fp, sc.shape, sc.dtype, n, chunks))
+    if rows is None:
+      return records, False
+    out[s] = Records(stream_rows.RowReader(rows, sc.y, sc.ids), 0, n)
+  return out, True
 
 
 def _data_root(path: str, name: str) -> str:
@@ -401,7 +445,7 @@ def _info(data_config: Any, path: Optional[str]) -> StreamInfo:
   cfg = complete(data_config, "data")
   return StreamInfo(source=path or "", disk_bytes=_disk_bytes(path),
                     prefetch=int(cfg.stream_prefetch), threads=int(cfg.stream_threads),
-                    workers=int(cfg.stream_workers))
+                    workers=int(cfg.stream_workers), row_cache_mb=int(cfg.stream_row_cache_mb))
 
 
 class Transform:
@@ -446,6 +490,8 @@ def _assemble(name, records, meta, label, info, normalize, train_subset,
     raise UserError(f"The splits of dataset {name!r} have records of inconsistent shape "
                     f"({shapes}): every split's inputs must have one shape.")
   dataset_lib.check_fields(name, meta, len(records["train"]), train_subset, downsample)
+  records, copied = _decoded_copies(name, records, scans, info)
+  info = dataclasses.replace(info, decoded_copy=copied)
   if train_subset:
     records = {**records, "train": records["train"].view(0, train_subset)}
     t = scans["train"]
