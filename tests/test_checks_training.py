@@ -269,6 +269,32 @@ def test_input_independent_baseline_mlp_passes(mlp, loss, tx, mlp_vars, data):
   assert r.details["accuracy_real"] > r.details["accuracy_zero"] + 0.3
 
 
+@pytest.mark.parametrize("shuffled", [True, False])
+def test_input_independent_baseline_labels_shuffled_apart_from_inputs_fail(shuffled, mlp, loss,
+                                                                           mlp_vars):
+  """The planted bug: training labels permuted apart from their inputs. Its held-out accuracy
+  (12% against 7.5% for the zero-input model) passes the accuracy rule by chance, so only the
+  label-shuffled control catches it: the given labels are learnt no faster than shuffled ones.
+  The twin (the labels as they are) passes with the same data, budget and optimizer."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  idx = np.random.RandomState(0).permutation(len(d.target))
+  x = d.images[idx].astype(np.float32)[..., None] / 16.0
+  x, y = (x - x.mean()) / x.std(), d.target[idx].astype(np.int32)
+  yt = np.random.default_rng(2).permutation(y[:1200]) if shuffled else y[:1200]
+  r = baselines.input_independent_baseline(mlp, loss, mlp_vars, x[:1200], yt,
+                                          tx=optax.adam(1e-3), steps=60, rng=0,
+                                          x_val=x[1200:], y_val=y[1200:], batch_size=128)
+  dd = r.details
+  if not shuffled:
+    assert r.status == "pass" and dd["decided_by"] == "loss", r.message
+    return
+  assert r.status == "fail", r.message
+  assert dd["accuracy_real"] >= dd["accuracy_zero"] + dd["accuracy_margin"]  # the rule alone
+  assert dd["train_loss_end_real"] > dd["train_loss_end_shuffled"] - dd["control_margin"], dd
+  assert "learnt no faster than the same labels shuffled" in r.message
+
+
 # The planted-bug models have the parameters of MLP(), so they reuse `mlp_vars` (no init).
 
 
