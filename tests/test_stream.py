@@ -43,7 +43,10 @@ def synthetic(tmp_path_factory):
                                          ("digits", {"train_subset": 300, "downsample": 2}),
                                          ("digits_seq", {}), ("tfds", {}),
                                          ("digits", {"stream_row_cache_mb": 0}),
-                                         ("tfds", {"stream_row_cache_mb": 0})])
+                                         ("tfds", {"stream_row_cache_mb": 0}),
+                                         ("stdlib_bytes_small", {}),
+                                         ("stdlib_bytes_small", {"context_length": 32,
+                                                                 "stream_row_cache_mb": 0})])
 def test_streamed_batches_equal_the_in_memory_ones(name, fields, synthetic):
   data_dir, tfds_name = synthetic if name == "tfds" else ("", name)
   mem = _data(tfds_name, "memory", data_dir, **fields)
@@ -154,6 +157,8 @@ def test_bad_streamed_input_is_one_paragraph(tmp_path, synthetic):
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
   with pytest.raises(UserError, match="a data function returning arrays in memory"):
     _data("tests.user_data:load", "stream")
+  with pytest.raises(UserError, match="applies to the text datasets"):
+    _data("digits", "stream", context_length=32)
   st = _data(synthetic[1], "stream", synthetic[0])
   with pytest.raises(UserError, match="not divisible by the 3 processes"):
     pipeline.train_batches(st, batch_size=16, seed=0, process_index=0, process_count=3)

@@ -22,7 +22,7 @@ from jrecipe.errors import UserError
 from jrecipe.models.sequence import DecoderBlock
 from jrecipe.train import loop
 from jrecipe.types import DataSpec
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 
 LONG = 1024  # few, long windows: the small corpus builds in about a second
 
@@ -137,6 +137,7 @@ def test_smoke_config_learns_below_chance(tmp_path):
   path = os.path.join(REPO, "configs", "stdlib_bytes_transformer.py") + ":smoke"
   config = load_config_with_overrides(path, ["--config.monitor.enabled=False",
                                              "--config.ema_decay=0.0"])
+  assert D.load_dataset(config.data).stream is not None  # the config reads through streaming
   summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
   test = summary["test"]
   assert test["loss"] < math.log(256) - 1.0  # well below chance ln 256 = 5.55 nats per byte
@@ -171,3 +172,17 @@ def test_causal_dependency_catches_a_mask_one_step_ahead_on_text(two_builds, off
   if status == "fail":
     assert "off by one" in r.message and r.details["first_offending"]["input"] == (
         r.details["first_offending"]["output"] + 1)
+
+
+def test_the_battery_passes_on_the_streamed_text_config(tmp_path):
+  """--mode=check on the shipped text config's smoke variant, read through the streaming
+  pipeline: the windows' causal structure, the loss at init (ln 256 or the head bias's byte
+  frequencies) and the picture before the net, all pass (exit 0)."""
+  wd = tmp_path / "wd"
+  r = run_cli(["--mode=check", "--config=configs/stdlib_bytes_transformer.py:smoke",
+               "--config.checks.only=data_before_net,loss_at_init,causal_dependency",
+               f"--workdir={wd}"])
+  assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+  checks = {c["name"]: c["status"] for c in json.load(open(wd / "checks.json"))["checks"]}
+  assert checks == {"data_before_net": "pass", "loss_at_init": "pass",
+                    "causal_dependency": "pass"}, checks

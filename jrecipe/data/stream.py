@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from jrecipe.data import dataset as dataset_lib
-from jrecipe.data.reading import SPLITS, TFDS_PREFIX, TFDS_VALIDATION_FRACTION
+from jrecipe.data.reading import SPLITS, TEXT_DATASETS, TFDS_PREFIX, TFDS_VALIDATION_FRACTION
 from jrecipe.errors import UserError
 from jrecipe.types import DataSpec
 
@@ -219,29 +219,55 @@ def _disk_bytes(path: Optional[str]) -> int:
   return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
 
 
-def _open_tfds(name: str, data_dir: str):
-  """(records by split, meta, directory) of a TFDS dataset or a jrecipe built-in one."""
+def _open_tfds(name: str, data_dir: str, context: int = 0):
+  """(records by split, meta, label feature, directory, stored_as) of a TFDS dataset or a
+  jrecipe built-in one. A text dataset (`TEXT_DATASETS`) is opened at `context` (0: its
+  default): its records are windows of context + 1 bytes, read as x = window[:-1] and
+  y = window[1:] (`TextWindows`), as the in-memory path reads them."""
   from jrecipe.data import reading
+  stored_as = name
   if name.startswith(TFDS_PREFIX):
     tfds_name = name[len(TFDS_PREFIX):]
     sources, features = reading._tfds_sources(tfds_name, data_dir)  # noqa: SLF001 - shared
     keys, ids_from_rows = ("image", "label", None), True
     builder_dir = _data_path(sources)
   else:
-    from jrecipe.data import builders
-    builder = builders.prepare(name, data_dir)
+    from jrecipe.data import builders, text
+    config = None
+    if name in TEXT_DATASETS:
+      length = text.check_context(context or text.DEFAULT_CONTEXT)
+      config, stored_as = builders.stdlib_bytes_config(length), f"{name}/ctx{length}"
+    builder = builders.prepare(name, data_dir, config)
     sources, features = builder.as_data_source(), builder.info.features
-    keys, ids_from_rows = reading.builtin_keys(name), False
+    keys = ("tokens", "tokens", "id") if config else reading.builtin_keys(name)
+    ids_from_rows = False
     builder_dir = str(builder.data_path)
-  records = {s: Records(tfds_reader(src, features, keys, name, ids_from_rows), 0, len(src))
-             for s, src in sources.items() if s in SPLITS}
+  records = {}
+  for s, src in sources.items():
+    if s in SPLITS:
+      read = tfds_reader(src, features, keys, name, ids_from_rows)
+      records[s] = Records(TextWindows(read) if name in TEXT_DATASETS else read, 0, len(src))
   records = _carve_validation(name, records)
   if name.startswith(TFDS_PREFIX):
     meta = None  # from the labels (`_tfds_meta`), after the scan
     label = features["label"]
   else:
     meta, label = reading.builtin_meta(name, features), None
-  return records, meta, label, builder_dir
+  return records, meta, label, builder_dir, stored_as
+
+
+class TextWindows:
+  """A reader of stored byte windows -> {'x': window[:-1], 'y': window[1:], 'id'} (the
+  in-memory path's `jrecipe.data.text.inputs_and_targets`). A class so that it pickles."""
+
+  def __init__(self, read: Callable[[np.ndarray], dict]):
+    self.read = read
+
+  def __call__(self, rows: np.ndarray) -> dict:
+    from jrecipe.data import text
+    cols = self.read(rows)
+    x, y = text.inputs_and_targets(cols["x"])
+    return {"x": x, "y": y, "id": cols["id"]}
 
 
 def _data_path(sources) -> Optional[str]:
@@ -384,8 +410,9 @@ def _decoded_copies(name: str, records: dict, scans: dict, info: StreamInfo) -> 
 
 
 def _data_root(path: str, name: str) -> str:
-  """The data_dir of a prepared dataset's directory: <data_dir>/<name>[/<config>]/<version>."""
-  depth = 1 + (name[len(TFDS_PREFIX):].count("/") + 1 if name.startswith(TFDS_PREFIX) else 1)
+  """The data_dir of a prepared dataset's directory: <data_dir>/<name>[/<config>]/<version>
+  (`name` with its config: 'tfds:mnist', 'tfds:synthetic_images/small', 'stdlib_bytes/ctx128')."""
+  depth = 1 + name.removeprefix(TFDS_PREFIX).count("/") + 1
   for _ in range(depth):
     path = os.path.dirname(path)
   return path
@@ -398,7 +425,7 @@ def open_stream(data_config: Any) -> dataset_lib.Dataset:
     UserError: a missing data_dir, a TFDS dataset that is not prepared, a missing split,
       records of inconsistent shape, or a field that does not fit the data.
   """
-  name, data_dir, normalize, train_subset, downsample, _ = dataset_lib._fields(data_config)  # noqa: SLF001
+  name, data_dir, normalize, train_subset, downsample, context = dataset_lib._fields(data_config)  # noqa: SLF001
   if not name.startswith(TFDS_PREFIX) and name not in dataset_lib.DATASETS:
     raise UserError(
         f"data.pipeline='stream' reads TFDS-prepared ArrayRecord datasets (the built-in ones "
@@ -410,9 +437,12 @@ def open_stream(data_config: Any) -> dataset_lib.Dataset:
         f"The data_dir {data_dir!r} of the TFDS dataset {name!r} does not exist: set "
         "data.data_dir (or $JRECIPE_DATA_DIR) to the directory where it is prepared (the one "
         f"holding {name[len(TFDS_PREFIX):]}/<version>/dataset_info.json).")
-  records, meta, label, path = _open_tfds(name, data_dir)
+  if context and name not in TEXT_DATASETS:
+    raise UserError(f"data.context_length={context} applies to the text datasets "
+                    f"({', '.join(TEXT_DATASETS)}), but {name!r} is not one: set it to 0.")
+  records, meta, label, path, stored_as = _open_tfds(name, data_dir, context)
   return _assemble(name, records, meta, label, _info(data_config, path), normalize,
-                   train_subset, downsample)
+                   train_subset, downsample, stored_as=stored_as)
 
 
 def from_sources(name: str, sources: dict, meta: dict, data_config: Any = None,
@@ -467,9 +497,12 @@ class Transform:
     return dataset_lib.normalise(f, *self.stats) if self.stats else f
 
 
-def _assemble(name, records, meta, label, info, normalize, train_subset,
-              downsample) -> dataset_lib.Dataset:
-  """Scan every split, then the Dataset of StreamColumns around the in-memory labels."""
+def _assemble(name, records, meta, label, info, normalize, train_subset, downsample, *,
+              stored_as: Optional[str] = None) -> dataset_lib.Dataset:
+  """Scan every split, then the Dataset of StreamColumns around the in-memory labels.
+  `stored_as`: the name with its builder config ('stdlib_bytes/ctx128') that names the copies
+  kept beside the dataset; default `name`."""
+  stored_as = stored_as or name
   downsample = downsample if downsample > 1 else 0
   task_guess = (meta or {}).get("task")
   sequence = task_guess == "sequence"
@@ -479,7 +512,7 @@ def _assemble(name, records, meta, label, info, normalize, train_subset,
     return Transform(channel, sequence=sequence, downsample=downsample, name=name)(x)
 
   stats = normalize and not sequence
-  scans = _scans(name, records, info.source, f"d{downsample}{'n' if stats else ''}",
+  scans = _scans(stored_as, records, info.source, f"d{downsample}{'n' if stats else ''}",
                  lambda s: _scan(records[s], name, s, inputs if s == "train" and stats else None))
   if meta is None:
     from jrecipe.data import reading
@@ -490,7 +523,7 @@ def _assemble(name, records, meta, label, info, normalize, train_subset,
     raise UserError(f"The splits of dataset {name!r} have records of inconsistent shape "
                     f"({shapes}): every split's inputs must have one shape.")
   dataset_lib.check_fields(name, meta, len(records["train"]), train_subset, downsample)
-  records, copied = _decoded_copies(name, records, scans, info)
+  records, copied = _decoded_copies(stored_as, records, scans, info)
   info = dataclasses.replace(info, decoded_copy=copied)
   if train_subset:
     records = {**records, "train": records["train"].view(0, train_subset)}
@@ -527,5 +560,5 @@ def _assemble(name, records, meta, label, info, normalize, train_subset,
                   num_classes=meta["num_classes"], class_names=meta["class_names"],
                   value_range=(lo, hi), splits={s: len(records[s]) for s in SPLITS},
                   time_axis=meta["time_axis"], sees_current=meta["sees_current"], mean=mean,
-                  std=std)
+                  std=std, token_bytes=meta.get("token_bytes"))
   return dataset_lib.Dataset(spec=spec, arrays=arrays, raw=raw, stream=info)
