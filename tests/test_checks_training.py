@@ -295,6 +295,40 @@ def test_input_independent_baseline_labels_shuffled_apart_from_inputs_fail(shuff
   assert "learnt no faster than the same labels shuffled" in r.message
 
 
+def test_the_battery_trains_an_identical_short_run_once(mlp, loss, tx, mlp_vars, data,
+                                                      monkeypatch):
+  """Inside `shared_runs` (the battery), a `fit` identical to an earlier one (the baseline's
+  real-input run is the capacity check's base run) returns that result without training;
+  any different argument trains; outside it every call trains. The results are the ones a
+  fresh run gives, bit for bit."""
+  from jrecipe.checks import fitting
+  from jrecipe.train import trainer as trainer_lib
+  runs = []
+  real = trainer_lib.Trainer.run
+  monkeypatch.setattr(trainer_lib.Trainer, "run",
+                      lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+  x, y = data[0], data[1]
+  args = dict(tx=tx, steps=12, rng=0, batch_size=32)
+  fresh_v, fresh_curve = fitting.fit(mlp, loss, mlp_vars, x, y, **args)
+  with fitting.shared_runs():
+    v1, c1 = fitting.fit(mlp, loss, mlp_vars, x, y, **args)
+    v2, c2 = fitting.fit(mlp, loss, mlp_vars, x, y, **args)
+    assert len(runs) == 2  # the fresh run and the first shared one
+    fitting.fit(mlp, loss, mlp_vars, x.copy(), y, **args)  # another array: trains
+    fitting.fit(mlp, loss, mlp_vars, x, y, **{**args, "steps": 13})
+    assert len(runs) == 4
+  fitting.fit(mlp, loss, mlp_vars, x, y, **args)
+  assert len(runs) == 5
+  assert np.array_equal(c1, fresh_curve) and np.array_equal(c2, fresh_curve)
+  for a, b in zip(jax.tree.leaves(v2), jax.tree.leaves(fresh_v)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  with fitting.shared_runs():  # a caller's changes to its result do not reach the next caller
+    v3, c3 = fitting.fit(mlp, loss, mlp_vars, x, y, **args)
+    c3[0], v3["params"] = -1.0, None
+    v4, c4 = fitting.fit(mlp, loss, mlp_vars, x, y, **args)
+  assert np.array_equal(c4, fresh_curve) and v4["params"] is not None
+
+
 # The planted-bug models have the parameters of MLP(), so they reuse `mlp_vars` (no init).
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import ml_collections
 
 from jrecipe import experiment as experiment_lib
-from jrecipe.checks import registry, rootcause
+from jrecipe.checks import fitting, registry, rootcause
 from jrecipe.checks.base import CheckResult
 from jrecipe.checks.context import CheckContext
 from jrecipe.checks.registry import parse_names
@@ -69,15 +69,16 @@ def run_battery(exp: experiment_lib.Experiment, *, workdir: Optional[str] = None
   ctx = CheckContext.from_experiment(exp, os.path.join(workdir, "checks") if workdir else None)
   needs = {n: node["needs"] for n, node in registry.graph().items()}
   results, done = [], {}
-  for check in checks:
-    result = rootcause.mark(run_check(check, ctx), done, needs)
-    done[check.name] = result
-    if workdir:
-      result.artifacts = [os.path.relpath(p, workdir) if os.path.isabs(p) else p
-                          for p in result.artifacts]
-    results.append(result)
-    if on_result:
-      on_result(result)
+  with fitting.shared_runs():  # one run where two checks train the same thing
+    for check in checks:
+      result = rootcause.mark(run_check(check, ctx), done, needs)
+      done[check.name] = result
+      if workdir:
+        result.artifacts = [os.path.relpath(p, workdir) if os.path.isabs(p) else p
+                            for p in result.artifacts]
+      results.append(result)
+      if on_result:
+        on_result(result)
   return results
 
 
