@@ -152,28 +152,35 @@ def test_sigterm_on_one_host_stops_both_after_the_same_step(tmp_path):
   assert summary["step"] in [c["step"] for c in summary["checkpoints"]]
 
 
+def _kill_one(tmp_path, victim: int, name: str) -> tuple[int, float, str, list]:
+  """Two processes training with a 5 s peer timeout; `victim` is SIGKILLed after the first
+  checkpoint. -> (the survivor's exit status, seconds it took after the kill, its log, its
+  jrecipe error lines)."""
+  wd = str(tmp_path / "wd")
+  args = [*ARGS, f"--workdir={wd}", "--config.num_epochs=300",
+          "--config.checkpoint.every_epochs=1"]
+  job = _Job(tmp_path, args, name, extra_env={"JRECIPE_PEER_TIMEOUT": "5"})
+  survivor = 1 - victim
+  try:
+    job.wait_for_checkpoint(wd, time.time() + TIMEOUT)
+    job.procs[victim].kill()
+    t0 = time.time()
+    code = job.procs[survivor].wait(timeout=60)
+    took = time.time() - t0
+  finally:
+    job.kill()
+  log = job.log(survivor)
+  assert "Fatal Python error" not in log and "Traceback" not in log, log[-3000:]
+  return code, took, log, [l for l in log.splitlines() if l.startswith("jrecipe: error:")]
+
+
 def test_a_dead_peer_stops_the_survivor_in_bounded_time_with_a_message_naming_it(tmp_path):
   """Issue 19 item 7: killing process 1 left process 0 hanging in a collective until JAX
   aborted it 96 s later with a C++ thread dump. Now it exits 1 after the peer timeout
   (JRECIPE_PEER_TIMEOUT, 5 s here), with one jrecipe line naming process 1."""
-  wd = str(tmp_path / "wd")
-  args = [*ARGS, f"--workdir={wd}", "--config.num_epochs=300",
-          "--config.checkpoint.every_epochs=1"]
-  job = _Job(tmp_path, args, "dead", extra_env={"JRECIPE_PEER_TIMEOUT": "5"})
-  try:
-    deadline = time.time() + TIMEOUT
-    job.wait_for_checkpoint(wd, deadline)
-    job.procs[1].kill()
-    t0 = time.time()
-    code = job.procs[0].wait(timeout=60)
-    took = time.time() - t0
-  finally:
-    job.kill()
-  log = job.log(0)
+  code, took, log, lines = _kill_one(tmp_path, 1, "dead")
   assert code == 1 and took < 5 + 10, (code, took, log[-3000:])
-  lines = [l for l in log.splitlines() if l.startswith("jrecipe: error:")]
   assert len(lines) == 1 and "lost process 1 of 2" in lines[0], log[-3000:]
-  assert "Fatal Python error" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_a_dead_coordinator_stops_the_survivor_at_once_with_a_message_naming_it(tmp_path):
@@ -181,24 +188,9 @@ def test_a_dead_coordinator_stops_the_survivor_at_once_with_a_message_naming_it(
   aborts the process (SIGABRT, a C++ 'Terminating process' line and thread dump). The
   survivor's supervisor (jrecipe.train.supervisor) turns that into one line naming process 0
   and exit 1, with JAX's text kept in a file instead of the log."""
-  wd = str(tmp_path / "wd")
-  args = [*ARGS, f"--workdir={wd}", "--config.num_epochs=300",
-          "--config.checkpoint.every_epochs=1"]
-  job = _Job(tmp_path, args, "deadcoord", extra_env={"JRECIPE_PEER_TIMEOUT": "5"})
-  try:
-    deadline = time.time() + TIMEOUT
-    job.wait_for_checkpoint(wd, deadline)
-    job.procs[0].kill()
-    t0 = time.time()
-    code = job.procs[1].wait(timeout=60)
-    took = time.time() - t0
-  finally:
-    job.kill()
-  log = job.log(1)
+  code, took, log, lines = _kill_one(tmp_path, 0, "deadcoord")
   assert code == 1 and took < 5 + 10, (code, took, log[-3000:])
-  lines = [l for l in log.splitlines() if l.startswith("jrecipe: error:")]
   assert len(lines) == 1 and "lost process 0 (the coordinator) of 2" in lines[0], log[-3000:]
-  assert "Fatal Python error" not in log and "Traceback" not in log, log[-3000:]
   assert "Terminating process" not in log, log[-3000:]
 
 
