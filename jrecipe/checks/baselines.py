@@ -34,19 +34,7 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
   column are those of the rule that decided (the loss rule first; the accuracy rule when only
   it passed; both, with the loss, when neither did).
 
-  The accuracy rule alone is not enough. A model trained on labels shuffled apart from their
-  inputs reached 27% held-out accuracy on digits against 8.9% for the zero model (random-label
-  models scored 8-20% over three permutations, far more spread than a binomial error), while
-  its held-out loss was only 4% below the zero model's. So when only the accuracy rule
-  passes, a third run trains on the same inputs with the labels shuffled by a seeded permutation (the control
-  of Zhang et al., 2017, 'Understanding deep learning requires rethinking generalization'),
-  and the accuracy rule counts only if the given labels were learnt faster: their mean
-  training loss over the last 10% of the steps below the control's by at least 1% and 3
-  standard errors (of the difference of the two means, from the batch losses' spread).
-  Training loss, not held-out accuracy, because it averages over every step's batch and so
-  varies little between permutations: on the zoo's shuffled digits both ended at 2.141, while
-  a correct causal LM on digit sequences, which only just passes the accuracy rule after 60
-  steps, ended 6% below its control (1.654 vs 1.764).
+  When only the accuracy rule passes, a label-shuffled control decides (`_shuffled_control`).
 
   Args:
     model, loss, variables: the model at init.
@@ -74,17 +62,9 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
              "train_loss_curve_real_last": float(tr_real[-1]) if len(tr_real) else None,
              "train_loss_curve_zero_last": float(tr_zero[-1]) if len(tr_zero) else None}
   loss_win = np.isfinite(lr_) and lr_ <= (1.0 - BASELINE_LOSS_MARGIN) * lz
-  acc_win, acc_txt = False, ""
-  if ev_real["accuracy"] is not None:
-    n = np.asarray(ye).size
-    a0 = ev_zero["accuracy"]
-    margin = max(BASELINE_ACC_MARGIN, 3.0 * np.sqrt(max(a0 * (1 - a0), 1.0 / n) / n))
-    acc_win = ev_real["accuracy"] >= a0 + margin
-    details["accuracy_margin"] = margin
-    acc_txt = f", accuracy {ev_real['accuracy']:.3f} vs {a0:.3f}"
+  acc_win, acc_txt, acc_rule = _accuracy_rule(ev_real["accuracy"], ev_zero["accuracy"],
+                                               np.asarray(ye).size, details)
   loss_rule = f"loss <= {(1 - BASELINE_LOSS_MARGIN) * lz:.4g}"
-  acc_rule = (f"accuracy >= {ev_zero['accuracy'] + details['accuracy_margin']:.3f}"
-              if ev_real["accuracy"] is not None else "")
   # The expected column states the rule that decided: the one that passed, else both.
   if loss_win or not acc_rule:
     expected, value = loss_rule, lr_
@@ -119,6 +99,18 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
                 "matching inputs, or a budget/learning rate too small to learn anything.")
 
 
+def _accuracy_rule(a1, a0, n: int, details: dict) -> tuple[bool, str, str]:
+  """(passed, text for the message, the rule) of the accuracy rule: the real model's
+  accuracy at least max(1 point, 3 binomial standard errors at the zero model's level) above
+  the zero model's over `n` predicted labels; (False, '', '') for a loss without accuracy."""
+  if a1 is None:
+    return False, "", ""
+  margin = max(BASELINE_ACC_MARGIN, 3.0 * np.sqrt(max(a0 * (1 - a0), 1.0 / n) / n))
+  details["accuracy_margin"] = margin
+  return (a1 >= a0 + margin, f", accuracy {a1:.3f} vs {a0:.3f}",
+          f"accuracy >= {a0 + margin:.3f}")
+
+
 def _end(curve) -> tuple[float, float]:
   """(mean, squared standard error of the mean) of the training loss over the last 10% of a
   run's steps (at least two where there are two)."""
@@ -134,7 +126,23 @@ def _shuffled_control(model, loss, variables, x, y, curve_real, details: dict, *
                       rng, batch_size) -> tuple[bool, str]:
   """(whether the given labels were learnt faster than shuffled ones, text for the message):
   trains on `x` with `y` permuted along its example axis, same init, budget, batches and
-  optimizer."""
+  optimizer.
+
+  The accuracy rule alone is not enough. A model trained on labels shuffled apart from their
+  inputs reached 27% held-out accuracy on digits against 8.9% for the zero model (random-label
+  models scored 8-20% over three permutations, far more spread than a binomial error), while
+  its held-out loss was only 4% below the zero model's. So when only the accuracy rule
+  passes, a third run trains on the same inputs with the labels shuffled by a seeded
+  permutation (the control of Zhang et al., 2017, 'Understanding deep learning requires
+  rethinking generalization'),
+  and the accuracy rule counts only if the given labels were learnt faster: their mean
+  training loss over the last 10% of the steps below the control's by at least 1% and 3
+  standard errors (of the difference of the two means, from the batch losses' spread).
+  Training loss, not held-out accuracy, because it averages over every step's batch and so
+  varies little between permutations: on the zoo's shuffled digits both ended at 2.141, while
+  a correct causal LM on digit sequences, which only just passes the accuracy rule after 60
+  steps, ended 6% below its control (1.654 vs 1.764).
+  """
   seed = int(rng) if isinstance(rng, (int, np.integer)) else 0
   shuffled = np.asarray(y)[np.random.default_rng(seed + 7919).permutation(len(y))]
   _, curve_ctrl = fit(model, loss, variables, x, shuffled, tx=tx, steps=steps, rng=rng,
