@@ -73,13 +73,11 @@ def fit_metrics(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: i
     key = (tuple(id(o) for o in held), float(l2), int(steps), _rng_key(rng), batch_size)
     hit = shared.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], held)):
-      return _fresh(hit[1]), {k: (v.copy() if isinstance(v, np.ndarray) else v)
-                              for k, v in hit[2].items()}
+      return _fresh(hit[1]), _copied(hit[2])
   out = _fit_metrics(model, loss, variables, x, y, tx=tx, steps=steps, rng=rng, l2=l2,
                      batch_size=batch_size, augment=augment)
   if key is not None:
-    shared[key] = (held, _fresh(out[0]), {k: (v.copy() if isinstance(v, np.ndarray) else v)
-                                          for k, v in out[1].items()})
+    shared[key] = (held, _fresh(out[0]), _copied(out[1]))
   return out
 
 
@@ -105,6 +103,11 @@ def shared_runs() -> Iterator[None]:
 def _fresh(variables: dict) -> dict:
   """New containers around the same (immutable) arrays: a caller may rebind entries."""
   return jax.tree.map(lambda a: a, variables)
+
+
+def _copied(metrics: dict) -> dict:
+  """The metrics with their arrays copied: a caller may change its own."""
+  return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in metrics.items()}
 
 
 def _rng_key(rng: Any):
