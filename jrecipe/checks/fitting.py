@@ -56,17 +56,38 @@ class _Collect(Hook):
     self.metrics.append({k: metrics[k] for k in _METRICS if k in metrics})
 
 
+class _StopWhen(Hook):
+  """Every `every` steps (not at the last one), asks `decided(variables, losses)` (the data
+  losses of the steps so far, numpy) and stops the run when it answers True: a check whose
+  verdict is already reached trains no further."""
+
+  def __init__(self, decided: Callable[[dict, np.ndarray], bool], every: int,
+               collect: _Collect):
+    self.decided, self.every, self.collect = decided, max(1, int(every)), collect
+
+  def after_step(self, loop, metrics):
+    del metrics
+    if loop.step % self.every or loop.last_step:
+      return
+    losses = np.asarray(jax.device_get([m["loss"] for m in self.collect.metrics]), np.float64)
+    if self.decided(variables_of(loop.state), losses):
+      loop.stop("decided")
+
+
 def fit_metrics(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
                 l2: float = 0.0, batch_size: Optional[int] = None,
-                augment: Optional[Callable] = None) -> tuple[dict, dict]:
+                augment: Optional[Callable] = None,
+                stop_when: Optional[Callable[[dict, np.ndarray], bool]] = None,
+                check_every: int = 50) -> tuple[dict, dict]:
   """`fit`, returning every per-step metric: (variables, {'loss', 'total_loss', 'accuracy'}).
 
-  Same arguments as `fit`. The metrics are numpy arrays of length `steps`; 'accuracy' is
-  present when the loss has `correct`. 'bad_step' (an int, -1 when none) is the first step
+  Same arguments as `fit`. The metrics are numpy arrays of one value per step taken; 'accuracy'
+  is present when the loss has `correct`. 'bad_step' (an int, -1 when none) is the first step
   whose loss or gradient was not finite (that step and later bad ones left params as they
-  were).
+  were). 'steps' is the number of steps taken: `steps`, or fewer when `stop_when` (see `fit`)
+  ended the run early.
   """
-  shared = getattr(_SHARED, "runs", None)
+  shared = getattr(_SHARED, "runs", None) if stop_when is None else None
   key = None
   if shared is not None:
     held = (model.apply_with_state, loss.per_example, loss.correct, tx, augment, variables, x, y)
@@ -75,7 +96,8 @@ def fit_metrics(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: i
     if hit is not None and all(a is b for a, b in zip(hit[0], held)):
       return _fresh(hit[1]), _copied(hit[2])
   out = _fit_metrics(model, loss, variables, x, y, tx=tx, steps=steps, rng=rng, l2=l2,
-                     batch_size=batch_size, augment=augment)
+                     batch_size=batch_size, augment=augment,
+                     stop_when=stop_when, check_every=check_every)
   if key is not None:
     shared[key] = (held, _fresh(out[0]), _copied(out[1]))
   return out
@@ -118,24 +140,29 @@ def _rng_key(rng: Any):
 
 
 def _fit_metrics(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
-                 l2: float, batch_size: Optional[int], augment: Optional[Callable]):
+                 l2: float, batch_size: Optional[int], augment: Optional[Callable],
+                 stop_when: Optional[Callable], check_every: int):
   trainer = cached_trainer(StepParts(model, loss, tx, augment=augment, l2=float(l2)))
   state = trainer.to_device(trainer.state_from(variables, as_key(rng)))
   collect = _Collect()
   batches = ArrayBatches({"x": x, "y": y}, batch_size, _seed_of(rng))
-  loop = trainer.run(state, num_steps=int(steps), batches=batches, hooks=[collect])
+  hooks = [collect] + ([_StopWhen(stop_when, check_every, collect)] if stop_when else [])
+  loop = trainer.run(state, num_steps=int(steps), batches=batches, hooks=hooks)
   host = jax.device_get(collect.metrics)  # the only host sync: once, at the end
   metrics = {k: np.array([m[k] for m in host], np.float64) for k in _METRICS
              if host and k in host[0]}
   if not host:
     metrics = {"loss": np.zeros((0,)), "total_loss": np.zeros((0,))}
   metrics["bad_step"] = int(loop.state.bad_step)
+  metrics["steps"] = loop.step - loop.start_step
   return variables_of(loop.state), metrics
 
 
 def fit(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
         l2: float = 0.0, batch_size: Optional[int] = None,
-        augment: Optional[Callable] = None) -> tuple[dict, np.ndarray]:
+        augment: Optional[Callable] = None,
+        stop_when: Optional[Callable[[dict, np.ndarray], bool]] = None,
+        check_every: int = 50) -> tuple[dict, np.ndarray]:
   """Trains `steps` steps with the training Trainer's compiled step: the checks' short runs.
 
   Recipe: the short runs behind the stage-2 baselines ('input-independent baseline',
@@ -159,13 +186,17 @@ def fit(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
     l2: L2 strength (0.5 * l2 * sum of squared kernels added to the optimised loss).
     batch_size: examples per step; None (or >= len(x)) trains on the full set every step.
     augment: `augment(x, rng) -> x` applied inside the step.
+    stop_when: `stop_when(variables, losses) -> bool` (the data losses of the steps taken),
+      asked every `check_every` steps: True ends the run there (a check stops training once its verdict is reached; never shared by
+      `shared_runs`).
 
   Returns:
-    (trained variables, data losses np.ndarray [steps]: the minibatch loss each step
+    (trained variables, data losses np.ndarray [steps taken]: the minibatch loss each step
     computed before its update, without the penalty).
   """
   variables, metrics = fit_metrics(model, loss, variables, x, y, tx=tx, steps=steps, rng=rng,
-                                   l2=l2, batch_size=batch_size, augment=augment)
+                                   l2=l2, batch_size=batch_size, augment=augment,
+                                   stop_when=stop_when, check_every=check_every)
   return variables, metrics["loss"]
 
 

@@ -19,6 +19,7 @@ from jrecipe.types import Loss, Model
 
 OVERFIT_ABS = 0.01  # overfit_one_batch: final loss below max(0.01, 1% of the init loss)
 OVERFIT_REL = 0.01
+OVERFIT_EVERY = 50  # overfit_one_batch evaluates the batch every 50 steps, stops once it passes
 CAPACITY_DECREASE = 0.01  # capacity_decreases_loss: the loss must fall by at least 1%
 CAPACITY_WIDER_MARGIN = 0.02  # the wider model must end at least 2% lower (else warn)
 
@@ -108,7 +109,9 @@ def overfit_one_batch(model: Model, loss: Loss, variables: dict, x, y, *, tx, st
   order 1 (softmax, SVM), and relative for regression losses in the targets' units -- and,
   when the loss has `correct`, accuracy is 100%. Warn when accuracy is 100% and the loss fell
   below 10% of the init loss but not to the threshold (not converged in the budget); fail
-  otherwise. This is necessary, not sufficient: random features can be overfit too.
+  otherwise. This is necessary, not sufficient: random features can be overfit too. The run
+  stops at the first multiple of 50 steps where the batch already passes (the verdict is
+  reached; the message says how many steps it took).
 
   Args:
     model, loss, variables: the model at init.
@@ -128,8 +131,6 @@ def overfit_one_batch(model: Model, loss: Loss, variables: dict, x, y, *, tx, st
                        f"examples, got {len(x)}.")
   used = without_dropout(model) if model.has_dropout else model
   ev0 = evaluate(used, loss, variables, x, y)
-  trained, curve = fit(used, loss, variables, x, y, tx=tx, steps=steps, rng=rng)
-  ev1 = evaluate(used, loss, trained, x, y)
   # Only autoregressive data has an inherent floor (a shared prefix, different next tokens).
   # For per-example data, identical inputs with different labels in a tiny batch are a
   # pipeline bug the check must fail on, not excuse.
@@ -137,19 +138,32 @@ def overfit_one_batch(model: Model, loss: Loss, variables: dict, x, y, *, tx, st
   floor_loss, best_acc = (achievable(x, y) if sequence and loss.correct is not None
                           else (0.0, 1.0))
   threshold = max(OVERFIT_ABS, OVERFIT_REL * abs(ev0["loss"])) + floor_loss
+
+  def memorised(ev) -> tuple[bool, bool]:
+    # Accuracy is a count over y.size labels, computed in float32: half a label of tolerance
+    # (a float32 0.996875 of 320 labels is 0.99687499, below the exact 0.996875).
+    acc = ev["accuracy"]
+    return (bool(np.isfinite(ev["loss"]) and ev["loss"] <= threshold),
+            acc is None or acc >= best_acc - 0.5 / max(np.size(y), 1))
+
+  # Training stops at the first multiple of OVERFIT_EVERY steps where the batch is memorised
+  # (the pass is then reached; later steps could only lower the loss further or oscillate).
+  trained, curve = fit(used, loss, variables, x, y, tx=tx, steps=steps, rng=rng,
+                       stop_when=lambda v, _: all(memorised(evaluate(used, loss, v, x, y))),
+                       check_every=OVERFIT_EVERY)
+  ev1 = evaluate(used, loss, trained, x, y)
+  loss_ok, acc_ok = memorised(ev1)
   acc = ev1["accuracy"]
-  loss_ok = bool(np.isfinite(ev1["loss"]) and ev1["loss"] <= threshold)
-  # Accuracy is a count over y.size labels, computed in float32: half a label of tolerance
-  # (a float32 0.996875 of 320 labels is 0.99687499, below the exact 0.996875).
-  acc_ok = acc is None or acc >= best_acc - 0.5 / max(np.size(y), 1)
-  details = {"examples": len(x), "steps": steps, "init_loss": ev0["loss"],
+  taken = len(curve)
+  details = {"examples": len(x), "steps": steps, "steps_taken": taken, "init_loss": ev0["loss"],
              "achievable_loss": floor_loss, "achievable_accuracy": best_acc,
              "final_loss": ev1["loss"], "accuracy": acc, "threshold": threshold,
              "min_train_loss": float(np.nanmin(curve)) if len(curve) else None,
              "dropout_disabled": bool(model.has_dropout)}
   acc_txt = "" if acc is None else f", accuracy {100 * acc:.0f}%"
+  in_steps = f"{steps} steps" if taken >= steps else f"{taken} of {steps} steps"
   head = (f"Overfit one batch: {len(x)} examples, loss {ev0['loss']:.4g} -> {ev1['loss']:.4g} "
-          f"in {steps} steps{acc_txt} (target <= {threshold:.3g}")
+          f"in {in_steps}{acc_txt} (target <= {threshold:.3g}")
   head += f", {100 * best_acc:.0f}% accuracy)" if acc is not None else ")"
   if floor_loss > 0:
     head += (f" [identical inputs with different labels: the lowest achievable loss is "
@@ -220,15 +234,16 @@ def capacity_decreases_loss(model: Model, loss: Loss, variables: dict, x, y, *, 
   x_np = np.asarray(x)
   v_wide = jax.jit(wide.init)(jax.random.fold_in(as_key(rng), 1), jnp.asarray(x_np[:2]))
   v_wide = copy_head_bias(v_wide, head_bias(variables, model.head_path), wide.head_path)
+  target = (1.0 - CAPACITY_WIDER_MARGIN) * l1
   w_trained, _ = fit(wide, loss, v_wide, x, y, tx=tx, steps=steps, rng=rng,
                      batch_size=batch_size)
   lw = evaluate(wide, loss, w_trained, x, y)["loss"]
   details.update(factor=factor, wide_final_loss=lw)
   head = (f"Verify decreasing training loss: {l0:.4g} -> {l1:.4g} in {steps} steps; "
           f"{factor:g}x wider reaches {lw:.4g}")
-  expected = f"wider < {(1 - CAPACITY_WIDER_MARGIN) * l1:.4g}"
+  expected = f"wider < {target:.4g}"
   result = verdict(name, value=l1, expected=expected, details=details)
-  if lw < (1.0 - CAPACITY_WIDER_MARGIN) * l1:
+  if lw < target:
     return result("pass", head + ": a bigger model goes lower, as it should.")
   if max(l1, lw) <= 1e-3 * abs(l0):
     return result("pass", head + ": both fit the data to ~0, capacity is not the limit.")
