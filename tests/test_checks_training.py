@@ -292,7 +292,26 @@ def test_input_independent_baseline_labels_shuffled_apart_from_inputs_fail(shuff
   assert r.status == "fail", r.message
   assert dd["accuracy_real"] >= dd["accuracy_zero"] + dd["accuracy_margin"]  # the rule alone
   assert dd["train_loss_end_real"] > dd["train_loss_end_shuffled"] - dd["control_margin"], dd
+  assert dd["control_steps"] == 60  # never ahead at the 50-step mark: the whole budget
   assert "learnt no faster than the same labels shuffled" in r.message
+
+
+def test_the_label_shuffled_control_stops_once_the_given_labels_are_ahead(mlp, loss, mlp_vars):
+  """The control compares the two training curves every 50 steps and stops at the first
+  mark where the given labels are already learnt faster (the pass is reached); the verdict
+  and the numbers are those of the curves up to that step."""
+  from sklearn.datasets import load_digits
+  from jrecipe.checks import fitting
+  d = load_digits()
+  x = (d.images[:600].astype(np.float32)[..., None] / 16.0 - 0.3) / 0.4
+  y = d.target[:600].astype(np.int32)
+  args = dict(tx=optax.adam(1e-3), steps=120, rng=0, batch_size=64)
+  _, curve = fitting.fit(mlp, loss, mlp_vars, x, y, **args)
+  details = {}
+  learnt, text = baselines._shuffled_control(mlp, loss, mlp_vars, x, y, curve, details, **args)
+  assert learnt and details["control_steps"] == 50, details
+  assert "after 50 steps" in text
+  assert details["train_loss_end_real"] == pytest.approx(float(np.mean(curve[45:50])))
 
 
 def test_the_battery_trains_an_identical_short_run_once(mlp, loss, tx, mlp_vars, data,
@@ -329,6 +348,36 @@ def test_the_battery_trains_an_identical_short_run_once(mlp, loss, tx, mlp_vars,
   assert np.array_equal(c4, fresh_curve) and v4["params"] is not None
 
 
+def test_a_longer_shared_run_continues_a_kept_shorter_one_bit_for_bit(mlp, loss, tx, mlp_vars,
+                                                                     data, monkeypatch):
+  """With `snapshots`, a shared run keeps its state at those steps; a later run that asks for
+  more steps continues the longest kept one (from that step) instead of starting again, and
+  a shorter one at a kept step is a hit. Every result equals a fresh run's bit for bit (the
+  battery: burn-in 5 -> baseline 12, regularization 8 is a prefix of the baseline)."""
+  from jrecipe.checks import fitting
+  from jrecipe.train import trainer as trainer_lib
+  x, y = data[0], data[1]
+  args = dict(tx=tx, rng=0, batch_size=32)
+  fresh = {n: fitting.fit_metrics(mlp, loss, mlp_vars, x, y, steps=n, **args)
+           for n in (5, 8, 12)}
+  starts = []
+  real = trainer_lib.Trainer.run
+  monkeypatch.setattr(trainer_lib.Trainer, "run", lambda self, state, **k: starts.append(
+      (k.get("start_step", 0), k.get("num_steps"))) or real(self, state, **k))
+  with fitting.shared_runs(snapshots=(5, 8)):
+    got = {5: fitting.fit_metrics(mlp, loss, mlp_vars, x, y, steps=5, **args),
+           12: fitting.fit_metrics(mlp, loss, mlp_vars, x, y, steps=12, **args),
+           8: fitting.fit_metrics(mlp, loss, mlp_vars, x, y, steps=8, **args)}
+  assert starts == [(0, 5), (5, 7)]  # 12 continued from 5; 8 was kept on the way
+  for n, (v, m) in got.items():
+    fv, fm = fresh[n]
+    assert m["steps"] == n and m["bad_step"] == fm["bad_step"]
+    assert np.array_equal(m["loss"], fm["loss"]) and np.array_equal(m["accuracy"],
+                                                                    fm["accuracy"])
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(fv)):
+      assert np.array_equal(np.asarray(a), np.asarray(b)), n
+
+
 # The planted-bug models have the parameters of MLP(), so they reuse `mlp_vars` (no init).
 
 
@@ -355,6 +404,8 @@ def test_overfit_one_batch_passes_with_plot(mlp, loss, tx, mlp_vars, data, tmp_p
                                  steps=150, rng=0, artifacts_dir=str(tmp_path))
   assert r.status == "pass", r.message
   assert r.details["accuracy"] == 1.0 and r.value <= r.details["threshold"]
+  # Memorised by the 50-step mark: the run stops there instead of training 150 steps.
+  assert r.details["steps_taken"] == 50 and "in 50 of 150 steps" in r.message, r.message
   assert r.artifacts and os.path.getsize(r.artifacts[0]) > 1000
   assert r.artifacts[0].endswith("overfit_one_batch.png")
 
@@ -364,6 +415,7 @@ def test_overfit_one_batch_unlearnable_batch_fails(mlp, loss, tx, mlp_vars, data
   y = np.arange(10, dtype=np.int32)  # ...with ten different labels
   r = overfit.overfit_one_batch(mlp, loss, mlp_vars, x, y, tx=tx, steps=150, rng=0)
   assert r.status == "fail", r.message
+  assert r.details["steps_taken"] == 150  # never memorised: the whole budget, no early stop
 
 
 def test_overfit_one_batch_detached_output_fails(stop_gradient_model, loss, tx, mlp_vars,

@@ -88,38 +88,58 @@ def fit_metrics(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: i
   ended the run early.
   """
   shared = getattr(_SHARED, "runs", None) if stop_when is None else None
-  key = None
-  if shared is not None:
-    held = (model.apply_with_state, loss.per_example, loss.correct, tx, augment, variables, x, y)
-    key = (tuple(id(o) for o in held), float(l2), int(steps), _rng_key(rng), batch_size)
-    hit = shared.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], held)):
-      return _fresh(hit[1]), _copied(hit[2])
-  out = _fit_metrics(model, loss, variables, x, y, tx=tx, steps=steps, rng=rng, l2=l2,
-                     batch_size=batch_size, augment=augment,
-                     stop_when=stop_when, check_every=check_every)
-  if key is not None:
-    shared[key] = (held, _fresh(out[0]), _copied(out[1]))
-  return out
+  if shared is None:
+    return _fit_metrics(model, loss, variables, x, y, tx=tx, steps=steps, rng=rng, l2=l2,
+                        batch_size=batch_size, augment=augment, stop_when=stop_when,
+                        check_every=check_every)
+  held = (model.apply_with_state, loss.per_example, loss.correct, tx, augment, variables, x, y)
+  key = (tuple(id(o) for o in held), float(l2), _rng_key(rng), batch_size)
+  runs = [r for r in shared.get(key, ()) if all(a is b for a, b in zip(r[0], held))]
+  hit = next((r for r in runs if r[1] == steps), None)
+  if hit is not None:
+    return _fresh(hit[2]), _copied(hit[3])
+  # The longest stored run shorter than this one, continued from its state (exact: the
+  # batches and keys of step t depend only on t).
+  start = max((r for r in runs if r[1] < steps and r[4] is not None), key=lambda r: r[1],
+              default=None)
+  stored = shared.setdefault(key, [])
+
+  def keep(step, state, metrics, done):
+    # A kept state is a copy: the next step donates (deletes) the loop's own buffers.
+    small = sum(a.nbytes for a in jax.tree.leaves(state)) <= _SNAPSHOT_BYTES
+    snap = jax.tree.map(jnp.copy, state) if small and step in _SHARED.snapshots else None
+    if done or snap is not None:
+      kept = variables_of(snap) if snap is not None else _fresh(variables_of(state))
+      stored.append((held, step, kept, _copied(metrics), snap))
+
+  return _fit_metrics(model, loss, variables, x, y, tx=tx, steps=steps, rng=rng, l2=l2,
+                      batch_size=batch_size, augment=augment, stop_when=None,
+                      check_every=check_every, start=start and (start[1], start[4], start[3]),
+                      keep=keep)
 
 
 _SHARED = threading.local()
+_SNAPSHOT_BYTES = 256 << 20  # a train state kept for a later, longer run: at most 256 MB
 
 
 @contextlib.contextmanager
-def shared_runs() -> Iterator[None]:
+def shared_runs(snapshots: tuple = ()) -> Iterator[None]:
   """Within it, a `fit` / `fit_metrics` call identical to an earlier one (the same model,
   loss and optimizer objects, the same variables and data arrays, steps, rng, l2, batch size,
-  augmentation) returns that run's result instead of training again. The battery runs in it:
-  the input-independent baseline's real-input run and the capacity check's base run are one
-  run. Exact, because a run is a pure function of those arguments (bit-identical on rerun,
-  which `seed_determinism` checks)."""
-  before = getattr(_SHARED, "runs", None)
-  _SHARED.runs = {}
+  augmentation) returns that run's result instead of training again, and a call that only
+  asks for more steps continues the longest shorter one from its kept state. Every run's result
+  is kept; its train state is kept at the step counts in `snapshots` (the battery's shorter
+  budgets: the gradient check's burn-in and the regularization run are prefixes of the
+  baseline's run), each state at most 256 MB. The battery runs in it: the input-independent baseline's
+  real-input run is the capacity check's base run. Exact, because a run is a pure function of
+  those arguments and the batches and keys of step t depend only on t (bit-identical on
+  rerun, which `seed_determinism` checks; tested against fresh runs)."""
+  before = getattr(_SHARED, "runs", None), getattr(_SHARED, "snapshots", frozenset())
+  _SHARED.runs, _SHARED.snapshots = {}, frozenset(int(s) for s in snapshots)
   try:
     yield
   finally:
-    _SHARED.runs = before
+    _SHARED.runs, _SHARED.snapshots = before
 
 
 def _fresh(variables: dict) -> dict:
@@ -139,23 +159,56 @@ def _rng_key(rng: Any):
   return ("key", np.asarray(data).tobytes())
 
 
+class _Keep(Hook):
+  """Hands the state and the metrics so far to `keep(step, state, metrics, done)` after each
+  step in `at` and once at the end (a shared run's stored result)."""
+
+  def __init__(self, keep: Callable, at: frozenset, collect: _Collect, metrics_of: Callable):
+    self.keep, self.at, self.collect, self.metrics_of = keep, at, collect, metrics_of
+
+  def after_step(self, loop, metrics):
+    del metrics
+    if loop.step in self.at and not loop.last_step:
+      self.keep(loop.step, loop.state, self.metrics_of(self.collect.metrics, loop.state), False)
+
+  def end(self, loop):
+    if loop.failure is None:
+      self.keep(loop.step, loop.state, self.metrics_of(self.collect.metrics, loop.state), True)
+
+
 def _fit_metrics(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
                  l2: float, batch_size: Optional[int], augment: Optional[Callable],
-                 stop_when: Optional[Callable], check_every: int):
+                 stop_when: Optional[Callable], check_every: int,
+                 start: Optional[tuple] = None, keep: Optional[Callable] = None):
+  """The run; `start` = (step, state, metrics) continues a kept run from that state."""
   trainer = cached_trainer(StepParts(model, loss, tx, augment=augment, l2=float(l2)))
-  state = trainer.to_device(trainer.state_from(variables, as_key(rng)))
+  first, prefix = 0, []
+  if start is None:
+    state = trainer.to_device(trainer.state_from(variables, as_key(rng)))
+  else:
+    first, state, before = start
+    state = jax.tree.map(jnp.copy, state)  # the step donates its input; the kept one stays
+    prefix = [{k: before[k][i] for k in _METRICS if k in before} for i in range(first)]
   collect = _Collect()
-  batches = ArrayBatches({"x": x, "y": y}, batch_size, _seed_of(rng))
+  collect.metrics = list(prefix)
+  batches = ArrayBatches({"x": x, "y": y}, batch_size, _seed_of(rng), start=first)
+
+  def metrics_of(collected, state):
+    host = jax.device_get(collected)
+    out = {k: np.array([m[k] for m in host], np.float64) for k in _METRICS
+           if host and k in host[0]}
+    if not host:
+      out = {"loss": np.zeros((0,)), "total_loss": np.zeros((0,))}
+    out["bad_step"] = int(state.bad_step)
+    out["steps"] = len(host)
+    return out
+
   hooks = [collect] + ([_StopWhen(stop_when, check_every, collect)] if stop_when else [])
-  loop = trainer.run(state, num_steps=int(steps), batches=batches, hooks=hooks)
-  host = jax.device_get(collect.metrics)  # the only host sync: once, at the end
-  metrics = {k: np.array([m[k] for m in host], np.float64) for k in _METRICS
-             if host and k in host[0]}
-  if not host:
-    metrics = {"loss": np.zeros((0,)), "total_loss": np.zeros((0,))}
-  metrics["bad_step"] = int(loop.state.bad_step)
-  metrics["steps"] = loop.step - loop.start_step
-  return variables_of(loop.state), metrics
+  if keep is not None:
+    hooks.append(_Keep(keep, _SHARED.snapshots, collect, metrics_of))
+  loop = trainer.run(state, start_step=first, num_steps=int(steps) - first, batches=batches,
+                     hooks=hooks)
+  return variables_of(loop.state), metrics_of(collect.metrics, loop.state)
 
 
 def fit(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,

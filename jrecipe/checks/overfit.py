@@ -95,6 +95,33 @@ def achievable(x, y) -> tuple[float, float]:
   return ent / max(n, 1), hits / max(n, 1)
 
 
+def _memorised(ev: dict, threshold: float, best_acc: float, n: int) -> tuple[bool, bool]:
+  """(loss at most `threshold`, accuracy at the best achievable) of an `evaluate` result.
+
+  Accuracy is a count over `n` labels, computed in float32: half a label of tolerance (a
+  float32 0.996875 of 320 labels is 0.99687499, below the exact 0.996875).
+  """
+  acc = ev["accuracy"]
+  return (bool(np.isfinite(ev["loss"]) and ev["loss"] <= threshold),
+          acc is None or acc >= best_acc - 0.5 / max(n, 1))
+
+
+def _overfit_head(d: dict) -> str:
+  """The message's first part: examples, loss before -> after, steps, target."""
+  acc, best = d["accuracy"], d["achievable_accuracy"]
+  steps, taken = d["steps"], d["steps_taken"]
+  in_steps = f"{steps} steps" if taken >= steps else f"{taken} of {steps} steps"
+  head = (f"Overfit one batch: {d['examples']} examples, loss {d['init_loss']:.4g} -> "
+          f"{d['final_loss']:.4g} in {in_steps}"
+          f"{'' if acc is None else f', accuracy {100 * acc:.0f}%'} "
+          f"(target <= {d['threshold']:.3g}")
+  head += f", {100 * best:.0f}% accuracy)" if acc is not None else ")"
+  if d["achievable_loss"] > 0:
+    head += (f" [identical inputs with different labels: the lowest achievable loss is "
+             f"{d['achievable_loss']:.3g}, accuracy {100 * best:.1f}%]")
+  return head
+
+
 def overfit_one_batch(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
                       max_examples: int = 20, artifacts_dir: Optional[str] = None) -> CheckResult:
   """'Overfit one batch' (recipe stage 2; CS231n 'overfit a tiny subset of data').
@@ -140,11 +167,7 @@ def overfit_one_batch(model: Model, loss: Loss, variables: dict, x, y, *, tx, st
   threshold = max(OVERFIT_ABS, OVERFIT_REL * abs(ev0["loss"])) + floor_loss
 
   def memorised(ev) -> tuple[bool, bool]:
-    # Accuracy is a count over y.size labels, computed in float32: half a label of tolerance
-    # (a float32 0.996875 of 320 labels is 0.99687499, below the exact 0.996875).
-    acc = ev["accuracy"]
-    return (bool(np.isfinite(ev["loss"]) and ev["loss"] <= threshold),
-            acc is None or acc >= best_acc - 0.5 / max(np.size(y), 1))
+    return _memorised(ev, threshold, best_acc, np.size(y))
 
   # Training stops at the first multiple of OVERFIT_EVERY steps where the batch is memorised
   # (the pass is then reached; later steps could only lower the loss further or oscillate).
@@ -160,14 +183,7 @@ def overfit_one_batch(model: Model, loss: Loss, variables: dict, x, y, *, tx, st
              "final_loss": ev1["loss"], "accuracy": acc, "threshold": threshold,
              "min_train_loss": float(np.nanmin(curve)) if len(curve) else None,
              "dropout_disabled": bool(model.has_dropout)}
-  acc_txt = "" if acc is None else f", accuracy {100 * acc:.0f}%"
-  in_steps = f"{steps} steps" if taken >= steps else f"{taken} of {steps} steps"
-  head = (f"Overfit one batch: {len(x)} examples, loss {ev0['loss']:.4g} -> {ev1['loss']:.4g} "
-          f"in {in_steps}{acc_txt} (target <= {threshold:.3g}")
-  head += f", {100 * best_acc:.0f}% accuracy)" if acc is not None else ")"
-  if floor_loss > 0:
-    head += (f" [identical inputs with different labels: the lowest achievable loss is "
-             f"{floor_loss:.3g}, accuracy {100 * best_acc:.1f}%]")
+  head = _overfit_head(details)
   if loss_ok and acc_ok:
     status, tail = "pass", ": the model can memorise a batch."
   elif acc_ok and np.isfinite(ev1["loss"]) and ev1["loss"] <= 0.1 * abs(ev0["loss"]):

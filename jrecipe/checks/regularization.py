@@ -81,10 +81,15 @@ def regularization_increases_loss(model: Model, loss: Loss, variables: dict, x, 
   return result("pass", msg + ", higher as it should be.")
 
 
+def train_steps(budget: int) -> int:
+  """The battery's run with and without the penalty: a third of the budget, at least 10."""
+  return max(int(budget) // 3, 10)
+
+
 @register_check("regularization_increases_loss", stage="regularize",
                 needs=("loss_at_init", "overfit_one_batch"))
 def check_regularization_increases_loss(ctx) -> CheckResult:
   """At init and after a short run with and without the penalty (a third of the budget)."""
   return regularization_increases_loss(
       ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx,
-      steps=max(ctx.steps // 3, 10), rng=ctx.seed, batch_size=ctx.batch_size)
+      steps=train_steps(ctx.steps), rng=ctx.seed, batch_size=ctx.batch_size)

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import ml_collections
 
 from jrecipe import experiment as experiment_lib
-from jrecipe.checks import fitting, registry, rootcause
+from jrecipe.checks import fitting, registry, regularization, rootcause
 from jrecipe.checks.base import CheckResult
 from jrecipe.checks.context import CheckContext
 from jrecipe.checks.registry import parse_names
@@ -69,7 +69,10 @@ def run_battery(exp: experiment_lib.Experiment, *, workdir: Optional[str] = None
   ctx = CheckContext.from_experiment(exp, os.path.join(workdir, "checks") if workdir else None)
   needs = {n: node["needs"] for n, node in registry.graph().items()}
   results, done = [], {}
-  with fitting.shared_runs():  # one run where two checks train the same thing
+  # One run where two checks train the same thing; the gradient check's burn-in and the
+  # regularization run are prefixes of the baseline's run, which continues the burn-in.
+  prefixes = (ctx.config.checks.gradcheck_burnin_steps, regularization.train_steps(ctx.steps))
+  with fitting.shared_runs(snapshots=prefixes):
     for check in checks:
       result = rootcause.mark(run_check(check, ctx), done, needs)
       done[check.name] = result

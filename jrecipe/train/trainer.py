@@ -271,14 +271,15 @@ class ArrayBatches:
     arrays: {'x': [N, ...], 'y': [N, ...]} (any dict of equal-length arrays).
     batch_size: examples per step; None or >= N: the whole set every step.
     seed: int.
+    start: the step of the first batch (a run continued from a state at that step).
   """
 
-  def __init__(self, arrays: dict, batch_size: Optional[int], seed: int):
+  def __init__(self, arrays: dict, batch_size: Optional[int], seed: int, start: int = 0):
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
     self.n = len(next(iter(self.arrays.values())))
     self.batch_size = batch_size if batch_size and batch_size < self.n else None
     self.seed = int(seed)
-    self.t = 0
+    self.t = int(start)
 
   def __iter__(self):
     return self
