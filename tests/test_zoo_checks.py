@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jrecipe.checks import data as data_checks
 from jrecipe.checks import optimizer as opt_checks
@@ -126,3 +127,72 @@ def test_input_independent_baseline_calls_a_diverged_run_a_rate_too_high():
   assert bad.status == "fail" and "too HIGH" in bad.message, bad.message
   good = run(optax.adam(1e-2))
   assert good.status == "pass", good.message
+
+
+def test_augmentation_keeps_labels_thresholds_both_sides():
+  """A drop of agreement just above 0.30 + 2 SE fails and just below warns; just above
+  0.15 + 2 SE warns and just below passes; exactly at a threshold is inside it."""
+  from jrecipe.checks import stochastic
+  status = stochastic.label_drop_status
+  for se in (0.0, 0.02):
+    fail_at = stochastic.LABEL_FAIL_DROP + 2 * se
+    warn_at = stochastic.LABEL_WARN_DROP + 2 * se
+    assert [status(fail_at + 1e-9, se), status(fail_at, se), status(fail_at - 1e-9, se)] == \
+        ["fail", "warn", "warn"]
+    assert [status(warn_at + 1e-9, se), status(warn_at, se), status(warn_at - 1e-9, se)] == \
+        ["warn", "pass", "pass"]
+
+
+def _init_bias_case(loss_with, mismatch, mismatch_without=0.0, bias_set=True):
+  from jrecipe.checks import base, init
+  ev0 = {"loss": 2.0, "se": 0.0}
+  ev1 = {"loss": loss_with, "se": 0.0}
+  return init._init_bias_verdict(  # pylint: disable=protected-access
+      base.verdict("init_bias"), ev0, ev1, bias_set, mismatch, init.BASE_RATE_KL,
+      mismatch_without, 0.05, "what", "what without").status
+
+
+def test_init_bias_thresholds_both_sides():
+  """The bias may raise the loss by 2% (+ 3 SE; here SE = 0): just under 2.04 from 2.0
+  passes, just over fails. With the bias set, base rates within KL 0.7 nats pass, just above warn.
+  Without the bias, labels within the balance tolerance pass, just above warn."""
+  from jrecipe.checks import init
+  kl = init.BASE_RATE_KL
+  assert _init_bias_case(2.04 - 1e-6, 0.0) == "pass"
+  assert _init_bias_case(2.04 + 1e-6, 0.0) == "fail"
+  assert _init_bias_case(1.5, kl) == "pass"
+  assert _init_bias_case(1.5, kl + 1e-6) == "warn"
+  assert _init_bias_case(2.0, 0.0, mismatch_without=0.05, bias_set=False) == "pass"
+  assert _init_bias_case(2.0, 0.0, mismatch_without=0.05 + 1e-6, bias_set=False) == "warn"
+
+
+def test_label_shuffled_control_margin_both_sides():
+  """The given labels count as learnt faster when their end mean is below the control's by
+  at least 1% of it (flat curves: no standard error) and by 3 standard errors (noisy ones)."""
+  from jrecipe.checks import baselines
+  ctrl = np.full(100, 2.0)
+  margin = baselines.CONTROL_MARGIN * 2.0
+  assert baselines._compare(np.full(100, 2.0 - margin), ctrl)[0]  # pylint: disable=protected-access
+  assert not baselines._compare(np.full(100, 2.0 - 0.99 * margin), ctrl)[0]  # pylint: disable=protected-access
+  noise = np.tile([-0.2, 0.2], 50)  # tail of 10 steps: SE of each mean 0.2 * sqrt(10/9) / sqrt(10)
+  se = np.sqrt(2 * np.var(noise[-10:], ddof=1) / 10)
+  gap = baselines.CONTROL_SE * se
+  assert gap > margin
+  learnt = baselines._compare(2.0 - 1.001 * gap + noise, ctrl + noise)  # pylint: disable=protected-access
+  assert learnt[0] and learnt[3] == pytest.approx(gap)
+  assert not baselines._compare(2.0 - 0.999 * gap + noise, ctrl + noise)[0]  # pylint: disable=protected-access
+
+
+def test_augmentation_varies_and_state_updates_no_change_tolerance_both_sides():
+  """The 'no change' tolerance of augmentation_varies (per example) and state_updates (per
+  leaf): a relative change of half VARY_RTOL counts as none, twice VARY_RTOL as a change."""
+  from jrecipe.checks import stochastic
+  from jrecipe.checks.outputs import _max_rel_diff  # pylint: disable=protected-access
+  a = np.ones((3, 4), np.float64)
+  for k, expect in ((0.5, False), (2.0, True)):
+    b = a.copy()
+    b[1, 2] += k * stochastic.VARY_RTOL
+    assert stochastic._changed(b, a).tolist() == [False, expect, False]  # pylint: disable=protected-access
+    state0 = {"batch_stats": {"mean": a}}
+    moved = _max_rel_diff(state0, {"batch_stats": {"mean": b}})
+    assert (moved > stochastic.VARY_RTOL) is expect, moved

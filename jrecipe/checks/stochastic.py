@@ -216,6 +216,15 @@ def _neighbour_labels(queries: np.ndarray, pool: np.ndarray, pool_y: np.ndarray)
   return pool_y[np.asarray(_nearest(jnp.asarray(q, jnp.float32), jnp.asarray(p, jnp.float32)))]
 
 
+def label_drop_status(drop: float, se: float) -> str:
+  """augmentation_keeps_labels' thresholds: 'fail' when the neighbours' label agreement drops
+  by more than LABEL_FAIL_DROP plus 2 standard errors, 'warn' above LABEL_WARN_DROP plus 2
+  standard errors, else 'pass' (a drop exactly at a threshold is inside it)."""
+  if drop > LABEL_FAIL_DROP + 2 * se:
+    return "fail"
+  return "warn" if drop > LABEL_WARN_DROP + 2 * se else "pass"
+
+
 def augmentation_keeps_labels(augment: Optional[Callable], x, y, pool_x, pool_y, key, *,
                               task: str) -> CheckResult:
   """'Regularize: data augmentation' (recipe stage 4): augmented examples keep their labels.
@@ -267,11 +276,12 @@ def augmentation_keeps_labels(augment: Optional[Callable], x, y, pool_x, pool_y,
   if a_clean < 0.5:
     return result("skip", f"{head}: neighbours in input space do not predict the labels of "
                   "this data, so they cannot judge the augmentation.")
-  if drop > LABEL_FAIL_DROP + 2 * se:
+  status = label_drop_status(drop, se)
+  if status == "fail":
     return result("fail", f"{head}: augmented examples look like other classes; likely causes: "
                   "a flip or rotation of asymmetric images (digits, text), a crop that cuts "
                   "the object out, labels not transformed with the inputs.")
-  if drop > LABEL_WARN_DROP + 2 * se:
+  if status == "warn":
     return result("warn", f"{head}: a strong augmentation; check the pictures that it keeps "
                   "the labels.")
   return result("pass", f"{head}: the labels survive the augmentation.")
