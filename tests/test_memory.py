@@ -67,6 +67,49 @@ def test_a_device_limit_checks_one_devices_share(exp, monkeypatch):
   assert memory.check_fits(exp, host=(1, "nothing")) is None
 
 
+class _Accelerator:
+  """What `device_free` reads of a jax Device on a GPU or TPU (this CPU has none)."""
+
+  def __init__(self, i, stats, platform="gpu", kind="NVIDIA H100 80GB HBM3"):
+    self.id, self.platform, self.device_kind, self._stats = i, platform, kind, stats
+
+  def memory_stats(self):
+    if isinstance(self._stats, Exception):
+      raise self._stats
+    return self._stats
+
+
+def test_the_accelerator_branch_reads_the_least_free_devices_memory_stats(exp, monkeypatch):
+  """On a GPU/TPU host the limit is the least free device's bytes_limit - bytes_in_use
+  (`memory_stats()`), and a run that does not fit it is refused naming that device; a
+  device without statistics (or a CPU device) leaves the device limit unknown, so only host
+  RAM is checked. The devices here stand in for the accelerator this machine lacks."""
+  import jax
+  from jrecipe import jax_private
+  gib = 1 << 30
+  devices = []
+  monkeypatch.setattr(jax_private, "backends_are_initialized", lambda *a: True)
+  monkeypatch.setattr(jax, "local_devices", lambda *a, **k: devices)
+  devices[:] = [_Accelerator(0, {"bytes_limit": 80 * gib, "bytes_in_use": 10 * gib}),
+                _Accelerator(1, {"bytes_limit": 80 * gib, "bytes_in_use": 75 * gib})]
+  assert memory.device_free() == (5 * gib, "the free memory of NVIDIA H100 80GB HBM3 1 "
+                                  "(memory_stats)")
+  for unknown in ({"bytes_in_use": 1}, RuntimeError("no statistics"), None):
+    devices[:] = [_Accelerator(0, unknown)]
+    assert memory.device_free() is None
+  devices[:] = [_Accelerator(0, {"bytes_limit": gib}, platform="cpu")]
+  assert memory.device_free() is None
+  # check_fits on that host: not the CPU, so one device's share against the device limit.
+  est = memory.estimate(exp)
+  devices[:] = [_Accelerator(0, {"bytes_limit": est.per_device - 1, "bytes_in_use": 0},
+                             platform="tpu", kind="TPU v5 lite")]
+  with pytest.raises(UserError, match=r"of one device's share.*TPU v5 lite 0 \(memory_stats\)"):
+    memory.check_fits(exp, host=(10**12, "plenty"))
+  devices[:] = [_Accelerator(0, {"bytes_limit": est.per_device, "bytes_in_use": 0},
+                             platform="tpu", kind="TPU v5 lite")]
+  assert memory.check_fits(exp, host=(10**12, "plenty")) == est
+
+
 def test_a_billion_unit_layer_exits_2_in_seconds_and_writes_nothing(tmp_path):
   """It used to hang at 0% CPU in the first allocation, after writing config.json."""
   wd = tmp_path / "wd"
