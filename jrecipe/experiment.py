@@ -109,7 +109,7 @@ class Experiment:
     """The data-derived final-layer bias for this loss, or None where it does not apply."""
     y = self.data.arrays["train"]["y"]
     if self.loss.expects == "logits" and self.spec.num_classes:
-      counts = np.bincount(np.asarray(y).ravel(), minlength=self.spec.num_classes)
+      counts = self.data.class_counts("train", self.spec.num_classes)
       priors = (counts + 1.0) / (counts.sum() + self.spec.num_classes)  # add-one smoothing
       log_p = np.log(priors)
       return (log_p - log_p.mean()).astype(np.float32)

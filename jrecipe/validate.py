@@ -283,8 +283,24 @@ def warn_long_warmup(exp) -> list[str]:
 
 
 def check_labels(data, spec) -> None:
-  """Every split's labels lie in [0, num_classes) (classification, sequence) or are finite."""
+  """Every split's labels lie in [0, num_classes) (classification, sequence) or are finite.
+
+  Labels not held in memory (a streamed sequence dataset) are checked from the class counts
+  of the opening pass, which already refused negative or non-integer ones."""
   for split, arrays in data.arrays.items():
+    counts = (getattr(data, "label_counts", None) or {}).get(split)
+    if counts is not None:
+      c = int(spec.num_classes or 0)
+      counts = np.asarray(counts)
+      if counts[c:].any():
+        over = np.flatnonzero(counts[c:]) + c
+        shown = ", ".join(str(int(v)) for v in over[:8]) + (", ..." if len(over) > 8 else "")
+        raise UserError(
+            f"The {split!r} split of dataset {spec.name!r} has {int(counts[c:].sum())} labels "
+            f"outside the valid range [0, {c - 1}] for its {c} classes (bad values: {shown}). "
+            "Labels must be class ids 0..num_classes-1: fix the labels, or the dataset's "
+            "num_classes.")
+      continue
     y = np.asarray(arrays["y"])
     if not y.size:
       continue

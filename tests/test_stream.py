@@ -53,8 +53,17 @@ def test_streamed_batches_equal_the_in_memory_ones(name, fields, synthetic):
   st = _data(tfds_name, "stream", data_dir, **fields)
   assert mem.stream is None and st.stream is not None
   assert isinstance(st.arrays["train"]["x"], stream.StreamColumn)
-  # read from the decoded copy (jrecipe.data.stream_rows) unless it is turned off
-  assert st.stream.decoded_copy == (fields.get("stream_row_cache_mb") != 0)
+  # read from the decoded copy (jrecipe.data.stream_rows) unless it is turned off, or the
+  # labels are sequences: those are not held in memory but read with their inputs, from one
+  # record read, and their class counts come from the opening pass
+  sequence = st.spec.task == "sequence"
+  assert st.stream.decoded_copy == (fields.get("stream_row_cache_mb") != 0 and not sequence)
+  assert isinstance(st.arrays["train"]["y"], stream.StreamColumn) == sequence
+  if sequence:
+    for split in mem.arrays:
+      assert np.array_equal(st.class_counts(split, st.spec.num_classes),
+                            np.bincount(mem.arrays[split]["y"].ravel(),
+                                        minlength=st.spec.num_classes))
   assert st.spec == mem.spec
   assert dataset.fingerprint(st) == dataset.fingerprint(mem)  # a checkpoint resumes on either
   for split in mem.arrays:
@@ -313,7 +322,7 @@ def test_the_opening_pass_is_kept_beside_the_dataset_while_its_files_are_unchang
   assert len(copies) == 1 and "-stream-" in copies[0], copies  # (rows: test_stream_rows.py)
   scans = []
   real = stream._scan  # noqa: SLF001
-  monkeypatch.setattr(stream, "_scan", lambda *a: scans.append(a[2]) or real(*a))
+  monkeypatch.setattr(stream, "_scan", lambda *a, **k: scans.append(a[2]) or real(*a, **k))
   dataset.clear_cache()
   again = _data(name, "stream", d)
   assert not scans and again.spec == first.spec
@@ -338,3 +347,41 @@ def test_grain_worker_processes_give_the_same_batches():
   b = pipeline.train_batches(workers, batch_size=64, seed=2, start_step=15)
   for _ in range(25):
     assert _equal(next(a), next(b))
+
+
+def test_streamed_sequence_labels_are_not_held_in_memory():
+  """A streamed text corpus keeps no labels in memory: they are read with their inputs from
+  each record (one read for both), and the opening pass keeps their class counts (priors,
+  validation). Opening stdlib_bytes_small holds well under a tenth of its labels' bytes."""
+  import tracemalloc
+  open_ = lambda: _data("stdlib_bytes_small", "stream")
+  open_()  # prepared and scanned
+  dataset.clear_cache()
+  tracemalloc.start()
+  try:
+    st = open_()
+    held = tracemalloc.get_traced_memory()[0]
+  finally:
+    tracemalloc.stop()
+  labels = sum(int(c.sum()) for c in st.label_counts.values())
+  assert labels > 10**6 and held < 4 * labels / 10, (held, labels)
+  reads = []
+  records = st.arrays["train"]["x"].records
+  real = records._read  # noqa: SLF001
+  records._read = lambda rows: reads.append(len(rows)) or real(rows)  # noqa: SLF001
+  batch = stream.take_columns(st.arrays["train"], np.arange(8))
+  assert reads == [8] and batch["y"].dtype == np.int32
+  assert np.array_equal(batch["y"][:, :-1], batch["x"][:, 1:])  # next-byte targets
+
+
+def test_sequence_labels_outside_the_classes_are_refused_from_the_counts():
+  import types
+  from jrecipe import validate
+  from jrecipe.errors import UserError
+  spec = types.SimpleNamespace(name="corpus", task="sequence", num_classes=2)
+  ok = types.SimpleNamespace(arrays={"train": {"y": None}}, label_counts={"train": np.array([4, 1])})
+  validate.check_labels(ok, spec)
+  bad = types.SimpleNamespace(arrays={"train": {"y": None}},
+                              label_counts={"train": np.array([4, 1, 0, 2])})
+  with pytest.raises(UserError, match=r"2 labels outside the valid range \[0, 1\].*values: 3"):
+    validate.check_labels(bad, spec)

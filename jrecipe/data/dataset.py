@@ -16,7 +16,7 @@ same Dataset, its inputs read a batch at a time.
 import dataclasses
 import os
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -48,8 +48,21 @@ class Dataset:
   arrays: dict[str, dict[str, np.ndarray]]
   raw: dict[str, dict[str, np.ndarray]]
   # None in memory; a streamed dataset's `jrecipe.data.stream.StreamInfo` (its 'x' columns are
-  # then `StreamColumn`s read from the ArrayRecord files batch by batch; 'y' and 'id' are numpy).
+  # then `StreamColumn`s read from the ArrayRecord files batch by batch; 'id' is numpy, and so
+  # is 'y' except for sequence labels, which are StreamColumns read with their inputs).
   stream: Any = None
+  # split -> class counts of its labels where the labels are not held in memory (a streamed
+  # sequence dataset); None otherwise (`class_counts` counts the arrays).
+  label_counts: Optional[dict] = None
+
+  def class_counts(self, split: str, num_classes: int) -> np.ndarray:
+    """The label counts of `split` over [0, num_classes) (every label of a sequence)."""
+    if self.label_counts and split in self.label_counts:
+      c = np.asarray(self.label_counts[split], np.int64)
+    else:
+      c = np.bincount(np.asarray(self.arrays[split]["y"]).ravel().astype(np.int64),
+                      minlength=num_classes)
+    return np.pad(c, (0, max(0, num_classes - len(c))))
 
 
 def model_inputs(x: np.ndarray, *, sequence: bool, downsample: int, name: str) -> np.ndarray:
@@ -234,7 +247,8 @@ def load_dataset(data_config: Any, *, seed: int = 0) -> Dataset:
     ds = _DATASET_CACHE[key]
   # Fresh dicts around the shared read-only arrays: a caller can rebind entries safely.
   return Dataset(spec=ds.spec, arrays={s: dict(d) for s, d in ds.arrays.items()},
-                 raw={s: dict(d) for s, d in ds.raw.items()}, stream=ds.stream)
+                 raw={s: dict(d) for s, d in ds.raw.items()}, stream=ds.stream,
+                 label_counts=ds.label_counts)
 
 
 PIPELINES = ("auto", "memory", "stream")

@@ -5,7 +5,9 @@ Recipe steps served, at a scale that does not fit in memory:
     `raw`, stable ids), but each split's inputs are a `StreamColumn`, an array-like that reads
     only the rows asked for (`take`, slicing) from the random-access source. Labels and ids
     (a few bytes per example) are kept in memory, so label checks, class priors and
-    evaluation sizes work unchanged.
+    evaluation sizes work unchanged; sequence labels (one per token of a text corpus) are
+    not: they are StreamColumns read with their inputs, and the opening pass keeps their
+    class counts (`Dataset.label_counts`).
   * 'Fix the random seed': the training order is the in-memory one (`jrecipe.data.indexing`),
     so both paths give identical batches for the same (seed, global step) (tested).
 
@@ -28,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from jrecipe.data import dataset as dataset_lib
+from jrecipe.data.stream_columns import StreamColumn, label_column, take_columns  # noqa: F401
 from jrecipe.data.stream_readers import (GenericReader, TextWindows,  # noqa: F401
                                          read_array_records, tfds_reader)
 from jrecipe.data.reading import SPLITS, TEXT_DATASETS, TFDS_PREFIX, TFDS_VALIDATION_FRACTION
@@ -84,52 +87,6 @@ class Records:
 
   def view(self, start: int, stop: int) -> "Records":
     return Records(self._read, self.start + start, self.start + stop)
-
-
-class StreamColumn:
-  """A split's inputs as a read-on-demand array: `take(rows)`, `col[i]`, `col[a:b]`, `len`.
-
-  Reads only the rows asked for and returns numpy; `np.asarray(col)` reads the whole column
-  (CHUNK records at a time): what the bounded-memory modes avoid.
-  """
-
-  def __init__(self, records: Records, transform: Callable, shape: tuple, dtype):
-    self.records, self.transform = records, transform
-    self.shape, self.dtype = (len(records), *shape), np.dtype(dtype)
-
-  ndim = property(lambda self: len(self.shape))
-  size = property(lambda self: int(np.prod(self.shape)))
-
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def take(self, rows, axis: int = 0) -> np.ndarray:
-    if axis != 0:
-      raise ValueError("a StreamColumn is read along its example axis only")
-    rows = np.asarray(rows, np.int64)
-    if rows.ndim == 0:
-      return self.take(rows[None])[0]
-    if not rows.size:
-      return np.zeros((0, *self.shape[1:]), self.dtype)
-    return self.transform(self.records.read(rows)["x"])
-
-  def __getitem__(self, key):
-    if isinstance(key, slice):
-      return self.take(np.arange(*key.indices(len(self))))
-    if isinstance(key, tuple):
-      return self[key[0]][(slice(None), *key[1:])]
-    if isinstance(key, (int, np.integer)):
-      return self.take(np.asarray([key if key >= 0 else len(self) + key]))[0]
-    return self.take(np.asarray(key))
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    parts = [self[i:i + CHUNK] for i in range(0, len(self), CHUNK)]
-    out = np.concatenate(parts) if parts else np.zeros(self.shape, self.dtype)
-    return out.astype(dtype) if dtype is not None else out
-
-  def __repr__(self) -> str:
-    return f"StreamColumn(shape={self.shape}, dtype={self.dtype})"
 
 
 def _disk_bytes(path: Optional[str]) -> int:
@@ -207,11 +164,16 @@ class _Scan:
   total: float = 0.0  # sum of the model inputs (train only)
   m2: float = 0.0  # sum of squared deviations (Chan et al.'s pairwise combination)
   count: int = 0
+  # Sequence labels are not kept (y is None): read with their inputs from each record. The
+  # pass keeps their class counts (priors, validation) instead.
+  label_counts: Optional[np.ndarray] = None
 
 
-def _scan(records: Records, name: str, split: str, inputs: Optional[Callable]) -> _Scan:
-  """One pass over a split, CHUNK records at a time: labels, ids, shape, range, statistics."""
-  ys, ids, shape, dtype = [], [], None, None
+def _scan(records: Records, name: str, split: str, inputs: Optional[Callable],
+          keep_labels: bool = True) -> _Scan:
+  """One pass over a split, CHUNK records at a time: labels (or, `keep_labels` False, their
+  class counts), ids, shape, range, statistics."""
+  ys, ids, shape, dtype, counts = [], [], None, None, np.zeros(0, np.int64)
   lo, hi, total, m2, count = np.inf, -np.inf, 0.0, 0.0, 0
   for start in range(0, len(records), CHUNK):
     cols = records.read(np.arange(start, min(len(records), start + CHUNK)))
@@ -224,7 +186,10 @@ def _scan(records: Records, name: str, split: str, inputs: Optional[Callable]) -
           f"{shape} {dtype} in its first records, {x.shape[1:]} {x.dtype} from record {start}. "
           "jrecipe batches a split's records into one array per batch, so every record must "
           "have one input shape and dtype: pad or crop them when preparing the dataset.")
-    ys.append(cols["y"])
+    if keep_labels:
+      ys.append(cols["y"])
+    else:
+      counts = _add_counts(counts, cols["y"], name, split, start)
     ids.append(np.asarray(cols["id"], np.int64))
     if len(x):
       lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
@@ -241,8 +206,28 @@ def _scan(records: Records, name: str, split: str, inputs: Optional[Callable]) -
   if shape is None:
     raise UserError(f"The {split!r} split of dataset {name!r} has no records: every split "
                     "needs at least one example.")
-  return _Scan(np.concatenate(ys), np.concatenate(ids), tuple(shape), dtype, lo, hi, total, m2,
-               count)
+  return _Scan(np.concatenate(ys) if keep_labels else None, np.concatenate(ids), tuple(shape),
+               dtype, lo, hi, total, m2, count, None if keep_labels else counts)
+
+
+def _add_counts(counts: np.ndarray, y, name: str, split: str, start: int) -> np.ndarray:
+  """`counts` plus the class counts of the label chunk `y` (non-negative integers)."""
+  y = np.asarray(y).ravel()
+  if y.size and (not np.issubdtype(y.dtype, np.integer) or int(y.min()) < 0):
+    raise UserError(f"The {split!r} split of dataset {name!r} has sequence labels that are not "
+                    f"non-negative integers (from record {start}): a sequence task's labels "
+                    "are class (token) ids.")
+  c = np.bincount(y.astype(np.int64), minlength=len(counts))
+  c[:len(counts)] += counts
+  return c
+
+
+def count_labels(records: Records, n: int) -> np.ndarray:
+  """The class counts of the labels of `records`' first n rows, CHUNK rows at a time."""
+  counts = np.zeros(0, np.int64)
+  for a in range(0, n, CHUNK):
+    counts = _add_counts(counts, records.read(np.arange(a, min(n, a + CHUNK)))["y"], "", "", a)
+  return counts
 
 
 def _scans(name: str, records: dict, path: str, variant: str,
@@ -262,14 +247,17 @@ def _scans(name: str, records: dict, path: str, variant: str,
   cached = store.read_npz(copy, fp)
   if cached is not None and set(cached[0]) == set(SPLITS):
     meta, cols = cached
-    return {s: _Scan(y=cols[s]["y"], ids=cols[s]["id"], shape=tuple(m["shape"]),
+    return {s: _Scan(y=cols[s].get("y"), ids=cols[s]["id"], shape=tuple(m["shape"]),
                      dtype=np.dtype(m["dtype"]), lo=m["lo"], hi=m["hi"], total=m["total"],
-                     m2=m["m2"], count=m["count"]) for s, m in meta.items()}
+                     m2=m["m2"], count=m["count"], label_counts=cols[s].get("label_counts"))
+            for s, m in meta.items()}
   scans = {s: scan(s) for s in SPLITS}
   store.write_npz(copy, fp, {s: {"shape": list(v.shape), "dtype": v.dtype.str, "lo": v.lo,
                                  "hi": v.hi, "total": v.total, "m2": v.m2, "count": v.count}
                              for s, v in scans.items()},
-                  {s: {"y": v.y, "id": v.ids} for s, v in scans.items()})
+                  {s: {"id": v.ids, **({"y": v.y} if v.y is not None else
+                                       {"label_counts": v.label_counts})}
+                   for s, v in scans.items()})
   return scans
 
 
@@ -294,7 +282,7 @@ def _decoded_copies(name: str, records: dict, scans: dict, info: StreamInfo) -> 
   copy is made or already valid, and the dataset is a prepared TFDS directory."""
   from jrecipe.data import stream_rows
   fp = _fingerprint(info.source) if info.row_cache_mb else None
-  if fp is None:
+  if fp is None or any(scans[s].y is None for s in SPLITS):  # labels streamed: one record read
     return records, False
   total = sum(len(records[s]) * int(np.prod(scans[s].shape, dtype=np.int64)) *
               np.dtype(scans[s].dtype).itemsize for s in SPLITS)
@@ -417,8 +405,10 @@ def _assemble(name, records, meta, label, info, normalize, train_subset, downsam
     return Transform(channel, sequence=sequence, downsample=downsample, name=name)(x)
 
   stats = normalize and not sequence
-  scans = _scans(stored_as, records, info.source, f"d{downsample}{'n' if stats else ''}",
-                 lambda s: _scan(records[s], name, s, inputs if s == "train" and stats else None))
+  scans = _scans(stored_as, records, info.source,
+                 f"d{downsample}{'n' if stats else ''}{'q' if sequence else ''}",
+                 lambda s: _scan(records[s], name, s, inputs if s == "train" and stats else None,
+                                 keep_labels=not sequence))
   if meta is None:
     from jrecipe.data import reading
     meta = reading._tfds_meta(label, {s: {"y": v.y} for s, v in scans.items()})  # noqa: SLF001
@@ -433,7 +423,9 @@ def _assemble(name, records, meta, label, info, normalize, train_subset, downsam
   if train_subset:
     records = {**records, "train": records["train"].view(0, train_subset)}
     t = scans["train"]
-    scans["train"] = dataclasses.replace(t, y=t.y[:train_subset], ids=t.ids[:train_subset])
+    scans["train"] = dataclasses.replace(
+        t, y=None if t.y is None else t.y[:train_subset], ids=t.ids[:train_subset],
+        label_counts=None if t.y is not None else count_labels(records["train"], train_subset))
   channel = not sequence and len(shape) == 2 and name.startswith(TFDS_PREFIX)
   if not sequence and len(shape) + channel != 3 and name.startswith(TFDS_PREFIX):
     raise UserError(f"The TFDS dataset {name!r} has images of shape {shape}; jrecipe expects "
@@ -452,13 +444,12 @@ def _assemble(name, records, meta, label, info, normalize, train_subset, downsam
   raw_probe = stored(records["train"].read(np.arange(1))["x"])
   arrays, raw = {}, {}
   for s in SPLITS:
+    ids = dataset_lib._readonly(scans[s].ids)  # noqa: SLF001
     y = scans[s].y
-    y = y.astype(np.float32) if meta["task"] == "regression" else y.astype(np.int32)
-    ids = scans[s].ids
     arrays[s] = {"x": StreamColumn(records[s], model, probe.shape[1:], probe.dtype),
-                 "y": dataset_lib._readonly(y), "id": dataset_lib._readonly(ids)}  # noqa: SLF001
+                 "y": label_column(y, records[s], meta["task"], as_stored=False), "id": ids}
     raw[s] = {"x": StreamColumn(records[s], stored, raw_probe.shape[1:], raw_probe.dtype),
-              "y": dataset_lib._readonly(scans[s].y), "id": arrays[s]["id"]}  # noqa: SLF001
+              "y": label_column(y, records[s], meta["task"], as_stored=True), "id": ids}
   lo = min(v.lo for v in scans.values())
   hi = max(v.hi for v in scans.values())
   spec = DataSpec(name=name, task=meta["task"], input_shape=tuple(int(d) for d in probe.shape[1:]),
@@ -466,4 +457,6 @@ def _assemble(name, records, meta, label, info, normalize, train_subset, downsam
                   value_range=(lo, hi), splits={s: len(records[s]) for s in SPLITS},
                   time_axis=meta["time_axis"], sees_current=meta["sees_current"], mean=mean,
                   std=std, token_bytes=meta.get("token_bytes"))
-  return dataset_lib.Dataset(spec=spec, arrays=arrays, raw=raw, stream=info)
+  counts = {s: v.label_counts for s, v in scans.items() if v.label_counts is not None}
+  return dataset_lib.Dataset(spec=spec, arrays=arrays, raw=raw, stream=info,
+                             label_counts=counts or None)

@@ -29,8 +29,8 @@ class _TrainBatch:
     self.x, self.y, self.lo, self.hi = x, y, lo, hi
 
   def __call__(self, index_batch: np.ndarray) -> dict:
-    rows = index_batch[self.lo:self.hi]
-    return {"x": self.x.take(rows), "y": self.y.take(rows, axis=0)}
+    from jrecipe.data.stream import take_columns
+    return take_columns({"x": self.x, "y": self.y}, index_batch[self.lo:self.hi])
 
 
 class _EvalBatch:
@@ -43,7 +43,8 @@ class _EvalBatch:
     rows, mask = batches_lib.eval_rows(self.n, self.batch_size, int(b), self.lo, self.hi)
     if isinstance(rows, slice):
       rows = np.arange(rows.start, rows.stop)
-    out = {k: v.take(rows, axis=0) for k, v in self.arrays.items()}
+    from jrecipe.data.stream import take_columns
+    out = take_columns(self.arrays, rows)
     out["mask"] = mask
     return out
 

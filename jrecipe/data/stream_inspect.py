@@ -55,10 +55,11 @@ def exact_duplicates(data, top_k: int) -> dict:
       digests.append(_digests(raw["x"].take(np.arange(a, min(n, a + CHUNK)))))
     splits.append(np.full(n, i, np.int8))
     ids.append(np.asarray(raw["id"]))
-    labels.append(np.asarray(raw["y"]))
+    if isinstance(raw["y"], np.ndarray) and raw["y"].ndim == 1:  # not streamed sequences
+      labels.append(raw["y"])
   h = np.concatenate(digests)
   split_of, id_of = np.concatenate(splits), np.concatenate(ids)
-  y = np.concatenate(labels) if all(v.ndim == 1 for v in labels) else None
+  y = np.concatenate(labels) if len(labels) == len(names) else None
   from jrecipe.data_inspect.duplicates import exact_groups
   groups = exact_groups(h)
   within, across, conflicts = collections.Counter(), collections.Counter(), 0
