@@ -379,7 +379,8 @@ def test_sequence_labels_outside_the_classes_are_refused_from_the_counts():
   from jrecipe import validate
   from jrecipe.errors import UserError
   spec = types.SimpleNamespace(name="corpus", task="sequence", num_classes=2)
-  ok = types.SimpleNamespace(arrays={"train": {"y": None}}, label_counts={"train": np.array([4, 1])})
+  ok = types.SimpleNamespace(arrays={"train": {"y": None}},
+                             label_counts={"train": np.array([4, 1])})
   validate.check_labels(ok, spec)
   bad = types.SimpleNamespace(arrays={"train": {"y": None}},
                               label_counts={"train": np.array([4, 1, 0, 2])})

@@ -170,17 +170,18 @@ def test_label_shuffled_control_margin_both_sides():
   """The given labels count as learnt faster when their end mean is below the control's by
   at least 1% of it (flat curves: no standard error) and by 3 standard errors (noisy ones)."""
   from jrecipe.checks import baselines
+  compare = baselines._compare  # pylint: disable=protected-access
   ctrl = np.full(100, 2.0)
   margin = baselines.CONTROL_MARGIN * 2.0
-  assert baselines._compare(np.full(100, 2.0 - margin), ctrl)[0]  # pylint: disable=protected-access
-  assert not baselines._compare(np.full(100, 2.0 - 0.99 * margin), ctrl)[0]  # pylint: disable=protected-access
-  noise = np.tile([-0.2, 0.2], 50)  # tail of 10 steps: SE of each mean 0.2 * sqrt(10/9) / sqrt(10)
+  assert compare(np.full(100, 2.0 - margin), ctrl)[0]
+  assert not compare(np.full(100, 2.0 - 0.99 * margin), ctrl)[0]
+  noise = np.tile([-0.2, 0.2], 50)  # the last 10 steps' mean has this spread's standard error
   se = np.sqrt(2 * np.var(noise[-10:], ddof=1) / 10)
   gap = baselines.CONTROL_SE * se
   assert gap > margin
-  learnt = baselines._compare(2.0 - 1.001 * gap + noise, ctrl + noise)  # pylint: disable=protected-access
+  learnt = compare(2.0 - 1.001 * gap + noise, ctrl + noise)
   assert learnt[0] and learnt[3] == pytest.approx(gap)
-  assert not baselines._compare(2.0 - 0.999 * gap + noise, ctrl + noise)[0]  # pylint: disable=protected-access
+  assert not compare(2.0 - 0.999 * gap + noise, ctrl + noise)[0]
 
 
 def test_augmentation_varies_and_state_updates_no_change_tolerance_both_sides():
@@ -192,7 +193,8 @@ def test_augmentation_varies_and_state_updates_no_change_tolerance_both_sides():
   for k, expect in ((0.5, False), (2.0, True)):
     b = a.copy()
     b[1, 2] += k * stochastic.VARY_RTOL
-    assert stochastic._changed(b, a).tolist() == [False, expect, False]  # pylint: disable=protected-access
+    changed = stochastic._changed(b, a)  # pylint: disable=protected-access
+    assert changed.tolist() == [False, expect, False]
     state0 = {"batch_stats": {"mean": a}}
     moved = _max_rel_diff(state0, {"batch_stats": {"mean": b}})
     assert (moved > stochastic.VARY_RTOL) is expect, moved

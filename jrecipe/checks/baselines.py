@@ -139,13 +139,13 @@ def _shuffled_control(model, loss, variables, x, y, curve_real, details: dict, *
   and the accuracy rule counts only if the given labels were learnt faster: their mean
   training loss over the last 10% of the steps below the control's by at least 1% and 3
   standard errors (of the difference of the two means, from the batch losses' spread).
-  The comparison is made every 50 steps too (the real run's curve up to the same step), and
-  the control stops at the first where the given labels are already ahead by that margin:
-  the pass is reached; labels that do not match their inputs keep the two curves together,
-  so the control then runs its whole budget. Training loss, not held-out accuracy, because
-  it averages over every step's batch and so varies little between permutations: on the zoo's shuffled digits both ended at 2.141, while
-  a correct causal LM on digit sequences, which only just passes the accuracy rule after 60
-  steps, ended 6% below its control (1.654 vs 1.764).
+  The comparison is made every 50 steps too (the real run's curve up to the same step), and the
+  control stops at the first where the given labels are already ahead by that margin: the pass
+  is reached; labels that do not match their inputs keep the two curves together, so the control
+  then runs its whole budget. Training loss, not held-out accuracy, because it averages over
+  every step's batch and so varies little between permutations: on the zoo's shuffled digits
+  both ended at 2.141, while a correct causal LM on digit sequences, which only just passes the
+  accuracy rule after 60 steps, ended 6% below its control (1.654 vs 1.764).
   """
   seed = int(rng) if isinstance(rng, (int, np.integer)) else 0
   shuffled = np.asarray(y)[np.random.default_rng(seed + 7919).permutation(len(y))]

@@ -130,10 +130,10 @@ def shared_runs(snapshots: tuple = ()) -> Iterator[None]:
   asks for more steps continues the longest shorter one from its kept state. Every run's result
   is kept; its train state is kept at the step counts in `snapshots` (the battery's shorter
   budgets: the gradient check's burn-in and the regularization run are prefixes of the
-  baseline's run), each state at most 256 MB. The battery runs in it: the input-independent baseline's
-  real-input run is the capacity check's base run. Exact, because a run is a pure function of
-  those arguments and the batches and keys of step t depend only on t (bit-identical on
-  rerun, which `seed_determinism` checks; tested against fresh runs)."""
+  baseline's run), each state at most 256 MB. The battery runs in it: the input-independent
+  baseline's real-input run is the capacity check's base run. Exact, because a run is a pure
+  function of those arguments and the batches and keys of step t depend only on t
+  (bit-identical on rerun, which `seed_determinism` checks; tested against fresh runs)."""
   before = getattr(_SHARED, "runs", None), getattr(_SHARED, "snapshots", frozenset())
   _SHARED.runs, _SHARED.snapshots = {}, frozenset(int(s) for s in snapshots)
   try:
@@ -240,8 +240,8 @@ def fit(model: Model, loss: Loss, variables: dict, x, y, *, tx, steps: int, rng,
     batch_size: examples per step; None (or >= len(x)) trains on the full set every step.
     augment: `augment(x, rng) -> x` applied inside the step.
     stop_when: `stop_when(variables, losses) -> bool` (the data losses of the steps taken),
-      asked every `check_every` steps: True ends the run there (a check stops training once its verdict is reached; never shared by
-      `shared_runs`).
+      asked every `check_every` steps: True ends the run there (a check stops training once
+      its verdict is reached; never shared by `shared_runs`).
 
   Returns:
     (trained variables, data losses np.ndarray [steps taken]: the minibatch loss each step
