@@ -386,3 +386,15 @@ def test_sequence_labels_outside_the_classes_are_refused_from_the_counts():
                               label_counts={"train": np.array([4, 1, 0, 2])})
   with pytest.raises(UserError, match=r"2 labels outside the valid range \[0, 1\].*values: 3"):
     validate.check_labels(bad, spec)
+
+
+def test_the_opening_pass_refuses_sequence_labels_it_cannot_count():
+  """Negative, non-integer or huge (>= 2**24) sequence labels are one paragraph at the opening
+  pass, before a count array of that size is ever allocated."""
+  from jrecipe.errors import UserError
+  empty = np.zeros(0, np.int64)
+  assert stream._add_counts(empty, np.array([[0, 2], [2, 1]]), "c", "train", 0).tolist() == \
+      [1, 1, 2]  # noqa: SLF001
+  for bad in (np.array([-1]), np.array([0.5]), np.array([5_000_000_000])):
+    with pytest.raises(UserError, match=r"not integers in \[0, 16777216\) \(from record 7\)"):
+      stream._add_counts(empty, bad, "corpus", "train", 7)  # noqa: SLF001

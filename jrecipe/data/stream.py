@@ -38,6 +38,7 @@ from jrecipe.errors import UserError
 from jrecipe.types import DataSpec
 
 CHUNK = 4096  # records per read in the opening pass (a few MB for image datasets)
+MAX_SEQUENCE_CLASSES = 1 << 24  # sequence labels are counted per id, so ids stay below this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +214,11 @@ def _scan(records: Records, name: str, split: str, inputs: Optional[Callable],
 def _add_counts(counts: np.ndarray, y, name: str, split: str, start: int) -> np.ndarray:
   """`counts` plus the class counts of the label chunk `y` (non-negative integers)."""
   y = np.asarray(y).ravel()
-  if y.size and (not np.issubdtype(y.dtype, np.integer) or int(y.min()) < 0):
+  if y.size and (not np.issubdtype(y.dtype, np.integer) or int(y.min()) < 0 or
+                 int(y.max()) >= MAX_SEQUENCE_CLASSES):
     raise UserError(f"The {split!r} split of dataset {name!r} has sequence labels that are not "
-                    f"non-negative integers (from record {start}): a sequence task's labels "
-                    "are class (token) ids.")
+                    f"integers in [0, {MAX_SEQUENCE_CLASSES}) (from record {start}): a sequence "
+                    "task's labels are class (token) ids.")
   c = np.bincount(y.astype(np.int64), minlength=len(counts))
   c[:len(counts)] += counts
   return c
