@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from jrecipe.data import batches as batches_lib
+from jrecipe.data.stream_columns import take_columns
 
 
 class _TrainBatch:
@@ -29,7 +30,6 @@ class _TrainBatch:
     self.x, self.y, self.lo, self.hi = x, y, lo, hi
 
   def __call__(self, index_batch: np.ndarray) -> dict:
-    from jrecipe.data.stream import take_columns
     return take_columns({"x": self.x, "y": self.y}, index_batch[self.lo:self.hi])
 
 
@@ -43,7 +43,6 @@ class _EvalBatch:
     rows, mask = batches_lib.eval_rows(self.n, self.batch_size, int(b), self.lo, self.hi)
     if isinstance(rows, slice):
       rows = np.arange(rows.start, rows.stop)
-    from jrecipe.data.stream import take_columns
     out = take_columns(self.arrays, rows)
     out["mask"] = mask
     return out
