@@ -293,13 +293,7 @@ def check_labels(data, spec) -> None:
       c = int(spec.num_classes or 0)
       counts = np.asarray(counts)
       if counts[c:].any():
-        over = np.flatnonzero(counts[c:]) + c
-        shown = ", ".join(str(int(v)) for v in over[:8]) + (", ..." if len(over) > 8 else "")
-        raise UserError(
-            f"The {split!r} split of dataset {spec.name!r} has {int(counts[c:].sum())} labels "
-            f"outside the valid range [0, {c - 1}] for its {c} classes (bad values: {shown}). "
-            "Labels must be class ids 0..num_classes-1: fix the labels, or the dataset's "
-            "num_classes.")
+        _labels_out_of_range(split, spec, int(counts[c:].sum()), np.flatnonzero(counts[c:]) + c)
       continue
     y = np.asarray(arrays["y"])
     if not y.size:
@@ -317,12 +311,17 @@ def check_labels(data, spec) -> None:
                       f"{y.dtype}; a {spec.task} task needs integer class ids in [0, {c - 1}].")
     bad = (y < 0) | (y >= c)
     if bad.any():
-      values = np.unique(y[bad])
-      shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-      raise UserError(
-          f"The {split!r} split of dataset {spec.name!r} has {int(bad.sum())} labels outside "
-          f"the valid range [0, {c - 1}] for its {c} classes (bad values: {shown}). Labels "
-          "must be class ids 0..num_classes-1: fix the labels, or the dataset's num_classes.")
+      _labels_out_of_range(split, spec, int(bad.sum()), np.unique(y[bad]))
+
+
+def _labels_out_of_range(split: str, spec, count: int, values) -> None:
+  """Raises the one paragraph for `count` labels of `split` outside [0, num_classes)."""
+  c = int(spec.num_classes or 0)
+  shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+  raise UserError(
+      f"The {split!r} split of dataset {spec.name!r} has {count} labels outside the valid "
+      f"range [0, {c - 1}] for its {c} classes (bad values: {shown}). Labels must be class "
+      "ids 0..num_classes-1: fix the labels, or the dataset's num_classes.")
 
 
 def expected_output_shape(spec, labels_shape: tuple) -> tuple:

@@ -398,3 +398,15 @@ def test_the_opening_pass_refuses_sequence_labels_it_cannot_count():
   for bad in (np.array([-1]), np.array([0.5]), np.array([5_000_000_000])):
     with pytest.raises(UserError, match=r"not integers in \[0, 16777216\) \(from record 7\)"):
       stream._add_counts(empty, bad, "corpus", "train", 7)  # noqa: SLF001
+
+
+def test_labels_in_memory_outside_the_classes_get_the_same_paragraph():
+  import types
+  from jrecipe import validate
+  from jrecipe.errors import UserError
+  spec = types.SimpleNamespace(name="digits", task="classification", num_classes=3)
+  data = types.SimpleNamespace(arrays={"train": {"y": np.array([0, 2, 3, -1, 3])}})
+  with pytest.raises(UserError, match=r"3 labels outside the valid range \[0, 2\] for its 3 "
+                     r"classes \(bad values: -1, 3\)"):
+    validate.check_labels(data, spec)
+  validate.check_labels(types.SimpleNamespace(arrays={"train": {"y": np.array([0, 2])}}), spec)
