@@ -129,6 +129,22 @@ def _setup_processes(runtime, distributed: bool, config, mode: str) -> None:
         "parallel.distributed False.") from e
 
 
+def _check_remote_workdir(mode: modes.Mode, workdir: str) -> None:
+  """A gs:// --workdir: a scheme jrecipe knows, and a mode that writes through jrecipe.storage."""
+  from jrecipe import storage
+  if not storage.is_remote(workdir):
+    return
+  problem = storage.scheme_problem(workdir)
+  if problem:
+    _fail(f"--workdir={workdir}: {problem}")
+  if not mode.object_store:
+    _fail(f"--mode={mode.name} keeps local files in its work directory (a study database, "
+          f"worker processes, or runs it trains side by side), so --workdir={workdir} cannot be "
+          f"a gs:// URL for it. gs:// work directories work with --mode="
+          f"{', '.join(modes.object_store_modes())}; for this mode use a local directory, or "
+          "the bucket mounted with Cloud Storage FUSE.")
+
+
 def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, *,
             compilation_cache: str | None = None, start_runtime: bool = True,
             supervise: bool = False) -> int:
@@ -144,6 +160,7 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
   if not str(workdir).strip():
     _fail("--workdir is empty: pass the run's directory, e.g. --workdir=/tmp/digits (it is "
           "created if missing).")
+  _check_remote_workdir(mode, workdir)
   parallel = config.get("parallel") if config is not None else None
   distributed = bool(parallel.get("distributed", False)) if hasattr(parallel, "get") else False
   if distributed and not mode.multihost:

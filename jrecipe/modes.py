@@ -38,6 +38,8 @@ class Mode:
     locks_workdir: it writes a run into --workdir, so the entry point takes the work
       directory's lock first (a second process exits 2 at once); modes that only read, and
       the search worker (its master holds the lock), take none.
+    object_store: it reads and writes --workdir through `jrecipe.storage`, so a gs:// work
+      directory works; the others use local files (a study database, worker processes).
   """
 
   name: str
@@ -47,6 +49,7 @@ class Mode:
   multihost: bool = False
   internal: bool = False
   locks_workdir: bool = False
+  object_store: bool = False
 
   def load(self) -> Callable:
     module, _, fn = self.target.partition(":")
@@ -56,16 +59,17 @@ class Mode:
 _ALL = (
     Mode("train", "jrecipe.train.loop:run_mode",
          "train and evaluate; resumes from the latest checkpoint in --workdir", multihost=True,
-         locks_workdir=True),
+         locks_workdir=True, object_store=True),
     Mode("validate", "jrecipe.validate:run_mode",
          "every check a run makes before it starts (config, data, model, memory, work "
-         "directory), then exit 0; writes nothing"),
+         "directory), then exit 0; writes nothing", object_store=True),
     Mode("check", "jrecipe.checks.runner:run_mode",
          "the recipe's sanity-check battery; exit 1 if a check fails"),
     Mode("inspect", "jrecipe.data_inspect.mode:run_mode",
          "'become one with the data': duplicates, leakage, outliers, label errors, mistakes"),
     Mode("report", "jrecipe.report.mode:run_mode",
-         "rebuild report.html from the work directory", needs_config=False),
+         "rebuild report.html from the work directory", needs_config=False,
+         object_store=True),
     Mode("lr_find", "jrecipe.search.lr_find:run_mode", "learning-rate range test",
          locks_workdir=True),
     Mode("search", "jrecipe.search.mode:run_mode",
@@ -91,3 +95,8 @@ def user_modes() -> list[str]:
 def describe() -> str:
   """'train: ...; check: ...' for the --mode flag's help."""
   return "; ".join(f"{m.name}: {m.help}" for m in _ALL if not m.internal)
+
+
+def object_store_modes() -> list[str]:
+  """The modes whose --workdir may be a gs:// URL."""
+  return [m.name for m in _ALL if m.object_store and not m.internal]

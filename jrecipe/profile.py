@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrecipe import storage
 from jrecipe.errors import UserError
 from jrecipe.train.trainer import Hook
 from jrecipe.train.writer import write_json_atomic
@@ -157,6 +158,7 @@ class ProfileHook(Hook):
     self.precision, self.peak_override = precision, float(peak_tflops)
     self.writer = writer
     self.tracing, self.done = False, False
+    self._local = self.dir
     self.times: list = []
     self.flops = 0.0
     self._last = 0.0
@@ -182,8 +184,12 @@ class ProfileHook(Hook):
 
   def _start(self, loop) -> None:
     jax.block_until_ready(loop.state)
-    os.makedirs(self.dir, exist_ok=True)
-    jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+    self._local = self.dir
+    if storage.is_remote(self.dir):  # the profiler writes local files: uploaded at the stop
+      import tempfile
+      self._local = tempfile.mkdtemp(prefix="jrecipe-profile-")
+    os.makedirs(self._local, exist_ok=True)
+    jax.profiler.start_trace(self._local, create_perfetto_trace=True)
     self.tracing, self._last = True, time.perf_counter()
 
   def after_step(self, loop, metrics) -> None:
@@ -206,6 +212,8 @@ class ProfileHook(Hook):
   def _stop(self, loop) -> None:
     jax.profiler.stop_trace()
     self.tracing, self.done = False, True
+    if self._local != self.dir:
+      storage.upload_tree(self._local, self.dir)
     peak, source = device_peak(self.precision, self.peak_override)
     record = {"steps": [loop.step - len(self.times) + 1, loop.step],
               "step_seconds": [round(t, 6) for t in self.times],

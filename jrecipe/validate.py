@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from jrecipe import storage
 from jrecipe.config import schema
 from jrecipe.config.fields import is_number
 from jrecipe.errors import UserError
@@ -181,6 +182,12 @@ def _data_dir(values: dict) -> None:
   path = values.get("data.data_dir")
   if not isinstance(path, str) or not path:
     return
+  if "://" in path:
+    raise _fail("data.data_dir", path, "a local or mounted directory, or '' for the default",
+                "jrecipe prepares and reads its datasets with local file calls (a copy, a "
+                "build lock), so a URL is not a data_dir yet; a gs:// --workdir is. Mount the "
+                "bucket with Cloud Storage FUSE and give its path, or copy the prepared "
+                "dataset to local disk (`gcloud storage cp -r`).")
   probe = os.path.abspath(os.path.expanduser(path))
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
@@ -445,7 +452,7 @@ def run_mode(config: Any, workdir: str, options=None) -> int:
   allow = bool(options and options.allow_config_change)
   workdir_lib.prepare(workdir, config, allow_config_change=allow, primary=False)
   est = memory.estimate(exp, devices=placement.num_devices)
-  resumes = os.path.exists(os.path.join(workdir, "config.json"))
+  resumes = storage.exists(os.path.join(workdir, "config.json"))
   print(f"jrecipe: the config is valid: {exp.total_steps} steps ({exp.steps_per_epoch} per "
         f"epoch) on {placement.num_devices} device(s), about {memory.human(est.per_device)} "
         f"per device; {workdir} {'resumes' if resumes else 'starts a new run'}.", flush=True)

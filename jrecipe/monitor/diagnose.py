@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from jrecipe import storage
+
 # Defaults for work directories whose config.json predates (or lacks) the monitor fields.
 RATIO_LOW, RATIO_HIGH = 1e-4, 1e-2
 DEAD_AT_INIT = 0.3  # fraction of ReLUs dead on the probe batch at step 0
@@ -48,9 +50,9 @@ def load_run(workdir: str) -> dict:
   from jrecipe.train.writer import read_metrics
   config = {}
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
+  if storage.exists(path):
     try:
-      with open(path) as f:
+      with storage.open(path) as f:
         config = json.load(f)
     except (OSError, json.JSONDecodeError):
       config = {}

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jrecipe import storage
+
 MAX_TILES = 64
 
 
@@ -164,9 +166,9 @@ def encode_png(image_hwc: np.ndarray) -> bytes:
 def save_png(path: str, image_hwc: np.ndarray) -> bytes:
   """Writes a PNG atomically (tmp + rename); returns its bytes."""
   data = encode_png(image_hwc)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  storage.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with storage.open(tmp, "wb") as f:
     f.write(data)
-  os.replace(tmp, path)
+  storage.replace(tmp, path)
   return data

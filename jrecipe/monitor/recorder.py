@@ -24,6 +24,7 @@ import os
 import jax
 import numpy as np
 
+from jrecipe import storage
 from jrecipe.monitor import images, overview, probe as probe_lib
 from jrecipe.train.step import expand_monitor, leaf_names
 from jrecipe.train.writer import read_jsonl
@@ -33,13 +34,13 @@ log = logging.getLogger("jrecipe")
 
 def truncate_jsonl(path: str, max_step=None) -> None:
   """Drops records after `max_step` (a resumed run), or the whole file (max_step None)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
   if max_step is None:
-    os.remove(path)
+    storage.remove(path)
     return
   kept = []
-  with open(path) as f:
+  with storage.open(path) as f:
     for line in f:
       try:
         r = json.loads(line)
@@ -48,9 +49,9 @@ def truncate_jsonl(path: str, max_step=None) -> None:
       if r.get("step", 0) <= max_step:
         kept.append(line if line.endswith("\n") else line + "\n")
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with storage.open(tmp, "w") as f:
     f.writelines(kept)
-  os.replace(tmp, path)
+  storage.replace(tmp, path)
 
 
 class Monitor:
@@ -96,7 +97,7 @@ class Monitor:
     self.pred_batch = ({k: arrays[split][k][:m] for k in ("x", "y", "id")}
                        if m > 0 and split in arrays else None)
     if primary:
-      os.makedirs(self.dir, exist_ok=True)
+      storage.makedirs(self.dir, exist_ok=True)
       for name in ("histograms.jsonl", "predictions.jsonl"):
         truncate_jsonl(os.path.join(self.dir, name), resume_step)
 
@@ -194,7 +195,7 @@ class Monitor:
       return None
     outs = jax.device_get([o for _, _, o in self._pending_preds])
     if self._pred_file is None:
-      self._pred_file = open(os.path.join(self.dir, "predictions.jsonl"), "a", buffering=1)
+      self._pred_file = storage.open(os.path.join(self.dir, "predictions.jsonl"), "a", buffering=1)
     ids = np.asarray(self.pred_batch["id"]).tolist()
     for (step, epoch, _), out in zip(self._pending_preds, outs):
       rec = images.prediction_record(np.asarray(out), self.pred_batch["y"], self.exp.spec.task,
@@ -238,7 +239,7 @@ class Monitor:
             sum=float(s["sum"]), sum_squares=float(s["sum_squares"]), edges=edges.tolist(),
             counts=counts.tolist(), step=step)
     self.writer.write(step, rec, split="probe", epoch=epoch)
-    with open(os.path.join(self.dir, "histograms.jsonl"), "a") as f:
+    with storage.open(os.path.join(self.dir, "histograms.jsonl"), "a") as f:
       f.write(json.dumps(hist) + "\n")
 
   def _images(self, step: int, epoch: float, variables, *, filters: bool,

@@ -17,13 +17,13 @@ breaking the page.
 import base64
 import contextlib
 import datetime
-import glob
 import html
 import json
 import math
 import os
 from typing import Any, Callable, Optional
 
+from jrecipe import storage
 from jrecipe.monitor import diagnose as diagnose_lib
 from jrecipe.train.writer import read_jsonl
 from jrecipe.report import plots
@@ -87,7 +87,7 @@ def figure(data, caption: str) -> str:
 
 def file_figure(path: str, caption: Optional[str] = None) -> str:
   try:
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
       data = f.read()
   except OSError:
     return ""
@@ -95,7 +95,7 @@ def file_figure(path: str, caption: Optional[str] = None) -> str:
 
 
 def _load_json(path: str):
-  with open(path) as f:
+  with storage.open(path) as f:
     return json.load(f)
 
 
@@ -133,13 +133,13 @@ def generic(obj: Any, depth: int = 0, workdir: Optional[str] = None) -> str:
                             for x in obj[:MAX_ROWS]) + "</ol>"
   if isinstance(obj, str) and workdir and obj.lower().endswith(".png"):
     p = obj if os.path.isabs(obj) else os.path.join(workdir, obj)
-    if os.path.isfile(p):
+    if storage.isfile(p):
       return file_figure(p, obj)
   return fmt(obj)
 
 
 def images_in(directory: str, limit: int = MAX_IMAGES) -> str:
-  paths = sorted(glob.glob(os.path.join(directory, "*.png")))[:limit]
+  paths = sorted(storage.glob(directory, "*.png"))[:limit]
   return "<div class=figs>" + "".join(file_figure(p) for p in paths) + "</div>" if paths else ""
 
 
@@ -158,7 +158,7 @@ def json_or_error(path: str, workdir: Optional[str] = None) -> str:
 
 
 def json_files(directory: str) -> list[str]:
-  return sorted(glob.glob(os.path.join(directory, "*.json")))
+  return sorted(storage.glob(directory, "*.json"))
 
 
 # --- sections ------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ class Report:
     return os.path.join(self.dir, *parts)
 
   def exists(self, *parts) -> bool:
-    return os.path.exists(self.path(*parts))
+    return storage.exists(self.path(*parts))
 
   def add(self, anchor: str, title: str, fn: Callable[[], Optional[str]]) -> None:
     try:
@@ -278,7 +278,7 @@ class Report:
     return f"<div class=figs>{body}</div>{overview}"
 
   def filters(self) -> Optional[str]:
-    paths = sorted(glob.glob(self.path("monitor", "filters", "*.png")))
+    paths = storage.glob(self.path("monitor", "filters"), "*.png")
     if not paths:
       return None
     if len(paths) > 8:
@@ -299,7 +299,7 @@ class Report:
                              f"probability of the true class on {len(recs[0].get('y', []))} "
                              f"fixed {recs[0].get('split', '')} examples (rows) after each of "
                              f"{len(recs)} evaluations (columns): green = right, red = wrong"))
-    paths = sorted(glob.glob(self.path("monitor", "predictions", "*.png")))
+    paths = storage.glob(self.path("monitor", "predictions"), "*.png")
     if len(paths) > 6:
       paths = [paths[round(i * (len(paths) - 1) / 5)] for i in range(6)]
     out += [file_figure(p, f"predictions at step {_step_of(p)}") for p in paths]
@@ -334,7 +334,7 @@ class Report:
 
   def inspect(self) -> Optional[str]:
     d = self.path("inspect")
-    if not os.path.isdir(d):
+    if not storage.isdir(d):
       return None
     parts = []
     for p in json_files(d):
@@ -375,14 +375,14 @@ class Report:
     self.add("ensemble", "Ensemble", lambda: pages.ensemble(self))
     self.add("human", "Human baseline", lambda: pages.label(self))
     self.add("config", "Config", self.config_section)
-    name = os.path.basename(os.path.abspath(self.dir))
+    name = os.path.basename(storage.absolute(self.dir))
     nav = "".join(f"<a href='#{a}'>{esc(t)}</a>" for a, t, _ in self.sections)
     body = "".join(f"<section id='{a}'><h2>{esc(t)}</h2>{b}</section>"
                    for a, t, b in self.sections)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             f"<title>jrecipe report: {esc(name)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>jrecipe report: {esc(name)}</h1><p class=muted>{esc(os.path.abspath(self.dir))}"
+            f"<h1>jrecipe report: {esc(name)}</h1><p class=muted>{esc(storage.absolute(self.dir))}"
             f" &middot; built {esc(when)} from the files of this work directory</p>"
             f"<nav>{nav}</nav>{body}</main></body></html>\n")
 
@@ -393,11 +393,11 @@ def write_report(workdir: str, loss_scale: Optional[str] = None) -> str:
   path = os.path.join(workdir, "report.html")
   tmp = f"{path}.tmp.{os.getpid()}"
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
+    with storage.open(tmp, "w", encoding="utf-8") as f:
       f.write(page)
-    os.replace(tmp, path)
+    storage.replace(tmp, path)
   except OSError as e:  # a full disk: no half-written temporary file left, the file named
     with contextlib.suppress(OSError):
-      os.remove(tmp)
+      storage.remove(tmp)
     raise OSError(e.errno, e.strerror, path) from e
   return path

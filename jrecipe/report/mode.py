@@ -7,6 +7,7 @@ still running) can be rebuilt at any time; `--config` is optional (DIR/config.js
 import logging
 import os
 
+from jrecipe import storage
 from jrecipe.errors import UserError
 
 log = logging.getLogger("jrecipe")
@@ -25,12 +26,12 @@ def run_mode(config, workdir: str, options=None) -> int:
     0. Raises UserError when DIR does not exist or holds nothing to report.
   """
   del options  # this mode takes no command-line options (jrecipe.modes.ModeOptions)
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise UserError(f"--workdir={workdir!r} does not exist: --mode=report needs the work "
                     "directory of a run (train, check, inspect, search ...).")
   known = ("config.json", "metrics.jsonl", "summary.json", "checks.json", "inspect",
            "lr_find.json", "search.json", "ablation.json", "ensemble.json", "human.json")
-  if not any(os.path.exists(os.path.join(workdir, k)) for k in known):
+  if not any(storage.exists(os.path.join(workdir, k)) for k in known):
     raise UserError(f"--workdir={workdir!r} holds nothing to report: expected at least one "
                     f"of {', '.join(known)} (written by --mode=train, check, inspect, ...).")
   scale = None
@@ -40,7 +41,7 @@ def run_mode(config, workdir: str, options=None) -> int:
       raise UserError(f"monitor.report_loss_scale={scale!r}; valid: {', '.join(LOSS_SCALES)}.")
   from jrecipe.monitor import diagnose
   from jrecipe.report import html
-  found = diagnose.write_diagnoses(workdir) if os.path.exists(
+  found = diagnose.write_diagnoses(workdir) if storage.exists(
       os.path.join(workdir, "metrics.jsonl")) else []
   path = html.write_report(workdir, loss_scale=scale)
   for d in found:

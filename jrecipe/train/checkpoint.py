@@ -22,6 +22,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from jrecipe import storage
 from jrecipe.errors import RunFailure, UserError
 from jrecipe.train import integrity
 
@@ -131,7 +132,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep_best: int = 2, read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = storage.absolute(os.path.join(workdir, "checkpoints"))
     self.keep_best = keep_best
     self.read_only = read_only
     self._manager = None
@@ -171,6 +172,9 @@ class Checkpointer:
     so the rename that commits the step also commits its manifest.
     """
     step, val = self._pending.popleft()
+    if storage.is_remote(self.directory):  # orbax writes in place there (no rename)
+      integrity.write_manifest(self._step_dir(step), step, val)
+      return
     prefix = f"{step}{integrity.TMP_SUFFIX}"
     tmp = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
     if len(tmp) != 1:
@@ -214,7 +218,7 @@ class Checkpointer:
 
   def _names(self) -> list[str]:
     try:
-      return os.listdir(self.directory)
+      return storage.listdir(self.directory)
     except OSError:
       return []
 
@@ -305,7 +309,7 @@ class Checkpointer:
     if out is not None and not detail:
       return out
     from jrecipe.train import workdir as workdir_lib
-    diff = workdir_lib.PENDING_DIFF.get(os.path.realpath(os.path.dirname(self.directory)))
+    diff = workdir_lib.PENDING_DIFF.get(storage.key(os.path.dirname(self.directory)))
     raise UserError(
         f"The checkpoint at step {step} in {self.directory} is intact (its files match their "
         f"SHA-256 manifest) but does not fit this config's training state: {detail}. The "

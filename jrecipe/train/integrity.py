@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jrecipe import storage
+
 log = logging.getLogger("jrecipe")
 
 MANIFEST = "jrecipe_manifest.json"
@@ -43,7 +45,7 @@ _CHUNK = 1 << 20
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     for chunk in iter(lambda: f.read(_CHUNK), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -51,20 +53,14 @@ def _sha256(path: str) -> str:
 
 def _data_files(step_dir: str) -> list[str]:
   """Relative paths of the step's files that the manifest covers, sorted."""
-  out = []
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel.startswith(MANIFEST) or rel in _AFTER_MANIFEST:
-        continue
-      out.append(rel)
-  return sorted(out)
+  return sorted(rel for rel in storage.walk_files(step_dir)
+                if not rel.startswith(MANIFEST) and rel not in _AFTER_MANIFEST)
 
 
 def _item_handlers(step_dir: str):
   """orbax's record of which handler reads which item (None when unreadable)."""
   try:
-    with open(os.path.join(step_dir, _ORBAX_METADATA)) as f:
+    with storage.open(os.path.join(step_dir, _ORBAX_METADATA)) as f:
       return json.load(f).get("item_handlers")
   except (OSError, ValueError, AttributeError):
     return None
@@ -79,9 +75,13 @@ def write_manifest(step_dir: str, step: int, val_loss: Optional[float]) -> dict:
   files = {}
   for rel in _data_files(step_dir):
     path = os.path.join(step_dir, rel)
-    files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    files[rel] = {"size": storage.getsize(path), "sha256": _sha256(path)}
   manifest = {"format": 1, "step": int(step), "val_loss": val_loss, "files": files,
               "item_handlers": _item_handlers(step_dir)}
+  if storage.is_remote(step_dir):  # one upload: the object appears whole or not at all
+    storage.write_bytes(os.path.join(step_dir, MANIFEST),
+                        json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
   tmp = os.path.join(step_dir, f"{MANIFEST}.tmp")
   with open(tmp, "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
@@ -94,7 +94,7 @@ def write_manifest(step_dir: str, step: int, val_loss: Optional[float]) -> dict:
 def read_manifest(step_dir: str) -> Optional[dict]:
   """The step's manifest, or None when it is missing or unreadable."""
   try:
-    with open(os.path.join(step_dir, MANIFEST)) as f:
+    with storage.open(os.path.join(step_dir, MANIFEST)) as f:
       m = json.load(f)
     return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
   except (OSError, ValueError):
@@ -112,13 +112,15 @@ def quick_problem(step_dir: str) -> Optional[str]:
   for rel, info in m["files"].items():
     path = os.path.join(step_dir, rel)
     try:
-      size = os.path.getsize(path)
+      size = storage.getsize(path)
     except OSError:
       return f"{rel} is missing"
     if size != info.get("size"):
       return f"{rel} has {size} bytes instead of {info.get('size')} (truncated or changed)"
   if _item_handlers(step_dir) != m.get("item_handlers"):
     return f"{_ORBAX_METADATA} is missing or changed"
+  if storage.is_remote(step_dir) and not storage.exists(os.path.join(step_dir, _AFTER_MANIFEST[0])):
+    return f"{_AFTER_MANIFEST[0]} is missing (killed before orbax committed the step in place)"
   return None
 
 
@@ -142,7 +144,7 @@ def val_loss(step_dir: str) -> Optional[float]:
 
 def _unique(path: str) -> str:
   out, n = path, 0
-  while os.path.exists(out):
+  while storage.exists(out):
     n += 1
     out = f"{path}.{n}"
   return out
@@ -150,16 +152,26 @@ def _unique(path: str) -> str:
 
 def move_aside(directory: str, step: int, why: str) -> str:
   """Moves step `step` to `directory/damaged/<step>` (never deletes it); returns the new path."""
-  os.makedirs(os.path.join(directory, DAMAGED), exist_ok=True)
+  storage.makedirs(os.path.join(directory, DAMAGED), exist_ok=True)
   dest = _unique(os.path.join(directory, DAMAGED, str(step)))
-  os.rename(os.path.join(directory, str(step)), dest)
+  storage.move_tree(os.path.join(directory, str(step)), dest)
   log.warning("Checkpoint at step %d is damaged (%s): moved to %s; the newest good checkpoint "
               "is used instead.", step, why, dest)
   return dest
 
 
 def delete(directory: str, step: int) -> None:
-  """Deletes step `step` crash-safely: renamed into `.trash/` (atomic), then removed."""
+  """Deletes step `step` crash-safely: renamed into `.trash/` (atomic), then removed.
+
+  On an object store (no rename) its manifest goes first, which uncommits the step in one
+  delete; what a kill leaves after that is an unfinished step `clean_leftovers` removes.
+  """
+  if storage.is_remote(directory):
+    step_dir = os.path.join(directory, str(step))
+    with contextlib.suppress(FileNotFoundError):
+      storage.remove(os.path.join(step_dir, MANIFEST))
+    storage.rmtree(step_dir)
+    return
   os.makedirs(os.path.join(directory, TRASH), exist_ok=True)
   dest = os.path.join(directory, TRASH, f"{step}.{time.time_ns()}")
   os.rename(os.path.join(directory, str(step)), dest)
@@ -169,21 +181,33 @@ def delete(directory: str, step: int) -> None:
 
 
 def clean_leftovers(directory: str) -> list[str]:
-  """Removes what a killed run left: the trash and unfinished `*.orbax-checkpoint-tmp*` steps.
+  """Removes what a killed run left: the trash and unfinished `*.orbax-checkpoint-tmp*` steps
+  (on an object store: steps without a manifest, `_unfinished_remote`).
 
   Only the work directory's lock holder may call this (a live writer owns its tmp dirs).
   Returns the names removed.
   """
   removed = []
   try:
-    names = os.listdir(directory)
+    names = storage.listdir(directory)
   except OSError:
     return removed
   for name in names:
-    if name == TRASH or TMP_SUFFIX in name:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if name == TRASH or TMP_SUFFIX in name or _unfinished_remote(directory, name):
+      storage.rmtree(os.path.join(directory, name))
       removed.append(name)
   return removed
+
+
+def _unfinished_remote(directory: str, name: str) -> bool:
+  """On an object store orbax writes a step in place (no rename): jrecipe's manifest, then
+  orbax's `commit_success.txt`, come last. A step without both was being written, or deleted
+  (the manifest goes first), when the run was killed; left there, the next write of that step
+  would meet tensorstore's files of the dead one."""
+  if not (storage.is_remote(directory) and name.isdigit()):
+    return False
+  step_dir = os.path.join(directory, name)
+  return not all(storage.exists(os.path.join(step_dir, n)) for n in (MANIFEST, _AFTER_MANIFEST[0]))
 
 
 def shape_differences(restored: Any, target: Any, limit: int = 4) -> str:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import ml_collections
 
+from jrecipe import storage
 from jrecipe.errors import UserError
 from jrecipe.train.writer import write_json_atomic
 
@@ -98,16 +99,16 @@ def _reason(key: str) -> str:
   return f"{key} (not known to be compatible)"
 
 
-# realpath of a work directory -> (config.json path, the config to write once the run's
+# storage.key of a work directory -> (config.json path, the config to write once the run's
 # checkpoint restored): `prepare` never overwrites config.json before that (`commit_config`).
 _PENDING: dict[str, tuple[str, dict]] = {}
-PENDING_DIFF: dict[str, str] = {}  # realpath -> the changes, for a restore that does not fit
+PENDING_DIFF: dict[str, str] = {}  # storage.key -> the changes, for a restore that does not fit
 
 
 def _read_old(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path) as f:
+  with storage.open(path) as f:
     try:
       old = json.load(f)
     except json.JSONDecodeError:
@@ -134,7 +135,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, allow_config_cha
   path = os.path.join(workdir, "config.json")
   new = config_dict(config)
   old = _read_old(path)
-  key = os.path.realpath(workdir)
+  key = storage.key(workdir)
   changed = _diff(old, new) if old is not None else []
   kinds = classify(changed)
   head = f"The work directory {workdir} holds a run of a different config (changed: "
@@ -154,7 +155,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, allow_config_cha
         f"{', '.join(RESUMABLE_CHANGES)}.")
   if not primary:
     return
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir, exist_ok=True)
   if changed:
     _PENDING[key] = (path, new)
     PENDING_DIFF[key] = _changes_text(old, new, changed)
@@ -164,7 +165,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, allow_config_cha
 
 def commit_config(workdir: str) -> None:
   """Writes the config.json `prepare` held back, now that the run's checkpoint restored."""
-  key = os.path.realpath(workdir)
+  key = storage.key(workdir)
   PENDING_DIFF.pop(key, None)
   pending = _PENDING.pop(key, None)
   if pending is not None:
@@ -176,6 +177,9 @@ def check_writable(workdir: str) -> None:
   writes in (what the lock finds when it creates the directory; checked without writing)."""
   if not str(workdir).strip():
     raise UserError("--workdir is empty: pass the run's directory (it is created if missing).")
+  if storage.is_remote(workdir):
+    _check_bucket(workdir)
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"--workdir={workdir} exists and is not a directory: pass a directory (it "
@@ -190,6 +194,27 @@ def check_writable(workdir: str) -> None:
     raise UserError(f"Cannot write in the work directory {workdir}: {probe} is not writable "
                     "by this user. Pass a --workdir you can write to (it is created if "
                     "missing).")
+
+
+def _check_bucket(workdir: str) -> None:
+  """A gs:// work directory: a known scheme, gcsfs installed, the bucket there (no write)."""
+  problem = storage.scheme_problem(workdir)
+  if problem:
+    raise UserError(f"--workdir={workdir}: {problem}")
+  bucket = "gs://" + str(workdir).partition("://")[2].split("/")[0]
+  try:
+    found = storage.exists(bucket)
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - credentials, network: said in one paragraph
+    raise UserError(f"Cannot reach the bucket of --workdir={workdir}: "
+                    f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}. Check the "
+                    "machine's credentials (`gcloud auth application-default login`, or the "
+                    "VM's service account) and the bucket's name.") from None
+  if not found:
+    raise UserError(f"--workdir={workdir} is in the bucket {bucket}, which does not exist (or "
+                    "this machine's credentials cannot see it). Create it (`gcloud storage "
+                    "buckets create`) or pass another --workdir.")
 
 
 # The storage refusing a write: a full disk, a file-size limit, a quota, a read-only or failing
@@ -218,7 +243,7 @@ def storage_failure(e: OSError, workdir: str) -> Optional[str]:
 
 
 LOCK_FILE = "jrecipe.lock"
-_HELD: dict[str, "WorkdirLock"] = {}  # realpath -> the lock this process holds
+_HELD: dict = {}  # storage.key -> the lock this process holds (WorkdirLock or ObjectLock)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -324,11 +349,16 @@ def locked(workdir: str, enabled: bool = True):
   checkpoint another live process is writing. `enabled=False` (processes other than 0 of a
   multi-host job, read-only modes) takes nothing.
   """
-  key = os.path.realpath(workdir)
+  key = storage.key(workdir)
   if not enabled or key in _HELD:
     yield
     return
-  lock = WorkdirLock(workdir).acquire()
+  if storage.is_remote(workdir):
+    _check_bucket(workdir)
+    from jrecipe.train.object_lock import ObjectLock
+    lock = ObjectLock(workdir, LOCK_FILE).acquire()
+  else:
+    lock = WorkdirLock(workdir).acquire()
   _HELD[key] = lock
   try:
     yield

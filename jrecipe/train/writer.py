@@ -5,12 +5,16 @@ Only process 0 writes. TensorBoard event files are written with tensorboardX (no
 """
 
 import contextlib
+import errno
+import io
 import json
 import math
 import os
 from typing import Callable, Optional, Union
 
 import numpy as np
+
+from jrecipe import storage
 
 
 def _jsonable(v):
@@ -28,6 +32,11 @@ def _jsonable(v):
 
 def save_figure_atomic(fig, path: str, dpi: int = 90) -> str:
   """Saves a matplotlib figure to `path` via a temporary file: never a half-written PNG."""
+  if storage.is_remote(path):  # one upload: the object appears whole or not at all
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    storage.write_bytes(path, buf.getvalue())
+    return path
   tmp = f"{path}.tmp.{os.getpid()}.png"
   fig.savefig(tmp, dpi=dpi)
   os.replace(tmp, path)
@@ -56,9 +65,9 @@ def _summary_writer_class():
 def read_jsonl(path: str) -> list[dict]:
   """Records of a JSON-lines file (a torn last line from a kill is ignored); [] when missing."""
   out = []
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return out
-  with open(path) as f:
+  with storage.open(path) as f:
     for line in f:
       try:
         out.append(json.loads(line))
@@ -89,20 +98,20 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    if resume_step is not None and os.path.exists(self.path):
+    if resume_step is not None and storage.exists(self.path):
       # Records after the resume step were written by the killed run; the final evaluation
       # ('final_*') is written again at the end of every run that reaches it: dropped so
       # that each row appears exactly once, whatever the restart point.
       kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step
               and not str(r.get("split", "")).startswith("final_")]
       tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
+      with storage.open(tmp, "w") as f:
         for r in kept:
           f.write(json.dumps(r) + "\n")
-      os.replace(tmp, self.path)
-    elif resume_step is None and os.path.exists(self.path):
-      os.remove(self.path)
-    self._file = open(self.path, "a", buffering=1)
+      storage.replace(tmp, self.path)
+    elif resume_step is None and storage.exists(self.path):
+      storage.remove(self.path)
+    self._file = storage.open(self.path, "a", buffering=1)
     self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"),
                              purge_step=resume_step + 1 if resume_step is not None else None)
     self._tb_errors = _guard_event_writer(self._tb, os.path.join(workdir, "tensorboard"))
@@ -201,6 +210,9 @@ def _guard_event_writer(tb, logdir: str) -> list:
       except OSError as e:
         errors.append(OSError(e.errno, e.strerror, logdir))
         return None
+      except Exception as e:  # noqa: BLE001 - an object store's client error (gs://)
+        errors.append(OSError(errno.EIO, f"{type(e).__name__}: {e}"[:300], logdir))
+        return None
     return call
 
   for name in ("write_event", "flush", "close"):
@@ -210,6 +222,10 @@ def _guard_event_writer(tb, logdir: str) -> list:
 
 def write_json_atomic(path: str, obj) -> None:
   """Writes JSON to a temp file and renames it: a reader never sees half a file."""
+  if storage.is_remote(path):  # one upload: the object appears whole or not at all
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n"
+    storage.write_bytes(path, text.encode())
+    return
   tmp = f"{path}.tmp.{os.getpid()}"
   try:
     with open(tmp, "w") as f:
