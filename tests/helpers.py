@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from jrecipe import storage
 from jrecipe.config_base import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def run_cli(args, env=None, timeout=300, **kw):
 def load_params(workdir, step=None):
   """The params of the newest (or given) checkpoint of a run, as a flat {path: array} dict."""
   import orbax.checkpoint as ocp
-  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  ckdir = os.path.join(storage.absolute(workdir), "checkpoints")
   mngr = ocp.CheckpointManager(ckdir, item_names=("state", "meta"),
                                options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step() if step is None else step
