@@ -17,9 +17,16 @@ What an object store changes, and how each is kept:
 - no flock: the work directory's lock is an object created only if absent (GCS's
   `ifGenerationMatch=0`, `create_exclusive`), with a heartbeat (`jrecipe.train.workdir`).
 
+A gs:// data_dir (TFDS's prepared datasets) goes through the same layer: a dataset is prepared
+locally and uploaded with its dataset_info.json last (`jrecipe.data.builders`); ArrayRecord's
+own reader reads single records from the bucket; a whole read (the memory pipeline) and the
+stream's sequential passes download the files to the local mirror (`local_mirror`) first, since
+one request per record is what makes an object store slow.
+
 The emulator for tests (`tests/gcs_server.py`) and for trying it offline: set
-`STORAGE_EMULATOR_HOST`, `FSSPEC_GCS_TOKEN=anon`, `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` and
-`TENSORSTORE_GCS_HTTP_URL` (docs/cloud.md).
+`STORAGE_EMULATOR_HOST`, `FSSPEC_GCS_TOKEN=anon`, `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`,
+`TENSORSTORE_GCS_HTTP_URL` and `CLOUD_STORAGE_EMULATOR_ENDPOINT` (ArrayRecord's reader of a
+gs:// data_dir) (docs/cloud.md).
 """
 
 import builtins
@@ -289,6 +296,91 @@ def glob(directory, pattern: str) -> list[str]:
   except (FileNotFoundError, NotADirectoryError):
     return []
   return sorted(join(directory, n) for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def check_bucket(url, what: str) -> None:
+  """`url`'s scheme is known, gcsfs is installed and its bucket exists (read only); else a
+  UserError that starts with `what` ('--workdir=gs://b/run'). A bucket found once is not
+  asked for again in this process (start-up checks the work directory, then locks it)."""
+  problem = scheme_problem(url)
+  if problem:
+    raise UserError(f"{what}: {problem}")
+  bucket = "gs://" + _key(url).split("/")[0]
+  if bucket in _BUCKETS_FOUND:
+    return
+  try:
+    found = exists(bucket)
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - credentials, network: said in one paragraph
+    raise UserError(f"Cannot reach the bucket of {what}: "
+                    f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}. Check the "
+                    "machine's credentials (`gcloud auth application-default login`, or the "
+                    "VM's service account) and the bucket's name.") from None
+  if not found:
+    raise UserError(f"{what} is in the bucket {bucket}, which does not exist (or this "
+                    "machine's credentials cannot see it). Create it (`gcloud storage buckets "
+                    "create`) or give another location.")
+  _BUCKETS_FOUND.add(bucket)
+
+
+_BUCKETS_FOUND: set = set()
+
+
+def entries(root) -> list[tuple[str, int, int | str]]:
+  """(name, size, version) of each file directly in `root`, by name; [] when there is none.
+  The version changes whenever the file is rewritten: its modification time in ns locally,
+  the object's generation on GCS."""
+  if not is_remote(root):
+    if not os.path.isdir(root):
+      return []
+    return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                  for e in os.scandir(root) if e.is_file())
+  try:
+    infos = _fs(root).ls(_key(root), detail=True)
+  except FileNotFoundError:
+    return []
+  return sorted((i["name"].rstrip("/").rsplit("/", 1)[-1], int(i.get("size") or 0),
+                 str(i.get("generation") or i.get("updated") or ""))
+                for i in infos if i.get("type") == "file")
+
+
+def tree_size(root) -> int:
+  """The bytes of every file under `root` (0 when there is none)."""
+  if not is_remote(root):
+    return sum(os.path.getsize(os.path.join(root, rel)) for rel in walk_files(root))
+  try:
+    return int(sum(_fs(root).du(_key(root), total=False).values()))
+  except FileNotFoundError:
+    return 0
+
+
+def local_mirror(url) -> str:
+  """A local directory kept for a URL, for copies that must be local files (read caches,
+  memory maps, a staging area): `$JRECIPE_CACHE_DIR/gcs/BUCKET/PATH`
+  (~/.cache/jrecipe by default)."""
+  cache = os.path.expanduser(os.environ.get("JRECIPE_CACHE_DIR", "~/.cache/jrecipe"))
+  return os.path.join(cache, "gcs", *_key(url).split("/"))
+
+
+def upload_file(local_path: str, dest) -> None:
+  """Uploads one local file to `dest` (a URL) without reading it into memory (one object:
+  it appears whole or not at all)."""
+  _fs(dest).put_file(local_path, _key(dest))
+
+
+def download_file(src, local_path: str) -> None:
+  """Copies one file (a URL) to `local_path`, streamed in one request."""
+  _fs(src).get_file(_key(src), local_path)
+
+
+def download_tree(src, local_dir: str) -> None:
+  """Copies every file under `src` (a URL) into `local_dir`, streamed (one request a file)."""
+  fs, base = _fs(src), _key(src)
+  for rel in list(walk_files(src)):
+    target = os.path.join(local_dir, *rel.split("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fs.get_file(f"{base}/{rel}", target)
 
 
 def upload_tree(local_dir: str, dest) -> None:

@@ -23,6 +23,7 @@ from http import HTTPStatus
 def client_env(port: int) -> dict:
   url = f"http://127.0.0.1:{port}"
   return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+          "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # ArrayRecord's reader (google-cloud-cpp)
           "FSSPEC_GCS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
           "GOOGLE_CLOUD_PROJECT": "jrecipe-test", "NO_GCE_CHECK": "true"}
 

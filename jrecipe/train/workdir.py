@@ -198,23 +198,7 @@ def check_writable(workdir: str) -> None:
 
 def _check_bucket(workdir: str) -> None:
   """A gs:// work directory: a known scheme, gcsfs installed, the bucket there (no write)."""
-  problem = storage.scheme_problem(workdir)
-  if problem:
-    raise UserError(f"--workdir={workdir}: {problem}")
-  bucket = "gs://" + str(workdir).partition("://")[2].split("/")[0]
-  try:
-    found = storage.exists(bucket)
-  except UserError:
-    raise
-  except Exception as e:  # noqa: BLE001 - credentials, network: said in one paragraph
-    raise UserError(f"Cannot reach the bucket of --workdir={workdir}: "
-                    f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}. Check the "
-                    "machine's credentials (`gcloud auth application-default login`, or the "
-                    "VM's service account) and the bucket's name.") from None
-  if not found:
-    raise UserError(f"--workdir={workdir} is in the bucket {bucket}, which does not exist (or "
-                    "this machine's credentials cannot see it). Create it (`gcloud storage "
-                    "buckets create`) or pass another --workdir.")
+  storage.check_bucket(workdir, f"--workdir={workdir}")
 
 
 # The storage refusing a write: a full disk, a file-size limit, a quota, a read-only or failing
