@@ -183,11 +183,13 @@ def _data_dir(values: dict) -> None:
   if not isinstance(path, str) or not path:
     return
   if "://" in path:
-    raise _fail("data.data_dir", path, "a local or mounted directory, or '' for the default",
-                "jrecipe prepares and reads its datasets with local file calls (a copy, a "
-                "build lock), so a URL is not a data_dir yet; a gs:// --workdir is. Mount the "
-                "bucket with Cloud Storage FUSE and give its path, or copy the prepared "
-                "dataset to local disk (`gcloud storage cp -r`).")
+    from jrecipe import storage
+    problem = storage.scheme_problem(path)
+    if problem:
+      raise _fail("data.data_dir", path, "a local or mounted directory, a gs://BUCKET/PATH "
+                  "URL, or '' for the default", problem)
+    storage.check_bucket(path, f"config.data.data_dir={path}")  # before anything is written
+    return
   probe = os.path.abspath(os.path.expanduser(path))
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)

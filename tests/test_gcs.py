@@ -23,9 +23,10 @@ ARGS = ["--config=configs/digits_mlp.py", "--config.num_epochs=12", "--config.mo
         "--config.progress=False", "--config.batch_size=64"]
 
 
-def _jrecipe(*args, timeout=300):
+def _jrecipe(*args, timeout=300, env=None):
   return subprocess.run([sys.executable, "-m", "jrecipe", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
 
 
 def _steps(ckdir: str, committed: bool) -> list[str]:
@@ -97,6 +98,22 @@ def test_a_gs_run_resumes_after_sigkill_bit_identical_and_reports(when, referenc
   with storage.open(f"{wd}/report.html") as f:
     page = f.read()
   assert "jrecipe report: killed" in page and "<img" in page
+
+
+def test_a_run_with_its_data_and_work_directory_in_a_bucket_equals_a_local_run(
+    reference, gcs_bucket, tmp_path):
+  """data.data_dir on gs:// too, streamed: digits is prepared locally, uploaded, read back
+  from the bucket, and trains to the local run's parameters bit for bit."""
+  wd, data = f"{gcs_bucket}/run", f"{gcs_bucket}/tfds"
+  r = _jrecipe(*KILL_ARGS, f"--workdir={wd}", f"--config.data.data_dir={data}",
+               "--config.data.pipeline=stream", env={"JRECIPE_CACHE_DIR": str(tmp_path)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  a, b = load_params(reference), load_params(wd)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  assert storage.exists(f"{data}/digits/1.0.0/dataset_info.json")
+  assert not any(".jrecipe_arrays" in f for f in storage.walk_files(data))
+  copies = os.path.join(str(tmp_path), "gcs", gcs_bucket[len("gs://"):], "tfds", ".jrecipe_arrays")
+  assert os.listdir(copies), "the copies beside the dataset are kept on local disk"
 
 
 def test_a_second_process_on_a_gs_workdir_is_refused_and_a_stale_lock_taken_over(gcs_bucket):
@@ -172,8 +189,10 @@ def test_gs_workdirs_that_cannot_work_are_refused_in_one_paragraph(gcs_bucket):
       (["--workdir=s3://bucket/run"], "jrecipe reads and writes local paths and gs://"),
       (["--workdir=gs:///run"], "names no bucket"),
       (["--workdir=gs://jr-no-such-bucket-here/run"], "which does not exist"),
-      ([f"--workdir={gcs_bucket}/d", f"--config.data.data_dir={gcs_bucket}/tfds"],
-       "a URL is not a data_dir yet"),
+      ([f"--workdir={gcs_bucket}/e", "--config.data.data_dir=s3://bucket/tfds"],
+       "jrecipe reads and writes local paths"),
+      ([f"--workdir={gcs_bucket}/d", "--config.data.data_dir=gs://jr-no-such-bucket-here/t"],
+       "which does not exist"),
   ]
   for extra, expected in cases:
     r = _jrecipe(*ARGS, *extra, timeout=120)

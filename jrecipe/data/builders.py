@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import shutil
 import time
 from typing import Iterator
 
@@ -43,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jrecipe import storage
 from jrecipe.data import store, text
 from jrecipe.errors import UserError
 
@@ -367,20 +369,68 @@ def prepare(name: str, data_dir: str | None = None,
     raise UserError(f"Unknown jrecipe dataset {name!r}. Valid names: {', '.join(BUILDERS)}.")
   data_dir = resolve_data_dir(data_dir)
   cls = BUILDERS[name]
-  make = functools.partial(cls, data_dir=data_dir, **({"config": config} if config else {}))
-  builder = make()
+  lock = f".{name}-{config.name}.lock" if config else f".{name}.lock"
+  return prepare_builder(
+      lambda where: cls(data_dir=where, **({"config": config} if config else {})), data_dir,
+      lock, f"the dataset {name!r}")
+
+
+def prepare_builder(make_at, data_dir: str, lock: str, what: str):
+  """`make_at(data_dir)`, a TFDS builder, prepared into data_dir on first use (then reused).
+
+  Safe for concurrent first builds: the build runs under an exclusive lock file
+  `<data_dir>/<lock>`; a process that waited on it re-opens the finished dataset. A gs://
+  data_dir is prepared through a local staging directory (`_prepare_remote`).
+  """
+  builder = make_at(data_dir)
   if _is_prepared(builder):
     return builder
-  lock = f".{name}-{config.name}.lock" if config else f".{name}.lock"
+  if storage.is_remote(data_dir):
+    return _prepare_remote(make_at, data_dir, lock, what)
   try:
     with _file_lock(os.path.join(data_dir, lock)):
-      builder = make()  # re-read: another process may have finished meanwhile
+      builder = make_at(data_dir)  # re-read: another process may have finished meanwhile
       if not _is_prepared(builder):
         with _quiet_progress_bars():
           builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"))
-        builder = make()
+        builder = make_at(data_dir)
   except PermissionError as e:
     raise UserError(
-        f"Cannot write the dataset {name!r} into data_dir {data_dir!r}: {e}. Set data.data_dir "
+        f"Cannot write {what} into data_dir {data_dir!r}: {e}. Set data.data_dir "
         "(or $JRECIPE_DATA_DIR) to a writable directory.") from e
   return builder
+
+
+def _prepare_remote(make_at, data_dir: str, lock: str, what: str):
+  """The builder prepared into a gs:// data_dir (Cloud TPU VMs share one in a bucket).
+
+  ArrayRecord reads GCS but cannot write it, so the dataset is prepared in a local staging
+  directory (`storage.local_mirror(data_dir)`, under the same lock file there) and uploaded
+  file by file, dataset_info.json last: TFDS and jrecipe count a dataset as prepared only once
+  that file exists, so a run killed mid-upload leaves one that the next run prepares again.
+  Hosts that race upload the same files, and each object appears whole. The staged copy is
+  removed after the upload.
+  """
+  staging = storage.local_mirror(data_dir)
+  with _file_lock(os.path.join(staging, lock)):
+    builder = make_at(data_dir)
+    if _is_prepared(builder):
+      return builder
+    local = make_at(staging)
+    if not _is_prepared(local):
+      with _quiet_progress_bars():
+        local.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
+      local = make_at(staging)
+    src = str(local.data_path)
+    dest = storage.join(data_dir, os.path.relpath(src, staging))
+    try:
+      for rel in sorted(storage.walk_files(src), key=lambda n: n == "dataset_info.json"):
+        storage.upload_file(os.path.join(src, rel), storage.join(dest, rel))
+    except Exception as e:  # noqa: BLE001 - permissions, quota, network: one paragraph
+      raise UserError(
+          f"Cannot upload {what} into data_dir {data_dir}: {type(e).__name__}: "
+          f"{(str(e).splitlines() or [''])[0][:200]}. The bucket must be writable by this "
+          "machine's credentials the first time a built-in dataset is prepared there; or set "
+          "data.data_dir to a local directory.") from None
+    shutil.rmtree(src, ignore_errors=True)
+  return make_at(data_dir)

@@ -14,7 +14,6 @@ same Dataset, its inputs read a batch at a time.
 """
 
 import dataclasses
-import os
 import threading
 from typing import Any, Optional
 
@@ -273,10 +272,9 @@ def choose_pipeline(data_config: Any) -> tuple[str, Any]:
   if not (isinstance(name, str) and name.startswith(TFDS_PREFIX)):
     return "memory", cfg
   from jrecipe.data import store
-  path = os.path.join(store.resolve_data_dir(cfg.data_dir), name[len(TFDS_PREFIX):])
-  stored = 0
-  for root, _, files in os.walk(path):
-    stored += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  from jrecipe import storage
+  stored = storage.tree_size(storage.join(store.resolve_data_dir(cfg.data_dir),
+                                          name[len(TFDS_PREFIX):]))
   big = stored * _MEMORY_FACTOR > float(cfg.memory_budget_mb) * 2**20
   return ("stream" if big else "memory"), cfg
 
@@ -300,8 +298,12 @@ def _fields(data_config: Any) -> tuple[str, str, bool, int, int, int]:
   train_subset = int_field(cfg.train_subset, "train_subset")
   downsample = int_field(cfg.downsample, "downsample")
   context = int_field(cfg.context_length, "context_length")
-  return (name, store.resolve_data_dir(cfg.data_dir), bool(cfg.normalize), train_subset,
-          downsample if downsample > 1 else 0, context)
+  data_dir = store.resolve_data_dir(cfg.data_dir)
+  from jrecipe import storage
+  if storage.is_remote(data_dir):  # one request per bucket and process
+    storage.check_bucket(data_dir, f"data.data_dir={data_dir}")
+  return (name, data_dir, bool(cfg.normalize), train_subset, downsample if downsample > 1 else 0,
+          context)
 
 
 def _stored_splits(name: str, data_dir: str, context: int = 0) -> tuple[dict, dict]:

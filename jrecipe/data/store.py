@@ -9,7 +9,9 @@ builders write and version the data, the first read goes through TFDS, and the c
 is only ever used while the TFDS files it was made from are unchanged.
 
 Layout: `<data_dir>/<name>/<version>/` is the TFDS dataset; the copy is
-`<data_dir>/.jrecipe_arrays/<name>-<version>.npz`. It holds the splits' arrays, the dataset's
+`<data_dir>/.jrecipe_arrays/<name>-<version>.npz`. A data_dir on gs:// (Cloud TPU VMs) keeps
+its copies on local disk instead, in `jrecipe.storage.local_mirror(data_dir)`: a copy is a read
+cache, and its point is not to read the bucket again. It holds the splits' arrays, the dataset's
 meta (task, classes) and a fingerprint of the TFDS directory (every file's name, size and
 modification time) and of this format. A copy whose fingerprint differs, or that cannot be
 read, is ignored (and replaced after the next TFDS read); it is written to a temporary file
@@ -23,6 +25,8 @@ import os
 import tempfile
 
 import numpy as np
+
+from jrecipe import storage
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,19 @@ def default_data_dir() -> str:
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
-  """Absolute data_dir: the given one (with ~ expanded), or `default_data_dir()` when empty."""
-  return os.path.abspath(os.path.expanduser(data_dir)) if data_dir else default_data_dir()
+  """Absolute data_dir: the given one (with ~ expanded; a gs:// URL as given, without a
+  trailing slash), or `default_data_dir()` when empty."""
+  if not data_dir:
+    data_dir = default_data_dir()
+  if storage.is_remote(data_dir):
+    return storage.absolute(data_dir)
+  return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def copies_root(data_dir: str) -> str:
+  """Where the copies of data_dir's datasets live: data_dir itself, or a local directory for
+  a gs:// one (`jrecipe.storage.local_mirror`)."""
+  return storage.local_mirror(data_dir) if storage.is_remote(data_dir) else data_dir
 
 
 def enabled() -> bool:
@@ -51,24 +66,20 @@ def enabled() -> bool:
 
 def path(name: str, data_dir: str) -> str:
   """The copy of `name` ('digits', or a builder config's 'stdlib_bytes/ctx128')."""
-  return os.path.join(data_dir, DIRNAME, f"{name}-{BUILDER_VERSION}.npz")
+  return os.path.join(copies_root(data_dir), DIRNAME, f"{name}-{BUILDER_VERSION}.npz")
 
 
 def fingerprint(name: str, data_dir: str) -> str | None:
   """The TFDS directory's files (name, size, mtime) and the format, or None if not built."""
-  return dir_fingerprint(os.path.join(data_dir, name, BUILDER_VERSION))
+  return dir_fingerprint(storage.join(data_dir, name, BUILDER_VERSION))
 
 
 def dir_fingerprint(root: str) -> str | None:
-  """A prepared TFDS directory's files (name, size, mtime) and this format; None if it is not
-  prepared (no dataset_info.json)."""
-  if not os.path.isfile(os.path.join(root, "dataset_info.json")):
+  """A prepared TFDS directory's files (name, size, and mtime, or the object's generation on
+  gs://) and this format; None if it is not prepared (no dataset_info.json)."""
+  files = [list(e) for e in storage.entries(root)]
+  if "dataset_info.json" not in [f[0] for f in files]:
     return None
-  files = []
-  for entry in sorted(os.scandir(root), key=lambda e: e.name):
-    if entry.is_file():
-      st = entry.stat()
-      files.append([entry.name, st.st_size, st.st_mtime_ns])
   return json.dumps({"format": FORMAT, "version": os.path.basename(root), "files": files})
 
 

@@ -29,7 +29,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from jrecipe import storage
 from jrecipe.data import dataset as dataset_lib
+from jrecipe.data import stream_readers
 from jrecipe.data.stream_columns import StreamColumn, label_column, take_columns  # noqa: F401
 from jrecipe.data.stream_readers import (GenericReader, TextWindows,  # noqa: F401
                                          read_array_records, tfds_reader)
@@ -72,10 +74,14 @@ class Records:
     read: rows (int64 indices of the underlying source) -> {'x', 'y', 'id'} numpy columns.
     start, stop: this split's rows of the source (a carved validation split is a range of
       'train').
+    in_order: the same for a pass that reads the rows in increasing order (`InOrder`, for a
+      dataset in a bucket); `read` when None. Never sent to worker processes.
   """
 
-  def __init__(self, read: Callable[[np.ndarray], dict], start: int, stop: int):
+  def __init__(self, read: Callable[[np.ndarray], dict], start: int, stop: int,
+               in_order: Optional[Callable[[np.ndarray], dict]] = None):
     self._read, self.start, self.stop = read, int(start), int(stop)
+    self._in_order = in_order
 
   def __len__(self) -> int:
     return self.stop - self.start
@@ -86,14 +92,30 @@ class Records:
       raise IndexError(f"rows outside [0, {len(self)})")
     return self._read(rows + self.start)
 
+  def read_in_order(self, rows: np.ndarray) -> dict:
+    """`read` for a pass over the rows in increasing order (the scan, the decoded copy)."""
+    if self._in_order is None:
+      return self.read(rows)
+    rows = np.asarray(rows, np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+      raise IndexError(f"rows outside [0, {len(self)})")
+    return self._in_order(rows + self.start)
+
+  def close_in_order(self) -> None:
+    """Removes the local files of the in-order reader (`ShardsInTurn.close`)."""
+    close = getattr(self._in_order, "close", None)
+    if close is not None:
+      close()
+
   def view(self, start: int, stop: int) -> "Records":
-    return Records(self._read, self.start + start, self.start + stop)
+    return Records(self._read, self.start + start, self.start + stop, self._in_order)
+
+  def __getstate__(self):
+    return {**self.__dict__, "_in_order": None}
 
 
 def _disk_bytes(path: Optional[str]) -> int:
-  if not path or not os.path.isdir(path):
-    return 0
-  return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+  return sum(e[1] for e in storage.entries(path)) if path else 0
 
 
 def _open_tfds(name: str, data_dir: str, context: int = 0):
@@ -123,7 +145,9 @@ def _open_tfds(name: str, data_dir: str, context: int = 0):
   for s, src in sources.items():
     if s in SPLITS:
       read = tfds_reader(src, features, keys, name, ids_from_rows)
-      records[s] = Records(TextWindows(read) if name in TEXT_DATASETS else read, 0, len(src))
+      records[s] = Records(TextWindows(read) if name in TEXT_DATASETS else read, 0, len(src),
+                           stream_readers.in_order(src, features, keys, name, ids_from_rows,
+                                                   builder_dir, s, name in TEXT_DATASETS))
   records = _carve_validation(name, records)
   if name.startswith(TFDS_PREFIX):
     meta = None  # from the labels (`_tfds_meta`), after the scan
@@ -177,7 +201,7 @@ def _scan(records: Records, name: str, split: str, inputs: Optional[Callable],
   ys, ids, shape, dtype, counts = [], [], None, None, np.zeros(0, np.int64)
   lo, hi, total, m2, count = np.inf, -np.inf, 0.0, 0.0, 0
   for start in range(0, len(records), CHUNK):
-    cols = records.read(np.arange(start, min(len(records), start + CHUNK)))
+    cols = records.read_in_order(np.arange(start, min(len(records), start + CHUNK)))
     x = cols["x"]
     if shape is None:
       shape, dtype = x.shape[1:], x.dtype
@@ -228,7 +252,8 @@ def count_labels(records: Records, n: int) -> np.ndarray:
   """The class counts of the labels of `records`' first n rows, CHUNK rows at a time."""
   counts = np.zeros(0, np.int64)
   for a in range(0, n, CHUNK):
-    counts = _add_counts(counts, records.read(np.arange(a, min(n, a + CHUNK)))["y"], "", "", a)
+    counts = _add_counts(counts, records.read_in_order(np.arange(a, min(n, a + CHUNK)))["y"],
+                         "", "", a)
   return counts
 
 
@@ -267,14 +292,15 @@ def _fingerprint(path: Optional[str]) -> Optional[str]:
   """The prepared TFDS directory's fingerprint (`store.dir_fingerprint`), or None when it is
   not one or the copies beside datasets are off (JRECIPE_DATA_SNAPSHOT=0)."""
   from jrecipe.data import store
-  return store.dir_fingerprint(path) if path and os.path.isdir(path) and store.enabled() else None
+  return store.dir_fingerprint(path) if path and store.enabled() else None
 
 
 def _copy_path(path: str, name: str, suffix: str) -> str:
-  """Where a copy of the dataset at `path` lives: `<data_dir>/.jrecipe_arrays/...`."""
+  """Where a copy of the dataset at `path` lives: `<data_dir>/.jrecipe_arrays/...` (a local
+  directory for a gs:// data_dir, `store.copies_root`)."""
   from jrecipe.data import store
   safe = name.replace(":", "_").replace("/", "_")
-  return os.path.join(_data_root(path, name), store.DIRNAME,
+  return os.path.join(store.copies_root(_data_root(path, name)), store.DIRNAME,
                       f"{safe}-{os.path.basename(path)}-{suffix}")
 
 
@@ -294,8 +320,8 @@ def _decoded_copies(name: str, records: dict, scans: dict, info: StreamInfo) -> 
   for s in SPLITS:
     sc, r, n = scans[s], records[s], len(records[s])
     where = _copy_path(info.source, name, f"rows-{s}.bin")
-    chunks = lambda r=r, n=n: (r.read(np.arange(a, min(n, a + CHUNK)))["x"]  # noqa: E731
-                               for a in range(0, n, CHUNK))
+    chunks = lambda r=r, n=n: (  # noqa: E731
+        r.read_in_order(np.arange(a, min(n, a + CHUNK)))["x"] for a in range(0, n, CHUNK))
     rows = (stream_rows.open_copy(where, fp, sc.shape, sc.dtype, n) or
             stream_rows.write_copy(where, fp, sc.shape, sc.dtype, n, chunks))
     if rows is None:
@@ -327,7 +353,7 @@ def open_stream(data_config: Any) -> dataset_lib.Dataset:
         f"or 'tfds:<name>'), but data.name={name!r} is a data function returning arrays in "
         "memory. Use data.pipeline='memory' (or 'auto') for it, or pass your random-access "
         "sources to jrecipe.data.stream.from_sources.")
-  if not os.path.isdir(data_dir) and name.startswith(TFDS_PREFIX):
+  if name.startswith(TFDS_PREFIX) and not storage.isdir(data_dir):
     raise UserError(
         f"The data_dir {data_dir!r} of the TFDS dataset {name!r} does not exist: set "
         "data.data_dir (or $JRECIPE_DATA_DIR) to the directory where it is prepared (the one "
@@ -398,6 +424,7 @@ def _assemble(name, records, meta, label, info, normalize, train_subset, downsam
   `stored_as`: the name with its builder config ('stdlib_bytes/ctx128') that names the copies
   kept beside the dataset; default `name`."""
   stored_as = stored_as or name
+  opened = records
   downsample = downsample if downsample > 1 else 0
   task_guess = (meta or {}).get("task")
   sequence = task_guess == "sequence"
@@ -428,6 +455,8 @@ def _assemble(name, records, meta, label, info, normalize, train_subset, downsam
     scans["train"] = dataclasses.replace(
         t, y=None if t.y is None else t.y[:train_subset], ids=t.ids[:train_subset],
         label_counts=None if t.y is not None else count_labels(records["train"], train_subset))
+  for r in opened.values():  # the passes are over: a bucket's shards leave the local disk
+    r.close_in_order()
   channel = not sequence and len(shape) == 2 and name.startswith(TFDS_PREFIX)
   if not sequence and len(shape) + channel != 3 and name.startswith(TFDS_PREFIX):
     raise UserError(f"The TFDS dataset {name!r} has images of shape {shape}; jrecipe expects "

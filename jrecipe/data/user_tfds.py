@@ -9,7 +9,6 @@ examples in an order shuffled by their keys unless the DatasetInfo says
 `disable_shuffling=True` (train_subset takes the first N of that order).
 """
 
-import os
 import numpy as np
 
 from jrecipe.errors import UserError
@@ -19,25 +18,18 @@ def _prepared(name: str, cls: type, data_dir: str):
   """The builder of `cls` prepared (array_record) in data_dir; UserError if it cannot be."""
   from jrecipe.data import builders
 
-  def make():
+  def make(where):
     try:
-      return cls(data_dir=data_dir, file_format="array_record")
+      return cls(data_dir=where, file_format="array_record")
     except Exception as e:  # a builder that fails to construct: its own bug or arguments
       raise UserError(f"The TFDS builder {name!r} could not be constructed with data_dir="
-                      f"{data_dir!r} and file_format='array_record': {type(e).__name__}: "
+                      f"{where!r} and file_format='array_record': {type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}. It must be a "
                       "tfds.core.GeneratorBasedBuilder subclass taking TFDS's constructor "
                       "arguments; see docs/your_data.md.") from e
 
-  builder = make()
-  if not builders._is_prepared(builder):
-    with builders._file_lock(os.path.join(data_dir, f".{builder.name}.lock")):
-      builder = make()  # another process may have finished meanwhile
-      if not builders._is_prepared(builder):
-        with builders._quiet_progress_bars():
-          builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"))
-        builder = make()
-  return builder
+  return builders.prepare_builder(make, data_dir, f".{cls.name}.lock",
+                                  f"the TFDS builder {name!r}")
 
 
 def _keys(name: str, builder) -> tuple:
@@ -69,23 +61,23 @@ def _task(label, y: np.ndarray) -> dict:
 def builder_output(name: str, cls: type, data_dir: str) -> dict:
   """The splits of the builder class `cls`, as the dict a data function returns."""
   from jrecipe.data import reading
-  builder = _prepared(name, cls, data_dir)
-  try:
-    sources = builder.as_data_source()
-  except Exception as e:  # e.g. prepared there earlier as tfrecord
-    raise UserError(f"The TFDS builder {name!r} is prepared in {builder.data_path} but cannot be "
-                    f"read by random access ({type(e).__name__}): it must be prepared with "
-                    "file_format='array_record' (delete that directory to rebuild it).") from e
-  if "train" not in sources or "test" not in sources:
-    raise UserError(f"The TFDS builder {name!r} has splits {sorted(sources)}; jrecipe needs "
-                    "'train' and 'test' (and uses 'validation' when present, else the last "
-                    "10% of 'train').")
-  features = builder.info.features
-  keys = _keys(name, builder)
-  splits = {}
-  for split in [s for s in reading.SPLITS if s in sources]:
-    cols = reading._read_split(sources[split], features, keys)
-    splits[split] = {"x": cols[keys[0]], "y": cols[keys[1]]}
+  with reading.whole(_prepared(name, cls, data_dir)) as builder:
+    try:
+      sources = builder.as_data_source()
+    except Exception as e:  # e.g. prepared there earlier as tfrecord
+      raise UserError(f"The TFDS builder {name!r} is prepared in {builder.data_path} but cannot "
+                      f"be read by random access ({type(e).__name__}): it must be prepared with "
+                      "file_format='array_record' (delete that directory to rebuild it).") from e
+    if "train" not in sources or "test" not in sources:
+      raise UserError(f"The TFDS builder {name!r} has splits {sorted(sources)}; jrecipe needs "
+                      "'train' and 'test' (and uses 'validation' when present, else the last "
+                      "10% of 'train').")
+    features = builder.info.features
+    keys = _keys(name, builder)
+    splits = {}
+    for split in [s for s in reading.SPLITS if s in sources]:
+      cols = reading._read_split(sources[split], features, keys)
+      splits[split] = {"x": cols[keys[0]], "y": cols[keys[1]]}
   splits = reading._carve_validation(name, splits)
   y = np.concatenate([d["y"] for d in splits.values()])
   return {**{s: (d["x"], d["y"]) for s, d in splits.items()}, **_task(features[keys[1]], y)}
