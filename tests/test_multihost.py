@@ -231,3 +231,25 @@ def test_cpu_deadlock_guard_applies_before_or_after_the_backend(when, expected):
                      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.split("\n")[-2] == expected, r.stdout
+
+
+def test_two_processes_with_work_and_data_in_a_bucket_equal_one_process_of_four(
+    tmp_path, reference, gcs_bucket):
+  """Cloud TPU VMs' layout: --workdir and data.data_dir on gs:// (the loopback GCS emulator,
+  tests/gcs_server.py), every process reading the data and calling orbax, process 0 writing
+  the rest and holding the lock object."""
+  from jrecipe import storage
+  wd, data = f"{gcs_bucket}/run", f"{gcs_bucket}/tfds"
+  _run_job(tmp_path, [*ARGS, f"--workdir={wd}", f"--config.data.data_dir={data}"], "gcs")
+  ref, got = load_params(reference), load_params(wd)
+  diff = max(float(np.max(np.abs(ref[k].astype(np.float64) - got[k]))) for k in ref)
+  assert diff < 1e-6, diff
+  with storage.open(f"{wd}/summary.json") as f:
+    assert json.load(f)["test"]["count"] == 270
+  with storage.open(f"{wd}/metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  ref_records = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
+  assert [(r["step"], r["split"]) for r in records] == [
+      (r["step"], r["split"]) for r in ref_records], "written once, by process 0"
+  assert not storage.exists(f"{wd}/jrecipe.lock"), "released at the end"
+  assert storage.exists(f"{data}/digits/1.0.0/dataset_info.json")
