@@ -104,11 +104,14 @@ class MetricWriter:
       # that each row appears exactly once, whatever the restart point.
       kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step
               and not str(r.get("split", "")).startswith("final_")]
-      tmp = self.path + ".tmp"
-      with storage.open(tmp, "w") as f:
-        for r in kept:
-          f.write(json.dumps(r) + "\n")
-      storage.replace(tmp, self.path)
+      text = "".join(json.dumps(r) + "\n" for r in kept)
+      if storage.is_remote(self.path):  # one upload: the object appears whole or not at all
+        storage.write_bytes(self.path, text.encode())
+      else:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+          f.write(text)
+        os.replace(tmp, self.path)
     elif resume_step is None and storage.exists(self.path):
       storage.remove(self.path)
     self._file = storage.open(self.path, "a", buffering=1)
