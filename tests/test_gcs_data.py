@@ -77,6 +77,9 @@ def test_a_builtin_dataset_is_prepared_into_a_bucket_and_read_as_from_a_local_di
   assert not any(".jrecipe_arrays" in f or f.endswith(".lock") for f in files), \
       "the copies beside a dataset and its lock stay local"
   assert os.listdir(os.path.join(storage.local_mirror(url), ".jrecipe_arrays"))
+  mirror = storage.local_mirror(url)
+  assert not os.path.exists(os.path.join(mirror, "downloads")) and not list(
+      storage.walk_files(os.path.join(mirror, "digits"))), "the staged dataset is removed"
   streamed = _data("digits", "stream", url)
   assert streamed.stream.decoded_copy
   _same_data(local, streamed)

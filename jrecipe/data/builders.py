@@ -433,4 +433,7 @@ def _prepare_remote(make_at, data_dir: str, lock: str, what: str):
           "machine's credentials the first time a built-in dataset is prepared there; or set "
           "data.data_dir to a local directory.") from None
     shutil.rmtree(src, ignore_errors=True)
+    for empty in (os.path.dirname(src), os.path.join(staging, "downloads", "extracted")):
+      with contextlib.suppress(OSError):  # up to the staging folder, which keeps the lock
+        os.removedirs(empty)
   return make_at(data_dir)
