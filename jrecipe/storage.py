@@ -383,9 +383,10 @@ def download_tree(src, local_dir: str) -> None:
     fs.get_file(f"{base}/{rel}", target)
 
 
-def upload_tree(local_dir: str, dest) -> None:
-  """Copies a local directory's files under `dest` (a URL), then removes the local copy."""
-  for rel in list(walk_files(local_dir)):
-    with builtins.open(os.path.join(local_dir, rel), "rb") as f:
-      write_bytes(join(dest, rel), f.read())
+def upload_tree(local_dir: str, dest, last: tuple = ()) -> None:
+  """Copies a local directory's files under `dest` (a URL), each streamed as one object, the
+  files named in `last` after all the others (a marker that says the rest is complete); then
+  removes the local copy."""
+  for rel in sorted(walk_files(local_dir), key=lambda rel: rel in last):
+    upload_file(os.path.join(local_dir, rel), join(dest, rel))
   shutil.rmtree(local_dir, ignore_errors=True)

@@ -202,3 +202,14 @@ def test_gs_workdirs_that_cannot_work_are_refused_in_one_paragraph(gcs_bucket):
   r = _jrecipe(*ARGS, "--mode=validate", f"--workdir={gcs_bucket}/v", timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "starts a new run" in r.stdout and not storage.exists(f"{gcs_bucket}/v/config.json")
+
+
+def test_upload_tree_copies_every_file_then_removes_the_local_copy(gcs_bucket, tmp_path):
+  """What a profile's trace and a dataset staged for a bucket go through."""
+  local = tmp_path / "tree"
+  (local / "sub").mkdir(parents=True)
+  (local / "dataset_info.json").write_bytes(b"{}")
+  (local / "sub" / "a.bin").write_bytes(b"\0" * 70000)
+  storage.upload_tree(str(local), f"{gcs_bucket}/up", last=("dataset_info.json",))
+  assert sorted(storage.walk_files(f"{gcs_bucket}/up")) == ["dataset_info.json", "sub/a.bin"]
+  assert storage.getsize(f"{gcs_bucket}/up/sub/a.bin") == 70000 and not local.exists()

@@ -36,7 +36,6 @@ import contextlib
 import fcntl
 import functools
 import os
-import shutil
 import time
 from typing import Iterator
 
@@ -424,15 +423,13 @@ def _prepare_remote(make_at, data_dir: str, lock: str, what: str):
     src = str(local.data_path)
     dest = storage.join(data_dir, os.path.relpath(src, staging))
     try:
-      for rel in sorted(storage.walk_files(src), key=lambda n: n == "dataset_info.json"):
-        storage.upload_file(os.path.join(src, rel), storage.join(dest, rel))
+      storage.upload_tree(src, dest, last=("dataset_info.json",))  # then removes src
     except Exception as e:  # noqa: BLE001 - permissions, quota, network: one paragraph
       raise UserError(
           f"Cannot upload {what} into data_dir {data_dir}: {type(e).__name__}: "
           f"{(str(e).splitlines() or [''])[0][:200]}. The bucket must be writable by this "
           "machine's credentials the first time a built-in dataset is prepared there; or set "
           "data.data_dir to a local directory.") from None
-    shutil.rmtree(src, ignore_errors=True)
     for empty in (os.path.dirname(src), os.path.join(staging, "downloads", "extracted")):
       with contextlib.suppress(OSError):  # up to the staging folder, which keeps the lock
         os.removedirs(empty)

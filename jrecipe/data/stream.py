@@ -86,20 +86,18 @@ class Records:
   def __len__(self) -> int:
     return self.stop - self.start
 
-  def read(self, rows: np.ndarray) -> dict:
+  def _source_rows(self, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
       raise IndexError(f"rows outside [0, {len(self)})")
-    return self._read(rows + self.start)
+    return rows + self.start
+
+  def read(self, rows: np.ndarray) -> dict:
+    return self._read(self._source_rows(rows))
 
   def read_in_order(self, rows: np.ndarray) -> dict:
     """`read` for a pass over the rows in increasing order (the scan, the decoded copy)."""
-    if self._in_order is None:
-      return self.read(rows)
-    rows = np.asarray(rows, np.int64)
-    if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-      raise IndexError(f"rows outside [0, {len(self)})")
-    return self._in_order(rows + self.start)
+    return (self._in_order or self._read)(self._source_rows(rows))
 
   def close_in_order(self) -> None:
     """Removes the local files of the in-order reader (`ShardsInTurn.close`)."""

@@ -4,10 +4,14 @@
 Each is a class, not a closure, so that grain's worker processes can be sent it (pickled).
 """
 
+import copy
+import os
+import shutil
 from typing import Callable
 
 import numpy as np
 
+from jrecipe import storage
 from jrecipe.errors import UserError
 
 
@@ -133,11 +137,7 @@ class ShardsInTurn:
     return int(self.ends[-1]) if len(self.ends) else 0
 
   def _open(self, shard: int):
-    import os
-
     from array_record.python import array_record_module
-
-    from jrecipe import storage
     if shard != self._shard:
       self.close()
       os.makedirs(self.local_dir, exist_ok=True)
@@ -161,7 +161,6 @@ class ShardsInTurn:
 
   def close(self) -> None:
     """Removes the local shard (the next read downloads it again)."""
-    import shutil
     if self._reader is not None:
       self._reader.close()
     self._shard, self._reader = -1, None
@@ -187,10 +186,6 @@ def in_order(source, features, keys: tuple, name: str, ids_from_rows: bool, data
   bucket (`data_path` a gs:// URL): a copy of it whose records are read shard by shard from
   local copies (`ShardsInTurn`), with the same decoding. None otherwise (a local source reads
   in order as fast as it reads at random)."""
-  import copy
-  import os
-
-  from jrecipe import storage
   info, where = getattr(source, "dataset_info", None), getattr(source, "split", None)
   if not data_path or not storage.is_remote(data_path) or info is None or where is None or \
       not hasattr(source, "data_source"):
