@@ -105,8 +105,16 @@ class Section:
     return value
 
   def steps(self, units: float) -> int:
-    """A duration in this section's unit -> whole optimizer steps."""
-    return int(round(units * self.steps_per_unit))
+    """A duration in this section's unit -> whole optimizer steps; UserError past what the
+    int32 step counter holds (optax counts steps, and schedules divide by them, in int32)."""
+    from jrecipe.validate import MAX_STEPS
+    steps = int(round(units * self.steps_per_unit))
+    if steps > MAX_STEPS:
+      raise UserError(f"{self.where} has a duration of {units:g} {self.unit}, which is {steps} "
+                      f"steps: more than the {MAX_STEPS} an int32 step counter holds. Durations "
+                      "(warmup, boundaries, every, decay_steps) must fit within the run: lower "
+                      "it.")
+    return steps
 
 
 def schedule_section(sched_config) -> Any:

@@ -58,6 +58,9 @@ def _build_error(overrides, path=DIGITS) -> str:
     ("num_epochs=-2", ["config.num_epochs", "(0, inf)"]),
     ("num_epochs=inf", ["config.num_epochs", "finite"]),
     ("num_epochs=1e-9", ["num_epochs", "less than one step"]),
+    # found by the random-override test: 238609295 epochs of 9 steps overflowed int32 in the
+    # warm-up ramp, an OverflowError from JAX instead of a paragraph
+    ("schedule.warmup=238609295", ["config.schedule", "2147483655 steps", "int32"]),
     ("num_epochs=1e12", ["num_epochs", "int32"]),
     ("schedule.unit=days", ["config.schedule.unit", "'steps', 'epochs'"]),
     ("momentum_schedule.unit=weeks", ["config.momentum_schedule.unit", "'steps', 'epochs'"]),
