@@ -31,12 +31,13 @@ def _jrecipe(*args, timeout=300, env=None):
 
 def _steps(ckdir: str, committed: bool) -> list[str]:
   """The checkpoint steps under `ckdir` that orbax began writing, or that it committed
-  (jrecipe's manifest, then orbax's commit_success.txt: written last, in that order)."""
+  (jrecipe's manifest, then orbax's commit_success.txt and _CHECKPOINT_METADATA)."""
   try:
     names = [n for n in storage.listdir(ckdir) if n.isdigit()]
   except FileNotFoundError:
     return []
-  return [n for n in names if not committed or storage.exists(f"{ckdir}/{n}/commit_success.txt")]
+  return [n for n in names if not committed or all(
+      storage.exists(f"{ckdir}/{n}/{f}") for f in ("commit_success.txt", "_CHECKPOINT_METADATA"))]
 
 
 # 40 epochs, a checkpoint every 10: the kill lands while orbax writes the first checkpoint in

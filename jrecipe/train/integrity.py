@@ -201,13 +201,14 @@ def clean_leftovers(directory: str) -> list[str]:
 
 def _unfinished_remote(directory: str, name: str) -> bool:
   """On an object store orbax writes a step in place (no rename): jrecipe's manifest, then
-  orbax's `commit_success.txt`, come last. A step without both was being written, or deleted
+  orbax's `commit_success.txt` and `_CHECKPOINT_METADATA`, come last (the two in either
+  order: a kill between them was seen in CI). A step without all three was being written, or deleted
   (the manifest goes first), when the run was killed; left there, the next write of that step
   would meet tensorstore's files of the dead one."""
   if not (storage.is_remote(directory) and name.isdigit()):
     return False
   step_dir = os.path.join(directory, name)
-  return not all(storage.exists(os.path.join(step_dir, n)) for n in (MANIFEST, _AFTER_MANIFEST[0]))
+  return not all(storage.exists(os.path.join(step_dir, n)) for n in (MANIFEST, *_AFTER_MANIFEST))
 
 
 def shape_differences(restored: Any, target: Any, limit: int = 4) -> str:
