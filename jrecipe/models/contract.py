@@ -68,18 +68,50 @@ def pop_adapter_fields(fields: dict) -> tuple[dict, dict]:
   return own, adapter
 
 
+def _fits(value: Any, param: inspect.Parameter) -> bool:
+  """Whether an inherited value suits a factory parameter's annotation and default.
+
+  Only plain types are compared (int, float, bool, str, tuple, ...): an int fits a float, a
+  bool fits only a bool; a default of None and annotations such as Optional[...] or
+  Sequence[int] accept anything.
+  """
+  def fits(kind) -> bool:
+    if not isinstance(kind, type) or kind is object:
+      return True
+    if kind is float:
+      return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+      return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (tuple, list):
+      return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+  default = param.default
+  if default is not param.empty and default is not None and not fits(type(default)):
+    return False
+  return param.annotation is param.empty or fits(param.annotation)
+
+
 def drop_inherited(name: str, factory: Callable, fields: dict, inherited) -> dict:
-  """`fields` without the inherited ones (see the module docstring) the factory lacks."""
+  """`fields` without the inherited ones (see the module docstring) the factory lacks, or
+  declares with another type (the config file's `width=1.0`, a float multiplier, is not
+  passed to a factory's `width: int = 32`: it keeps its own default)."""
   params = _params_of(factory)
   if not inherited or params is None or any(p.kind == p.VAR_KEYWORD for p in params.values()):
     return fields
   dropped = sorted(k for k in inherited if k in fields and k not in params)
+  mismatched = sorted(k for k in inherited if k in fields and k in params
+                      and not _fits(fields[k], params[k]))
+  import logging
+  log = logging.getLogger("jrecipe")
   if dropped:
-    import logging
-    logging.getLogger("jrecipe").info(
-        "model %r does not declare %s (set by the config file for its own model): not passed.",
-        name, ", ".join(dropped))
-  return {k: v for k, v in fields.items() if k not in dropped}
+    log.info("model %r does not declare %s (set by the config file for its own model): not "
+             "passed.", name, ", ".join(dropped))
+  for k in mismatched:
+    log.info("model %r declares %s; the config file's %s=%r (for its own model) does not fit "
+             "it: not passed (set --config.model.%s to change it).", name, params[k], k,
+             fields[k], k)
+  return {k: v for k, v in fields.items() if k not in dropped and k not in mismatched}
 
 
 def select_output(out: Any, selector: Any, name: str) -> Any:

@@ -23,6 +23,7 @@ import flax
 import jax
 from flax import linen as nn
 
+from jrecipe.errors import UserError
 from jrecipe.models.core import check_rngs, fast_random
 from jrecipe.types import Model
 
@@ -102,24 +103,51 @@ def unbound_axes(trace: Callable, bound: tuple = ()) -> tuple:
   return names
 
 
-def _detect(module, mode, example_input, has_dropout, has_batchnorm, bind_unbound, bound):
-  """(has_dropout, has_batchnorm, axis names to bind) by abstract evaluation."""
-  shapes = jax.eval_shape(
-      lambda x: nn.meta.unbox(module.init({"params": jax.random.key(0)}, x, **mode(False))),
-      example_input)
-  if has_batchnorm is None:
-    has_batchnorm = "batch_stats" in shapes
-  mutable = [k for k in shapes if k != "params"] or False
+def _init_fn(module, mode) -> Callable:
+  """`init(rng, x) -> variables` in eval mode, parameters unboxed."""
+  return lambda rng, x: dict(nn.meta.unbox(module.init({"params": rng}, x, **mode(False))))
 
-  def train_call(v, x, rngs):
-    return module.apply(v, x, rngs=rngs, mutable=mutable, **mode(True))
+
+def _detect(module, name, mode, example_input, has_dropout, has_batchnorm, bind_unbound,
+            bound):
+  """(has_dropout, has_batchnorm, axis names to bind) by abstract evaluation.
+
+  The names are looked for in a train-mode and an eval-mode call: a BatchNorm that
+  normalises with the batch in eval mode (`use_running_average=train`, inverted) meets its
+  `axis_name` in eval mode only (Flax leaves it out at init), and `eval_mode` then measures
+  the dependence, instead of the model failing to build.
+  """
+  init = _init_fn(module, mode)
 
   def trace(names, rngs):
-    return jax.eval_shape(bind_axes(train_call, names), shapes, example_input, rngs)
+    shapes = jax.eval_shape(bind_axes(init, names), jax.random.key(0), example_input)
+    mutable = [k for k in shapes if k != "params"] or False
+
+    def train_call(v, x, rngs):
+      return module.apply(v, x, rngs=rngs, mutable=mutable, **mode(True))
+
+    def eval_call(v, x):  # a dropout key even here: dropout at eval is eval_mode's finding
+      return module.apply(v, x, rngs={"dropout": jax.random.key(1)}, **mode(False))
+
+    jax.eval_shape(bind_axes(train_call, names), shapes, example_input, rngs)
+    try:
+      jax.eval_shape(bind_axes(eval_call, names), shapes, example_input)
+    except flax.errors.ModifyScopeVariableError as e:
+      raise UserError(
+          f"The model {name!r} changes its state in eval mode (train=False): "
+          f"{' '.join(str(e).split('(https')[0].split())} jrecipe evaluates (and the battery "
+          "checks) with the state read-only, so in eval mode a BatchNorm must normalise with "
+          "its running averages: `use_running_average=not train` as in Flax's examples, not "
+          "`use_running_average=train` (inverted) or a constant False."
+      ) from None
+    return shapes
 
   names = ()
   if bind_unbound:
     names = unbound_axes(lambda n: trace(n, {"dropout": jax.random.key(0)}), bound)
+  if has_batchnorm is None:
+    has_batchnorm = "batch_stats" in jax.eval_shape(bind_axes(init, names), jax.random.key(0),
+                                                    example_input)
   if has_dropout is None:
     try:
       trace(names, {})
@@ -167,7 +195,7 @@ def from_linen(module: nn.Module, name: str, *, has_dropout: Optional[bool] = No
   names = ()
   if example_input is not None and (has_dropout is None or has_batchnorm is None
                                     or bind_unbound):
-    has_dropout, has_batchnorm, names = _detect(module, mode, example_input, has_dropout,
+    has_dropout, has_batchnorm, names = _detect(module, name, mode, example_input, has_dropout,
                                                 has_batchnorm, bind_unbound,
                                                 tuple(a for a in bound_axes if a))
   if has_dropout is None:
@@ -177,7 +205,7 @@ def from_linen(module: nn.Module, name: str, *, has_dropout: Optional[bool] = No
   @fast_random
   @jax.jit
   def init(rng, x):
-    return dict(nn.meta.unbox(module.init({"params": rng}, x, **mode(False))))
+    return bind_axes(_init_fn(module, mode), names)(rng, x)
 
   def call(variables, x, train, rngs, mutable):
     if not mutable:

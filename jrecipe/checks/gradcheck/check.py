@@ -90,11 +90,16 @@ def gradient_check(loss_fn_data: Callable, loss_fn_reg: Optional[Callable], para
     tables, other = _measure(losses, flat, coords, args64, h=h, other_h=other_h,
                              always_other=bool(artifacts_dir), fail_above=fail_above,
                              warn_above=warn_above)
-    cg = ({"data": measure.check_grads_outcome(measure.flat_loss(loss_fn_data, flat.rebuild),
-                                               flat.theta, args64)} if run_check_grads else {})
+    cg = {"data": _check_grads(loss_fn_data, kink_fn, flat, args64)} if run_check_grads else {}
   return _verdict(tables, other, cg, loss_dtypes, h=h, coords_per_leaf=coords_per_leaf,
                   n_losses=len(losses), kink_detection=kink_fn is not None,
                   artifacts_dir=artifacts_dir, fail_above=fail_above, warn_above=warn_above)
+
+
+def _check_grads(loss_fn_data: Callable, kink_fn: Optional[Callable], flat, args64) -> str:
+  """`measure.check_grads_outcome` of the data loss on the flat parameter vector."""
+  return measure.check_grads_outcome(measure.flat_loss(loss_fn_data, flat.rebuild), flat.theta,
+                                     args64, kink_fn, flat.rebuild)
 
 
 def _verdict(tables: dict, other: dict, cg: dict, loss_dtypes: dict, *, h: float,

@@ -93,11 +93,32 @@ def run_numbers(run, theta, idx, h, args):
   return a, (fp - fm) / step, np.asarray(k, bool), resolution
 
 
-def check_grads_outcome(f_flat: Callable, theta: np.ndarray, args) -> str:
+KINKS_CROSSED = "kinks crossed by its direction"  # in the outcome: the failure is explained
+
+
+def _direction_kinks(kink_flat: Callable, theta: np.ndarray, args, eps: float) -> int:
+  """How many tracked kink 'winners' (ReLU signs) differ between theta +- eps * u, with u the
+  direction check_grads draws (`jax.test_util.check_vjp`: RandomState(0).randn, one draw of
+  theta's shape)."""
+  u = np.random.RandomState(0).randn(*np.shape(theta))
+  plus = kink_flat(jnp.asarray(theta + eps * u), args)
+  minus = kink_flat(jnp.asarray(theta - eps * u), args)
+  return int(sum(np.sum(np.asarray(a) != np.asarray(b))
+                 for a, b in zip(jax.tree.leaves(plus), jax.tree.leaves(minus))))
+
+
+def check_grads_outcome(f_flat: Callable, theta: np.ndarray, args,
+                        kink_fn: Optional[Callable] = None,
+                        rebuild: Optional[Callable] = None) -> str:
   """jax.test_util.check_grads on the flat parameter vector (one leaf: few eager kernels).
 
   Its default float64 step (1e-4 on every parameter at once) often crosses ReLU kinks; on a
   failure it is retried with smaller steps ("try other h"): a wrong rule fails at every step.
+  When it fails at every step and `kink_fn(params, *args) -> pattern` is given (params =
+  `rebuild(theta)`, the flat vector itself without `rebuild`), the kinks its
+  own direction crosses at the smallest step are counted: a step on every parameter at once
+  moves every pre-activation of a transformer's MLP (tens of thousands of ReLUs), and a
+  crossed kink explains the failure (CS231n: 'kinks'), which the outcome then says.
   """
   fn = jax.jit(lambda th: f_flat(th, args))
   first = None
@@ -114,6 +135,13 @@ def check_grads_outcome(f_flat: Callable, theta: np.ndarray, args) -> str:
       first = first or text[:200]
     except Exception as e:  # pylint: disable=broad-except
       return f"error: {type(e).__name__}: {str(e)[:200]}"
+  crossed = 0
+  if kink_fn is not None:
+    kink_flat = jax.jit(lambda th, a: kink_fn(rebuild(th) if rebuild else th, *a))
+    crossed = _direction_kinks(kink_flat, theta, args, 1e-6)
+  if crossed:
+    return (f"failed at eps=default, 1e-05 and 1e-06, {crossed} {KINKS_CROSSED} at eps=1e-06 "
+            f"(tracked ReLU signs): {first}")
   return f"failed at eps=default, 1e-05 and 1e-06: {first}"
 
 

@@ -1,6 +1,7 @@
 """The gradient check on a jrecipe Model and Loss, ReLU kinks from Linen, and the battery's
 registered `gradient_check` (CS231n gradient checks, in a characteristic mode)."""
 
+import contextlib
 import inspect
 from typing import Any, Callable, Optional, Union
 
@@ -12,6 +13,7 @@ from jrecipe.checks.base import CheckResult
 from jrecipe.checks.gradcheck.check import gradient_check
 from jrecipe.checks.gradcheck.measure import float64, to_f64
 from jrecipe.checks.registry import register_check
+from jrecipe.models.float64 import float64_layers
 from jrecipe.train.step import l2_penalty
 
 
@@ -110,7 +112,8 @@ def gradient_check_model(model: Any, loss: Any, variables: Any, batch: dict, *, 
                          rng: Optional[jax.Array] = None, h: float = 1e-5,
                          coords_per_leaf: int = 4, seed: int = 0,
                          kink_fn: Union[str, Callable, None] = "auto", max_examples: int = 8,
-                         artifacts_dir: Optional[str] = None, **kwargs) -> CheckResult:
+                         artifacts_dir: Optional[str] = None, raise_layers: bool = True,
+                         **kwargs) -> CheckResult:
   """`gradient_check` for a jrecipe Model and Loss on (a few examples of) a batch.
 
   Recipe step: CS231n gradient checks, in a characteristic mode: call it after a short
@@ -132,6 +135,9 @@ def gradient_check_model(model: Any, loss: Any, variables: Any, batch: dict, *, 
       module, else none), None, or `kink_fn(params, x, y, state) -> pattern`.
     max_examples: examples of the batch used.
     artifacts_dir: where to write `gradient_check.png` (None: no files).
+    raise_layers: trace the model under `jrecipe.models.float64.float64_layers`, so layers
+      whose `dtype` field pins float32 or bfloat16 (Flax's ImageNet and LM1B examples)
+      compute in float64 like the rest (said in the message); False: as written.
     **kwargs: passed to `gradient_check` (fail_above, warn_above, other_h, ...).
 
   Returns:
@@ -157,14 +163,22 @@ def gradient_check_model(model: Any, loss: Any, variables: Any, batch: dict, *, 
         return relu_pattern(model, {"params": params, **state}, x, train=True, rngs=rngs)
     else:
       kink_fn = None
-  result = gradient_check(data_loss, reg_loss if l2 else None, variables["params"], h=h,
-                          coords_per_leaf=coords_per_leaf, rng=seed, kink_fn=kink_fn,
-                          args=(x, y, state), artifacts_dir=artifacts_dir, **kwargs)
-  if result.details.get("loss_dtypes", {}).get("data", "float64") != "float64":
-    with float64():
-      out = jax.eval_shape(
-          lambda p, xx, st: model.apply_with_state({"params": p, **st}, xx, True, rngs)[0],
-          to_f64(variables["params"]), to_f64(x), to_f64(state))
+  with float64_layers() if raise_layers else contextlib.nullcontext(set()) as raised:
+    result = gradient_check(data_loss, reg_loss if l2 else None, variables["params"], h=h,
+                            coords_per_leaf=coords_per_leaf, rng=seed, kink_fn=kink_fn,
+                            args=(x, y, state), artifacts_dir=artifacts_dir, **kwargs)
+    low = result.details.get("loss_dtypes", {}).get("data", "float64") != "float64"
+    if low:
+      with float64():
+        out = jax.eval_shape(
+            lambda p, xx, st: model.apply_with_state({"params": p, **st}, xx, True, rngs)[0],
+            to_f64(variables["params"]), to_f64(x), to_f64(state))
+  if raised:
+    result.message = result.message.rstrip(".") + (
+        f"; the model pins a compute dtype below float64 ({', '.join(sorted(raised))}): "
+        "checked with those fields set to float64, the same model and parameters otherwise.")
+    result.details["raised_dtype_fields"] = sorted(raised)
+  if low:
     dtypes = sorted({str(o.dtype) for o in jax.tree.leaves(out)})
     where = (f"the loss {getattr(loss, 'name', '')!r} casts the model's float64 outputs down "
              "(astype(float32) in per_example?)" if dtypes == ["float64"] else

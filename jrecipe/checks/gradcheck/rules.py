@@ -10,6 +10,8 @@ gradients are within float64 roundoff of zero, are counted, not compared.
 
 import numpy as np
 
+from jrecipe.checks.gradcheck.measure import KINKS_CROSSED
+
 FAIL_ABOVE = 1e-2
 WARN_ABOVE = 1e-4
 EXCELLENT_BELOW = 1e-7
@@ -156,7 +158,8 @@ def _agreeing(tables: dict, cg: dict, *, value: float, summary: str, warn_above:
         "range, nothing was verified: scale the loss up, or does the loss depend on the "
         "parameters at all?; " + summary)
   failed_cg = {k: v for k, v in cg.items() if not v.startswith("passed")}
-  if failed_cg and not n_kinks and (kink_detection or value >= warn_above):
+  explained = {k for k, v in failed_cg.items() if KINKS_CROSSED in v}
+  if set(failed_cg) - explained and not n_kinks and (kink_detection or value >= warn_above):
     return "warn", (
         f"{STEP}: sampled coordinates agree (max relative error {value:.2g}) but "
         f"jax.test_util.check_grads failed for the {', '.join(failed_cg)} loss: check the "
@@ -165,8 +168,9 @@ def _agreeing(tables: dict, cg: dict, *, value: float, summary: str, warn_above:
     # CS231n: kinks make the numeric gradient wrong where x+h and x-h straddle one; the
     # sampled coordinates (kinks tracked) agree, so check_grads' one random direction
     # through every ReLU at once is reported, not failed.
-    why = ("explained by the kinks crossed" if n_kinks else "kinks are not tracked for this "
-           "model, and its ReLUs are crossed by a step on every parameter at once")
+    why = ("explained by the kinks crossed" if n_kinks else "explained by the ReLU kinks its "
+           "own direction crosses" if explained else "kinks are not tracked for this model, "
+           "and its ReLUs are crossed by a step on every parameter at once")
     cg_txt = (f"; check_grads' random direction failed for the {', '.join(failed_cg)} loss, "
               f"{why}")
   else:

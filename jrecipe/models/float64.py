@@ -1,0 +1,109 @@
+"""Layers that pin a compute dtype below float64, raised to float64 for the gradient check.
+
+Recipe step: CS231n gradient checks ("use double precision"). Flax's own examples give their
+modules a `dtype` field (ImageNet's ResNet: `dtype: Any = jnp.float32`, passed to every Conv,
+BatchNorm and Dense; LM1B/WMT: `config.dtype` in a `TransformerConfig` dataclass), and Flax's
+layers then compute in that dtype whatever their inputs: traced from float64 parameters, the
+loss of such a model is float32 and a float64 gradient check measures float32 rounding.
+
+`float64_layers()` makes every `dtype` field below float64 read float64 while the model is
+traced inside it, the way a user would pass `dtype=jnp.float64`:
+- Linen: an interceptor (`flax.linen.intercept_methods`) sets the field on the bound module
+  for the duration of each of its method calls (children built inside inherit it), and
+  replaces a dataclass field that itself holds `dtype` (LM1B's `config`) by a copy;
+- NNX: `raise_nnx(module)` sets the same fields on the merged copy the adapter calls
+  (`jrecipe.models.nnx_adapter`), never on the user's template.
+Casts written in the code (`x.astype(jnp.float32)`) are not touched: the gradient check still
+reports those as inconclusive.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+FIELD = "dtype"  # the compute-dtype field of Flax's layers and of the examples' configs
+_RAISED: contextvars.ContextVar = contextvars.ContextVar("jrecipe_float64_layers", default=None)
+
+
+def _low(value: Any) -> bool:
+  """Whether `value` names a floating dtype below float64 (jnp.float32, 'bfloat16', ...)."""
+  if value is None or isinstance(value, bool):
+    return False
+  try:
+    dtype = np.dtype(value)
+  except TypeError:
+    return False
+  return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 8
+
+
+def _raised_fields(obj: Any) -> dict:
+  """{attribute: its float64 value} for `obj`'s dtype field and configs holding one."""
+  out = {}
+  if _low(getattr(obj, FIELD, None)):
+    out[FIELD] = jnp.float64
+  fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ()
+  for f in fields:
+    value = getattr(obj, f.name, None)
+    if (dataclasses.is_dataclass(value) and not isinstance(value, (type, nn.Module))
+        and any(g.name == FIELD for g in dataclasses.fields(value))
+        and _low(getattr(value, FIELD))):
+      out[f.name] = dataclasses.replace(value, **{FIELD: jnp.float64})
+  return out
+
+
+def _names(obj: Any, raised: dict) -> list:
+  """'ResNet.dtype', 'Decoder.config.dtype': the fields `raised` replaces, for messages."""
+  cls = type(obj).__name__
+  return [f"{cls}.{n}" if n == FIELD else f"{cls}.{n}.{FIELD}" for n in raised]
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  module = context.module
+  raised = _raised_fields(module)
+  if not raised:
+    return next_fun(*args, **kwargs)
+  record = _RAISED.get()
+  if record is not None:
+    record.update(_names(module, raised))
+  saved = {name: getattr(module, name) for name in raised}
+  for name, value in raised.items():
+    object.__setattr__(module, name, value)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    for name, value in saved.items():
+      object.__setattr__(module, name, value)
+
+
+@contextlib.contextmanager
+def float64_layers() -> Iterator[set]:
+  """While active, models traced compute in float64 where a `dtype` field said less.
+
+  Yields the set of the fields raised, as 'Class.dtype' (filled as models are traced).
+  """
+  raised: set = set()
+  token = _RAISED.set(raised)
+  try:
+    with nn.intercept_methods(_interceptor):
+      yield raised
+  finally:
+    _RAISED.reset(token)
+
+
+def raise_nnx(module: Any) -> None:
+  """Inside `float64_layers`, sets the dtype fields of an NNX module graph to float64."""
+  record = _RAISED.get()
+  if record is None:
+    return
+  from flax import nnx
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Module):
+      raised = _raised_fields(node)
+      record.update(_names(node, raised))
+      for name, value in raised.items():
+        setattr(node, name, value)
