@@ -140,6 +140,23 @@ class _BNMLP(nn.Module):
     return nn.Dense(self.num_outputs, name="head")(h)
 
 
+class _TwoBNMLP(nn.Module):
+  """Two Dense -> BatchNorm -> ReLU blocks; `frozen` plants `use_running_average=True`
+  written into the second BatchNorm (it never learns statistics)."""
+
+  num_outputs: int
+  frozen: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(32)(x.reshape((x.shape[0], -1)))
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(h))
+    h = nn.Dense(32)(h)
+    frozen = True if self.frozen else not train
+    h = nn.relu(nn.BatchNorm(use_running_average=frozen, momentum=0.9, name="bn2")(h))
+    return nn.Dense(self.num_outputs, name="head")(h)
+
+
 def linen_bn_model(module, *, drop_state: bool = False):
   """A Linen module with BatchNorm as a `jrecipe.types.Model`; `drop_state` plants the bug of
   a train step that returns the old statistics instead of the updated ones."""

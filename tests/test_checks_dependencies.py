@@ -48,6 +48,7 @@ class Attention(nn.Module):
   k: int = 0
   vocab: int = 0  # > 0: integer token inputs through an embedding
   shift: bool = False  # shift inputs right by one: output t sees only inputs < t
+  pad_id: int = -1  # >= 0: LM1B's padding mask too (query and key tokens != pad_id)
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -58,6 +59,9 @@ class Attention(nn.Module):
     q, k, v = nn.Dense(8)(h), nn.Dense(8)(h), nn.Dense(8)(h)
     s = jnp.einsum("btd,bsd->bts", q, k) / jnp.sqrt(8.0)
     mask = jnp.tril(jnp.ones((t, t), bool), k=self.k)
+    if self.pad_id >= 0:
+      real = x != self.pad_id
+      mask = mask & real[:, :, None] & real[:, None, :]
     w = jax.nn.softmax(jnp.where(mask, s, -1e9), axis=-1)
     return nn.Dense(5)(jnp.einsum("bts,bsd->btd", w, v) + h)
 
@@ -162,6 +166,10 @@ def test_causal_sees_current(x_seq, attn_float):
   assert r.details["first_offending"] == {"output": 0, "input": 0}
   shifted = linen_apply(Attention(k=0, shift=True))
   assert causal_dependency(shifted, attn_float, x_seq, sees_current=False).status == "pass"
+  # Next-token data (sees_current=True) and a model that shifts its inputs right itself (LM1B
+  # without model.shifts_inputs): output t never sees token t, two tokens ahead. A fail.
+  r = causal_dependency(shifted, attn_float, x_seq, sees_current=True)
+  assert r.status == "fail" and "model.shifts_inputs=True" in r.message, r.message
 
 
 def test_causal_skips_non_sequences(x_flat):
@@ -173,3 +181,20 @@ def test_causal_skips_non_sequences(x_flat):
   assert "sequence" in causal_skip_reason(spec)
   seq = DataSpec("chars", "sequence", (6,), 11, None, (0, 10), {"train": 1}, time_axis=1)
   assert causal_skip_reason(seq) is None
+
+
+def test_causal_padding_mask_on_a_real_token_is_named(attn_tokens):
+  """LM1B's `make_attention_mask(inputs > 0, inputs > 0)` on data where id 0 is a real token:
+  the rows at id 0 are masked entirely and a fully masked row attends everywhere. The fail
+  names the id; an off-by-one mask (every row looks ahead) does not get the hint."""
+  tokens = jnp.asarray([[3, 0, 5, 7, 0, 2], [1, 4, 0, 6, 8, 9]], jnp.int32)
+  r = causal_dependency(linen_apply(Attention(vocab=11, pad_id=0)), attn_tokens, tokens,
+                        vocab_size=11)
+  assert r.status == "fail", r.message
+  assert "every output that looks ahead is at input token id 0" in r.message, r.message
+  assert causal_dependency(linen_apply(Attention(vocab=11, pad_id=10)), attn_tokens, tokens,
+                           vocab_size=11).status == "pass"
+  r = causal_dependency(linen_apply(Attention(k=1, vocab=11)), attn_tokens, tokens,
+                        vocab_size=11)
+  assert r.status == "fail" and "padding" not in r.message.split("allowed:")[1], r.message
+

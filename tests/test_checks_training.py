@@ -457,3 +457,45 @@ def test_capacity_skips_without_widen(mlp, loss, tx, mlp_vars, data):
   r = overfit.capacity_decreases_loss(model, loss, mlp_vars, data[0][:10], data[1][:10],
                                        tx=tx, steps=30, rng=0)
   assert r.status == "skip", r.message
+
+
+@pytest.mark.parametrize("frozen,pretrained,status", [
+    (False, False, "pass"), (True, False, "fail"), (True, True, "warn")])
+def test_state_updates_finds_one_batchnorm_that_never_learns(loss, tx, data, frozen,
+                                                             pretrained, status):
+  """'Careful with BN': `use_running_average=True` written into one BatchNorm of two: the
+  whole state still moves, yet that layer normalises with mean 0 / variance 1 forever. A fail
+  naming it; a warn when the parameters come from init_from (frozen on purpose?)."""
+  from jrecipe.checks.stochastic import state_updates
+  from tests.planted import _TwoBNMLP, linen_bn_model  # pylint: disable=protected-access
+  x, y = data[0][:256], data[1][:256]
+  model = linen_bn_model(_TwoBNMLP(10, frozen=frozen))
+  variables = model.init(jax.random.PRNGKey(0), x[:2])
+  r = state_updates(model, loss, variables, x, y, tx=tx, steps=3, rng=0, batch_size=32,
+                    pretrained=pretrained)
+  assert r.status == status, r.message
+  if frozen:
+    assert r.details["frozen_layers"] == ["batch_stats/bn2"]
+    assert "1 of 2 layers: batch_stats/bn2" in r.message
+    assert "use_running_average=True" in r.message
+
+
+def test_the_baseline_extends_its_budget_while_the_loss_still_falls():
+  """A correct model that has not started using its input within the budget (20 steps of
+  Adam 5e-4 here; an LM1B-style decoder within 150 on digit sequences) gets x2, then x4
+  while its training loss is still falling, and passes; an input-ignoring model still fails."""
+  from jrecipe.checks.baselines import check_input_independent_baseline
+  from tests import check_cases, planted
+  kit = check_cases.make_kit()
+  ctx = dataclasses.replace(kit.ctx, steps=20, tx=optax.adam(5e-4))
+  with fitting.shared_runs(snapshots=(20, 40)):
+    r = check_input_independent_baseline(ctx)
+  assert r.status == "pass", r.message
+  assert r.details["budget_extended_from"] == 20 and "after 40 steps" in r.message
+  assert "budget_steps=20 extended to 40 while the training loss" in r.message
+  blind = planted.linen_model(planted._MLP(10, zero_input=True), has_dropout=True)  # pylint: disable=protected-access
+  ctx = dataclasses.replace(ctx, model=blind, variables=blind.init(jax.random.PRNGKey(0),
+                                                                   kit.x[:2]))
+  with fitting.shared_runs(snapshots=(20, 40)):
+    r = check_input_independent_baseline(ctx)
+  assert r.status == "fail" and "not using its input" in r.message, r.message

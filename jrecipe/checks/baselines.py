@@ -16,6 +16,8 @@ DIVERGE_FACTOR = 3.0  # a training loss peaking above 3x its first value diverge
 CONTROL_MARGIN = 0.01  # the given labels' training loss ends below the shuffled labels' by at
 CONTROL_SE = 3.0  # least 1% and 3 standard errors of the difference of the two end means
 CONTROL_EVERY = 50  # compared every 50 steps; the control stops once the labels are learnt faster
+EXTEND_UP_TO = 4  # budget x2, then x4, while the real run's training loss is still falling
+FALLING_MARGIN = 0.01  # ...by 1% and 3 standard errors between the last two fifths of its steps
 
 
 def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, *, tx,
@@ -87,7 +89,16 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
           f"with zeroed inputs{acc_txt} after {steps} steps")
   if loss_win or acc_win:
     return result("pass", head + control + ": the model uses its input.")
-  diverged = _divergence(lr_, np.asarray(tr_real, np.float64), details)
+  return _failed(result, head, control, lr_, tr_real, details, overturned)
+
+
+def _failed(result, head: str, control: str, held_out_loss: float, curve, details: dict,
+            overturned: bool) -> CheckResult:
+  """The fail of `input_independent_baseline`: diverged, labels not matching the inputs, or
+  the input unused; `details['still_falling']` tells the battery to extend the budget."""
+  diverged = _divergence(held_out_loss, np.asarray(curve, np.float64), details)
+  details["still_falling"] = _still_falling(curve)
+  details["failure"] = "diverged" if diverged else "labels" if overturned else "input_unused"
   if diverged:
     return result("fail", head + diverged)
   if overturned:
@@ -98,6 +109,18 @@ def input_independent_baseline(model: Model, loss: Loss, variables: dict, x, y, 
   return result("fail", head + ": the model is not using its input; likely causes: inputs "
                 "zeroed, replaced or detached inside the model or pipeline, labels not "
                 "matching inputs, or a budget/learning rate too small to learn anything.")
+
+
+def _still_falling(curve) -> bool:
+  """Whether a training loss curve is still going down at its end: the mean of its last fifth
+  below the fifth before by at least FALLING_MARGIN of it and 3 standard errors."""
+  curve = np.asarray(curve, np.float64)
+  k = len(curve) // 5
+  if k < 2 or not np.all(np.isfinite(curve)):
+    return False
+  last, prev = curve[-k:], curve[-2 * k:-k]
+  se = np.sqrt(np.var(last, ddof=1) / k + np.var(prev, ddof=1) / k)
+  return bool(prev.mean() - last.mean() > max(FALLING_MARGIN * abs(last.mean()), 3.0 * se))
 
 
 def _accuracy_rule(a1, a0, n: int, details: dict) -> tuple[bool, str, str]:
@@ -202,7 +225,26 @@ def check_input_independent_baseline(ctx) -> CheckResult:
   the optimizer's measured checks: the short runs train with the user's optimizer, so a
   schedule inside it that stops the steps, a frozen leaf, an uphill step or a decay that
   erases the weights explains a failure here and in every training check after it.
+
+  The budget is extended (x2, then up to x4) while the verdict would be 'not using its input'
+  and the real run's training loss is still falling: a correct model can take longer than
+  `checks.budget_steps` to start using its input (an LM1B-style decoder on digit sequences
+  first learns the per-position token frequencies, which zeroed inputs learn as well, and
+  used its context only after about 200 steps, measured), while a model that ignores its
+  input is flat by then. Said in the message.
   """
-  return input_independent_baseline(
-      ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx, steps=ctx.steps,
-      rng=ctx.seed, x_val=ctx.x_val, y_val=ctx.y_val, batch_size=ctx.batch_size)
+  steps = ctx.steps
+  while True:
+    result = input_independent_baseline(
+        ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx, steps=steps,
+        rng=ctx.seed, x_val=ctx.x_val, y_val=ctx.y_val, batch_size=ctx.batch_size)
+    if (result.status == "pass" or result.details.get("failure") != "input_unused"
+        or not result.details.get("still_falling") or steps * 2 > EXTEND_UP_TO * ctx.steps):
+      break
+    steps *= 2
+  if steps > ctx.steps:
+    result.details["budget_extended_from"] = ctx.steps
+    result.message = result.message.rstrip(".") + (
+        f" (checks.budget_steps={ctx.steps} extended to {steps} while the training loss on the "
+        "real inputs was still falling).")
+  return result

@@ -124,3 +124,37 @@ class CheckContext:
     trained, _ = fitting.fit(self.model, self.loss, self.variables, self.x, self.y, tx=self.tx,
                              steps=burn, rng=self.seed, batch_size=self.batch_size)
     return trained
+
+  @functools.cached_property
+  def probed(self) -> tuple[dict, str]:
+    """(variables, note): where the checks that look at outputs 'at init' look.
+
+    The initial variables, unless at init every example gets the same eval outputs (a
+    zero-initialised head, big_vision's `head_zeroinit`, a legitimate choice, plus the 'init
+    well' bias): that hides dropout, batch and input dependence alike, so `eval_mode`,
+    `nonlinearity`, `logits_not_probabilities` and `dropout_varies` then measure the
+    burned-in variables, and `note` (for their messages) says so.
+    """
+    burn = int(self.config.checks.gradcheck_burnin_steps)
+    if not burn:
+      return self.variables, ""
+    try:
+      out = self.model.apply(self.variables, jnp.asarray(self.x_val[:8]), False,
+                             {"dropout": self.step_keys(0)[1]})
+      leaves = [np.asarray(a, np.float64) for a in jax.tree.leaves(out)]
+    except Exception:  # pylint: disable=broad-except  (eval_mode reports a failing eval)
+      return self.variables, ""
+    if not all(a.ndim and a.size and np.max(np.ptp(a, axis=0)) <= 1e-6 * max(
+        1.0, float(np.max(np.abs(a)))) for a in leaves):
+      return self.variables, ""
+    return self.burned_in, (f"measured after the {burn}-step burn-in, since at init every "
+                            "example gets the same outputs: a zero-initialised head")
+
+
+def noted(result, note: str):
+  """`result` with `note` (from `CheckContext.probed`) appended to its message."""
+  if note:
+    result.message = f"{result.message.rstrip('.')} ({note})."
+    result.details["variables"] = "burned_in"
+  return result
+

@@ -344,8 +344,8 @@ def causal_dependency(apply: Callable, variables: Any, x: jax.Array, *, time_axi
   Returns:
     CheckResult 'causal_dependency': value = max relative dependency of an output on a
     forbidden (future) input, expected 0. Fail names the first offending (output, input)
-    pair; warn when no output depends on its current input although `sees_current` (mask
-    off by one the other way); skip when the inputs or outputs have no time axis.
+    pair, or says when no output depends on its current input although `sees_current` (it
+    predicts two tokens ahead); warn when no output depends on any input; skip without time.
   """
   skip = verdict("causal_dependency")
   x = jnp.asarray(x)
@@ -385,8 +385,10 @@ def causal_dependency(apply: Callable, variables: Any, x: jax.Array, *, time_axi
              "scale": scale, **plot_info}
   result = verdict("causal_dependency", value=value, expected=0.0, details=details,
                    artifacts=artifacts)
+  tokens = (np.asarray(jnp.moveaxis(x, time_axis, 1)[example]) if method == "perturbation"
+            else None)
   return _causal_verdict(result, d, rel, forbidden, tol=tol, sees_current=sees_current,
-                         method=method, value=value)
+                         method=method, value=value, tokens=tokens)
 
 
 _CAUSAL_STEP = "causal_dependency (use backprop to chart dependencies)"
@@ -420,8 +422,27 @@ def _causal_matrix(apply, variables, x, time_axis: int, example: int, method: st
   return np.asarray(jax.jit(compute)(variables, xm, alt), np.float64)
 
 
+def _padding_hint(tokens: Optional[np.ndarray], bad: np.ndarray, forbidden: np.ndarray) -> str:
+  """A look-ahead confined to the outputs at one token id (there, or one later for a model
+  shifting its own inputs) points at a padding mask on it: a fully masked row sees all."""
+  if tokens is None or tokens.ndim != 1:
+    return ""
+  rows, could = np.any(bad, axis=1), np.any(forbidden, axis=1)  # the last row has no future
+  for k in (0, 1):
+    at = tokens[k:len(rows) + k]
+    if len(at) < len(rows):
+      at = np.concatenate([at, np.full(len(rows) - len(at), -1, at.dtype)])
+    ids = np.unique(at[rows])
+    if len(ids) == 1 and not np.any(at[could & ~rows] == ids[0]):
+      return (f"; every output that looks ahead is at input token id {ids[0]} (and every id "
+              f"{ids[0]} looks ahead): a padding mask that treats id {ids[0]} as padding "
+              f"(`inputs > 0`, LM1B style) masks those attention rows entirely, and a fully "
+              f"masked row attends to every position; is {ids[0]} a real token in this data?")
+  return ""
+
+
 def _causal_verdict(result, d, rel, forbidden, *, tol: float, sees_current: bool, method: str,
-                    value: float) -> CheckResult:
+                    value: float, tokens: Optional[np.ndarray] = None) -> CheckResult:
   """causal_dependency's rules (see its docstring) on the relative dependency matrix."""
   t_len = d.shape[0]
   bad = forbidden & (rel > tol)
@@ -441,17 +462,18 @@ def _causal_verdict(result, d, rel, forbidden, *, tol: float, sees_current: bool
       cause = f"a look-ahead of up to {reach} positions: a wrong mask, shift or padding?"
     r = result("fail", f"{_CAUSAL_STEP}: output at position {s} depends on input at position "
                f"{t} (relative {rel[s, t]:.2g}; {n_bad} forbidden pairs), but only "
-               f"{allowed_txt} is allowed: {cause}")
+               f"{allowed_txt} is allowed: {cause}{_padding_hint(tokens, bad, forbidden)}")
     r.details["first_offending"] = {"output": s, "input": t}
     return r
   if np.max(d) == 0:
     return result("warn", f"{_CAUSAL_STEP}: no output depends on any input: a model that "
                   "ignores its inputs?")
   if sees_current and not np.any(np.diag(rel) > tol):
-    return result("warn", f"{_CAUSAL_STEP}: no output depends on its own position's input "
-                  "although sees_current=True (input t is token t): the mask hides the current "
-                  "token (tril k=-1, off by one the other way), so the model predicts token t+1 "
-                  "without seeing token t?")
+    return result("fail", f"{_CAUSAL_STEP}: no output depends on its own position's input "
+                  "although sees_current=True (input t is token t, target t is token t+1), so "
+                  "the model predicts token t+1 without seeing token t: a model that shifts its "
+                  "inputs right itself (LM1B's shift_right: set model.shifts_inputs=True), or a "
+                  "mask that hides the current token (tril k=-1, off by one the other way)?")
   return result("pass", f"{_CAUSAL_STEP}: over {t_len} positions every output depends only on "
                 f"inputs {allowed_txt} (max relative forbidden dependency {value:.2g}, "
                 f"{method}).")

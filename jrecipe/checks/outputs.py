@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrecipe.checks.base import CheckResult, verdict
+from jrecipe.checks.context import noted
 from jrecipe.checks.registry import register_check
 
 
@@ -311,22 +312,24 @@ def assert_equivalent(special_fn: Callable, general_fn: Callable, inputs: Iterab
 
 @register_check("logits_not_probabilities", stage="init", needs=("eval_mode",))
 def check_logits_not_probabilities(ctx) -> CheckResult:
-  """The eval outputs of 64 held-out examples at init, against what the loss expects."""
-  return logits_not_probabilities(ctx.model.apply, ctx.variables, ctx.x_val[:64],
-                                  expects=ctx.loss.expects)
+  """The eval outputs of 64 held-out examples at init (`ctx.probed`), against the loss."""
+  variables, note = ctx.probed
+  return noted(logits_not_probabilities(ctx.model.apply, variables, ctx.x_val[:64],
+                                        expects=ctx.loss.expects), note)
 
 
 @register_check("eval_mode", stage="skeleton")
 def check_eval_mode(ctx) -> CheckResult:
-  """Eight held-out examples at init, with the dropout key of the first train step.
+  """Eight held-out examples at init (`ctx.probed`), with the first train step's dropout key.
 
   A precondition of every check that evaluates the model (they measure it in eval mode):
   when eval mode needs a dropout key or depends on the batch, their failures follow.
   """
   _, k_drop = ctx.step_keys(0)
   stateless = not ctx.model.has_batchnorm and not set(ctx.variables) - {"params"}
-  return eval_mode(ctx.model.apply, ctx.variables, ctx.x_val[:8], rngs={"dropout": k_drop},
-                   stateless=stateless)
+  variables, note = ctx.probed
+  return noted(eval_mode(ctx.model.apply, variables, ctx.x_val[:8], rngs={"dropout": k_drop},
+                         stateless=stateless), note)
 
 
 NONLINEAR_RTOL = 1e-4  # f(midpoint) within this of the mean of f(ends): an affine model
@@ -371,8 +374,10 @@ def nonlinearity(apply: Callable, variables: Any, x: jax.Array, *,
 
 @register_check("nonlinearity", stage="init", needs=("eval_mode",))
 def check_nonlinearity(ctx) -> CheckResult:
-  """Sixteen held-out examples at init; weight layers = parameter leaves with ndim > 1 that
-  are not biases or scales (embeddings and kernels)."""
+  """Sixteen held-out examples at init (`ctx.probed`); weight layers = parameter leaves with
+  ndim > 1 that are not biases or scales (embeddings and kernels)."""
   from jrecipe.optim import decay_mask
   layers = sum(bool(m) for m in jax.tree.leaves(decay_mask(ctx.variables["params"])))
-  return nonlinearity(ctx.model.apply, ctx.variables, ctx.x_val[:16], weight_layers=layers)
+  variables, note = ctx.probed
+  return noted(nonlinearity(ctx.model.apply, variables, ctx.x_val[:16], weight_layers=layers),
+               note)

@@ -71,7 +71,9 @@ def run_battery(exp: experiment_lib.Experiment, *, workdir: Optional[str] = None
   results, done = [], {}
   # One run where two checks train the same thing; the gradient check's burn-in and the
   # regularization run are prefixes of the baseline's run, which continues the burn-in.
-  prefixes = (ctx.config.checks.gradcheck_burnin_steps, regularization.train_steps(ctx.steps))
+  # The baseline's extended budgets continue its own run (baselines.EXTEND_UP_TO).
+  prefixes = (ctx.config.checks.gradcheck_burnin_steps, regularization.train_steps(ctx.steps),
+              ctx.steps, 2 * ctx.steps)
   with fitting.shared_runs(snapshots=prefixes):
     for check in checks:
       result = rootcause.mark(run_check(check, ctx), done, needs)

@@ -23,6 +23,7 @@ import numpy as np
 from jrecipe.checks.base import CheckResult, verdict
 from jrecipe.checks.fitting import fit
 from jrecipe.checks.outputs import _max_rel_diff
+from jrecipe.checks.context import noted
 from jrecipe.checks.registry import register_check
 
 VARY_RTOL = 1e-6  # outputs (or inputs) closer than this count as identical
@@ -135,8 +136,19 @@ def augmentation_varies(augment: Optional[Callable], x, y, keys) -> CheckResult:
                 f"{touched:.0%} changed at all, and one key reproduces its batch.")
 
 
+def _frozen_layers(state0: dict, state1: dict) -> tuple[list, int]:
+  """(paths of the layers none of whose state leaves changed, number of layers): a layer is
+  the parent path of its leaves (a BatchNorm's mean and var)."""
+  layers: dict = {}
+  flat0 = jax.tree_util.tree_flatten_with_path(state0)[0]
+  for (path, a), b in zip(flat0, jax.tree.leaves(state1)):
+    key = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path[:-1])
+    layers.setdefault(key, []).append(_max_rel_diff(a, b))
+  return sorted(k for k, v in layers.items() if max(v) <= VARY_RTOL), len(layers)
+
+
 def state_updates(model, loss, variables: dict, x, y, *, tx, steps: int, rng,
-                  batch_size: Optional[int] = None) -> CheckResult:
+                  batch_size: Optional[int] = None, pretrained: bool = False) -> CheckResult:
   """'Regularize: careful with BN' (recipe stage 4): mutable state trains and evaluates.
 
   Trains `steps` steps (the training step, through `fit`) and compares every non-parameter
@@ -144,7 +156,11 @@ def state_updates(model, loss, variables: dict, x, y, *, tx, steps: int, rng,
   of its leaves changed (the step drops the new statistics: eval then normalises with the
   statistics of the initialisation). Then evaluates the trained parameters with the trained
   state and with the initial state: fail when the outputs are identical (evaluation does
-  not read the state it keeps). Skip for a model without mutable state.
+  not read the state it keeps). A layer whose statistics alone never change while others do
+  fails too (warns when `pretrained`: a deliberately frozen BatchNorm when fine-tuning): it
+  normalises with its running statistics in training (`use_running_average=True` written
+  into the layer, or the train flag not passed to it), i.e. with those of the
+  initialisation, mean 0 and variance 1. Skip for a model without mutable state.
   """
   state0 = {k: v for k, v in variables.items() if k != "params"}
   if not jax.tree.leaves(state0):
@@ -174,6 +190,19 @@ def state_updates(model, loss, variables: dict, x, y, *, tx, steps: int, rng,
     return result("fail", f"{step} changed (relative {moved:.2g}) but the eval outputs are the "
                   "same with the initial state: evaluation ignores the running statistics "
                   "(use_running_average=not train missing?).")
+  frozen, n_layers = _frozen_layers(state0, state1)
+  if frozen:
+    result = verdict("state_updates", value=moved, expected=f"> {VARY_RTOL:g} in every layer",
+                     details={"collections": names, "state_change": moved, "steps": steps,
+                              "eval_change_with_trained_state": uses, "frozen_layers": frozen})
+    why = ("; the parameters come from init_from: a BatchNorm frozen on purpose?"
+           if pretrained else ".")
+    return result("warn" if pretrained else "fail", (
+        f"{step} changed (relative {moved:.2g}), except in {len(frozen)} of {n_layers} layers: "
+        f"{', '.join(frozen[:5])}{' ...' if len(frozen) > 5 else ''}: those normalise with "
+        "their running statistics in training (use_running_average=True written into the "
+        "layer, or the train flag not passed to it), so they never learn statistics and use "
+        f"the initial ones (mean 0, variance 1){why}"))
   return result("pass", f"{step} changed (relative {moved:.2g}) and evaluation uses them "
                 f"(eval outputs change by {uses:.2g} with the initial state instead).")
 
@@ -297,11 +326,13 @@ def _two_steps(ctx) -> tuple:
 
 @register_check("dropout_varies", stage="regularize", needs=("eval_mode",))
 def check_dropout_varies(ctx) -> CheckResult:
-  """Sixteen training examples at init, with the dropout keys of steps 0 and 1."""
+  """Sixteen training examples at init (`ctx.probed`), with the dropout keys of steps 0, 1."""
   _, drop = _two_steps(ctx)
   stateless = not ctx.model.has_batchnorm and not set(ctx.variables) - {"params"}
-  return dropout_varies(ctx.model.apply, ctx.variables, ctx.x[:16], drop,
-                        has_dropout=bool(ctx.model.has_dropout), stateless=stateless)
+  variables, note = ctx.probed
+  return noted(dropout_varies(ctx.model.apply, variables, ctx.x[:16], drop,
+                              has_dropout=bool(ctx.model.has_dropout), stateless=stateless),
+               note)
 
 
 @register_check("augmentation_varies", stage="regularize", needs=("data_before_net",))
@@ -324,4 +355,5 @@ def check_augmentation_keeps_labels(ctx) -> CheckResult:
 def check_state_updates(ctx) -> CheckResult:
   """Three training steps of the configured model on the train sample."""
   return state_updates(ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx, steps=3,
-                       rng=ctx.seed, batch_size=ctx.batch_size)
+                       rng=ctx.seed, batch_size=ctx.batch_size,
+                       pretrained=bool(ctx.config.get("init_from", "")))
