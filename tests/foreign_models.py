@@ -146,6 +146,26 @@ def zero_head(spec, width: int = 32):
   return ZeroHeadMLP(spec.num_classes, width)
 
 
+class ZeroHeadDropout(nn.Module):
+  """The zero head with dropout before it; `fixed_key` plants a mask drawn from PRNGKey(0)."""
+
+  num_classes: int
+  fixed_key: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.gelu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+    if self.fixed_key and train:
+      h = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(0), 0.9, h.shape), h / 0.9, 0.0)
+    else:
+      h = nn.Dropout(0.1, deterministic=not train)(h)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(h)
+
+
+def zero_head_dropout(spec, fixed_key: bool = False):
+  return ZeroHeadDropout(spec.num_classes, fixed_key)
+
+
 class Encoder(nn.Module):
   width: int
 
@@ -198,19 +218,30 @@ class ResNetBlock(nn.Module):
 class TinyResNet(nn.Module):
   num_classes: int
   width: int = 8
+  inverted: bool = False  # planted: use_running_average=train, batch statistics in eval
+  frozen: bool = False  # planted: use_running_average=True written into the block's norms
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, axis_name="batch")
+    norm = functools.partial(nn.BatchNorm, use_running_average=train if self.inverted else
+                             not train, momentum=0.9, epsilon=1e-5, axis_name="batch")
     x = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False, name="conv_init")(x)))
-    x = ResNetBlock(self.width, norm)(x)
+    block_norm = functools.partial(norm, use_running_average=True) if self.frozen else norm
+    x = ResNetBlock(self.width, block_norm)(x)
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))  # 8x8 digits: keep some of the layout
     return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
 
 
 def tiny_resnet(spec, width: int = 8):
   return TinyResNet(spec.num_classes, width)
+
+
+def bn_inverted(spec):
+  return TinyResNet(spec.num_classes, inverted=True)
+
+
+def bn_frozen(spec):
+  return TinyResNet(spec.num_classes, frozen=True)
 
 
 # --- LM1B style: a decoder that shifts its inputs right itself ---------------------------------
