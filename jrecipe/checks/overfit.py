@@ -20,6 +20,7 @@ from jrecipe.types import Loss, Model
 OVERFIT_ABS = 0.01  # overfit_one_batch: final loss below max(0.01, 1% of the init loss)
 OVERFIT_REL = 0.01
 OVERFIT_EVERY = 50  # overfit_one_batch evaluates the batch every 50 steps, stops once it passes
+OVERFIT_EXTEND_UP_TO = 4  # an 'almost there' warn is re-measured with x2, then x4 the steps
 CAPACITY_DECREASE = 0.01  # capacity_decreases_loss: the loss must fall by at least 1%
 CAPACITY_WIDER_MARGIN = 0.02  # the wider model must end at least 2% lower (else warn)
 
@@ -271,11 +272,28 @@ def capacity_decreases_loss(model: Model, loss: Loss, variables: dict, x, y, *, 
 @register_check("overfit_one_batch", stage="overfit",
                 needs=("data_before_net", "loss_at_init", "input_independent_baseline"))
 def check_overfit_one_batch(ctx) -> CheckResult:
-  """config.checks.overfit_examples examples, config.checks.overfit_steps full-batch steps."""
+  """config.checks.overfit_examples examples, config.checks.overfit_steps full-batch steps.
+
+  An 'almost there' warn (100% accuracy, the loss below a tenth of its init value but not at
+  the threshold) is measured again with x2, then x4 the steps before it is reported: Flax's
+  ImageNet ResNet (BatchNorm, zero-initialised residual scales) on 10 MNIST images ended at
+  0.041 after 500 steps against a threshold of 0.022, a budget finding, not a bug. The run
+  stops once the batch is memorised, so only a model that needs the steps pays for them.
+  """
   k = int(ctx.config.checks.overfit_examples)
-  return overfit_one_batch(ctx.model, ctx.loss, ctx.variables, ctx.x[:k], ctx.y[:k], tx=ctx.tx,
-                           steps=int(ctx.config.checks.overfit_steps), rng=ctx.seed,
-                           max_examples=20, artifacts_dir=ctx.artifacts_dir)
+  base = steps = int(ctx.config.checks.overfit_steps)
+  while True:
+    result = overfit_one_batch(ctx.model, ctx.loss, ctx.variables, ctx.x[:k], ctx.y[:k],
+                               tx=ctx.tx, steps=steps, rng=ctx.seed, max_examples=20,
+                               artifacts_dir=ctx.artifacts_dir)
+    if result.status != "warn" or steps * 2 > OVERFIT_EXTEND_UP_TO * base:
+      break
+    steps *= 2
+  if steps > base:
+    result.details["budget_extended_from"] = base
+    result.message = result.message.rstrip(".") + (
+        f" (checks.overfit_steps={base} extended to {steps}: {base} steps ended almost there).")
+  return result
 
 
 @register_check("capacity_decreases_loss", stage="overfit",
