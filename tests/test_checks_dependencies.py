@@ -191,7 +191,7 @@ def test_causal_padding_mask_on_a_real_token_is_named(attn_tokens):
   r = causal_dependency(linen_apply(Attention(vocab=11, pad_id=0)), attn_tokens, tokens,
                         vocab_size=11)
   assert r.status == "fail", r.message
-  assert "every output that looks ahead is at input token id 0" in r.message, r.message
+  assert "100% of the outputs that look ahead are at input token id 0" in r.message, r.message
   assert causal_dependency(linen_apply(Attention(vocab=11, pad_id=10)), attn_tokens, tokens,
                            vocab_size=11).status == "pass"
   r = causal_dependency(linen_apply(Attention(k=1, vocab=11)), attn_tokens, tokens,

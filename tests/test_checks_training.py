@@ -518,3 +518,33 @@ def test_overfit_almost_there_is_measured_again_with_more_steps():
   cfg.checks.overfit_steps = 400  # passes within its own budget: no extension
   r = check_overfit_one_batch(dataclasses.replace(ctx, config=cfg))
   assert r.status == "pass" and "budget_extended_from" not in r.details, r.message
+
+
+def bce_plain(outputs, labels):
+  """A sigmoid cross-entropy on one-hot labels: C ln 2 at zero logits, not ln C."""
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(
+      outputs, jax.nn.one_hot(labels, outputs.shape[-1])), -1)
+
+
+def bce_factory(spec):
+  return Loss(name="bce", per_example=bce_plain, expects="logits",
+              chance=lambda c, t: c * np.log(2.0), predict=lambda o: jnp.argmax(o, -1))
+
+
+def test_loss_at_init_tells_a_loss_of_another_kind_how_to_declare_its_chance(mlp, mlp_vars,
+                                                                            data):
+  """A user's plain loss function is taken for a softmax cross-entropy: a sigmoid BCE given
+  that way fails loss_at_init, and the message names the factory form; given as a factory
+  with its own chance (C ln 2) that is its reference, and no fail."""
+  from jrecipe.losses import build_loss
+  from jrecipe.types import DataSpec
+  spec = DataSpec("digits", "classification", (8, 8, 1), 10, None, (0, 16), {})
+  x, y = data[0][:256], data[1][:256]
+  plain = build_loss("tests.test_checks_training:bce_plain", spec)
+  r = init.loss_at_init(mlp, plain, mlp_vars, x, y, num_classes=10)
+  assert r.status == "fail" and "Your own loss" in r.message and "chance" in r.message, r.message
+  declared = build_loss("tests.test_checks_training:bce_factory", spec)
+  r = init.loss_at_init(mlp, declared, mlp_vars, x, y, num_classes=10)
+  assert r.status != "fail" and "vs 6.931 expected" in r.message, r.message  # 10 ln 2
+  r = init.loss_at_init(mlp, xent_loss(), mlp_vars, x, y, num_classes=10)
+  assert "Your own loss" not in r.message

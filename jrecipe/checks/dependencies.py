@@ -423,21 +423,20 @@ def _causal_matrix(apply, variables, x, time_axis: int, example: int, method: st
 
 
 def _padding_hint(tokens: Optional[np.ndarray], bad: np.ndarray, forbidden: np.ndarray) -> str:
-  """A look-ahead confined to the outputs at one token id (there, or one later for a model
-  shifting its own inputs) points at a padding mask on it: a fully masked row sees all."""
+  """A look-ahead at every output at one token id, and mostly there (at s, or s+1 for a model
+  shifting its own inputs), points at a padding mask on it: a fully masked row sees all."""
   if tokens is None or tokens.ndim != 1:
     return ""
   rows, could = np.any(bad, axis=1), np.any(forbidden, axis=1)  # the last row has no future
   for k in (0, 1):
-    at = tokens[k:len(rows) + k]
-    if len(at) < len(rows):
-      at = np.concatenate([at, np.full(len(rows) - len(at), -1, at.dtype)])
-    ids = np.unique(at[rows])
-    if len(ids) == 1 and not np.any(at[could & ~rows] == ids[0]):
-      return (f"; every output that looks ahead is at input token id {ids[0]} (and every id "
-              f"{ids[0]} looks ahead): a padding mask that treats id {ids[0]} as padding "
-              f"(`inputs > 0`, LM1B style) masks those attention rows entirely, and a fully "
-              f"masked row attends to every position; is {ids[0]} a real token in this data?")
+    at = np.concatenate([tokens[k:len(rows) + k], np.full(k, -1, tokens.dtype)])[:len(rows)]
+    ids, counts = np.unique(at[rows], return_counts=True)
+    v, share = ids[np.argmax(counts)], np.max(counts) / max(np.sum(rows), 1)
+    if share >= 0.8 and not np.any(at[could & ~rows] == v):
+      return (f"; {share:.0%} of the outputs that look ahead are at input token id {v}, and "
+              f"every output at id {v} does: a padding mask that treats id {v} as padding "
+              "(`inputs > 0`, LM1B style) masks those attention rows entirely, and a fully "
+              f"masked row attends to every position; is {v} a real token in this data?")
   return ""
 
 

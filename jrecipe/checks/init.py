@@ -123,8 +123,18 @@ def loss_at_init(model: Model, loss: Loss, variables: dict, x, y, *,
                   f"the formula gives {closed['value']:.4g}: the loss is computed wrongly "
                   "(reduced over the wrong axis, summed instead of averaged over classes or "
                   "time steps, divided by the number of classes, labels and outputs "
-                  "swapped?).")
+                  f"swapped?){_own_loss_note(loss)}.")
   return _loss_at_init_band(result, head, dev, pass_band, fail_band)
+
+
+def _own_loss_note(loss) -> str:
+  """For a user's plain loss function: the formula is an assumption, and how to replace it."""
+  if loss.name in losses_lib.LOSSES.names():
+    return ""
+  return ("; or your loss is another one by design (a sigmoid cross-entropy, a focal loss): "
+          f"jrecipe takes a plain function such as {loss.name!r} for a softmax cross-entropy "
+          "and compares it with ln C; give a factory returning a jrecipe.types.Loss with its "
+          "own `chance` instead (docs/your_model.md, 'Your own loss')")
 
 
 def _loss_at_init_band(result, head: str, dev: float, pass_band: float,
