@@ -10,12 +10,14 @@ from jrecipe.checks import registry
 from jrecipe.registry import import_path
 from jrecipe.zoo import entries as zoo
 from jrecipe.zoo import models as zoo_models
+from jrecipe.zoo import official
 from jrecipe.zoo import run
 
 BUG_NAMES = {"linen_mlp": zoo_models.MLP_BUGS, "linen_bn_mlp": zoo_models.BN_BUGS,
              "linen_cnn": zoo_models.CNN_BUGS, "nnx_mlp": zoo_models.NNX_BUGS,
              "nnx_bn_mlp": zoo_models.NNX_BN_BUGS,
-             "causal_lm": zoo_models.SEQ_BUGS}
+             "causal_lm": zoo_models.SEQ_BUGS, "flax_resnet": official.RESNET_BUGS,
+             "bv_vit": official.VIT_BUGS, "lm1b_decoder": official.LM1B_BUGS}
 
 
 def _paths(overrides):

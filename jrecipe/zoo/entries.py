@@ -23,6 +23,7 @@ import dataclasses
 
 M, L, O, DATA = ("jrecipe.zoo.models:", "jrecipe.zoo.losses:", "jrecipe.zoo.optimizers:",
                  "jrecipe.zoo.data:")
+OFF = "jrecipe.zoo.official:"  # models written as Flax's and big_vision's examples write them
 DIGITS = "digits_mlp.py"
 SEQ = "digits_seq_transformer.py:smoke"
 
@@ -57,11 +58,12 @@ class Entry:
     return self.cause or self.check
 
 
-def _model(factory, check, taxonomy, what, bug, *, cause="", base=DIGITS, extra=None):
+def _model(factory, check, taxonomy, what, bug, *, cause="", base=DIGITS, extra=None,
+           module=M):
   extra = extra or {}
   return Entry(f"{factory}.{bug}", "model", taxonomy, check,
-               {"model": {"name": M + factory, "bug": bug}, **extra},
-               {"model": {"name": M + factory}, **extra}, what, base, cause)
+               {"model": {"name": module + factory, "bug": bug}, **extra},
+               {"model": {"name": module + factory}, **extra}, what, base, cause)
 
 
 def _field(kind, field, prefix, name, twin, check, taxonomy, what, *, cause="", extra=None):
@@ -129,6 +131,30 @@ MODEL = [
            "causal mask tril(k=1): position t sees t+1", "causal_mask_one_ahead", base=SEQ),
     _model("causal_lm", "causal_dependency", "H: Model/Layers/missing layer property; I: SB "
            "logic", "no causal mask: the next token is in view", "no_causal_mask", base=SEQ),
+]
+
+_SHIFT = {"model": {"name": OFF + "lm1b_decoder", "shifts_inputs": True}}
+OFFICIAL = [
+    _model("flax_resnet", "state_updates", "T: BatchNorm statistics; H: Model/Layers/layer "
+           "properties", "use_running_average=True written into one BatchNorm of Flax's "
+           "ImageNet ResNet: it never learns statistics", "bn_frozen_layer", module=OFF),
+    _model("flax_resnet", "batch_independence", "H: Tensors&Inputs/wrong shape; I: SB data "
+           "flow", "ImageNet ResNet pooled through reshape(h*w, n, c).mean(0): examples mix",
+           "pool_view_mixes_batch", module=OFF, cause="eval_mode"),
+    _model("bv_vit", "dropout_varies", "T: randomness; H: Model/Layers/layer properties",
+           "big_vision ViT (zero head) whose dropout masks come from PRNGKey(0)",
+           "fixed_dropout_key", module=OFF),
+    _model("bv_vit", "logits_not_probabilities", "H: Model/Layers/activation (redundant "
+           "softmax); I: API bug", "big_vision ViT with a softmax after its zero head",
+           "softmax_head", module=OFF),
+    Entry("lm1b_decoder.pad_mask_on_real_token", "model", "H: Model/Layers/layer properties; "
+          "I: SB logic", "causal_dependency",
+          {"model": {**_SHIFT["model"], "bug": "pad_mask_on_real_token"}}, _SHIFT,
+          "LM1B's inputs > 0 padding mask on digit sequences, where 0 is a pixel value", SEQ),
+    Entry("lm1b_decoder.shifts_inputs_unset", "model", "I: API bug; H: Tensors&Inputs/wrong "
+          "input", "causal_dependency", {"model": {"name": OFF + "lm1b_decoder"}}, _SHIFT,
+          "LM1B's decoder (shift_right inside) plugged in without model.shifts_inputs=True: "
+          "output t never sees token t", SEQ),
 ]
 
 _LOSS = "H: Training/loss function; D: wrong loss"
@@ -209,6 +235,6 @@ DATA_ENTRIES = [
            "PRNGKey(0): the same augmentation every step"),
 ]
 
-ENTRIES = MODEL + LOSS + OPTIMIZER + DATA_ENTRIES
+ENTRIES = MODEL + OFFICIAL + LOSS + OPTIMIZER + DATA_ENTRIES
 BY_NAME = {e.name: e for e in ENTRIES}
 assert len(BY_NAME) == len(ENTRIES), "zoo entry names must be unique"
