@@ -2,6 +2,7 @@
 stays float32, float16's dynamic loss scaling, and the accuracy it reaches on this CPU."""
 
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -214,3 +215,44 @@ def test_float16_run_resumed_from_its_checkpoint_is_bit_identical(tmp_path):
   loop.train_and_evaluate(tiny_config(num_epochs=4, **over), str(tmp_path / "halves"))
   a, b = load_params(str(tmp_path / "whole")), load_params(str(tmp_path / "halves"))
   assert a and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class FlaxStyleNet(nn.Module):
+  """Flax's ImageNet style: a top-level `dtype` every layer receives (and a final cast)."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(16, dtype=self.dtype)(x.reshape((x.shape[0], -1))))
+    return jnp.asarray(nn.Dense(10, dtype=self.dtype, name="head")(h), self.dtype)
+
+
+def flax_style(spec):
+  del spec
+  return FlaxStyleNet()
+
+
+def test_a_flax_style_dtype_field_follows_the_precision(caplog):
+  """precision=bfloat16 on a model written like Flax's examples: its own `dtype` field (what
+  ImageNet's half_precision flag sets) becomes bfloat16, so every product runs in bfloat16
+  (before: all in float32, and a warning); a literal dtype=float32 in a layer (Float32Head)
+  is left alone and still warned about; float32 runs and the gradient check are unchanged."""
+  x = jnp.ones((2, 8, 8, 1))
+  with caplog.at_level(logging.INFO, logger="jrecipe"):
+    model = build_model({"name": "tests.test_precision:flax_style"}, SPEC, precision="bfloat16")
+  assert "FlaxStyleNet.dtype set to bfloat16" in caplog.text
+  assert "matrix products" not in caplog.text
+  variables = model.init(jax.random.key(0), x)
+  assert precision.matmul_dtypes(model, variables, x) == {"bfloat16": 2}
+  assert {v.dtype for v in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  assert model.apply(variables, x).dtype == jnp.float32
+  plain = build_model({"name": "tests.test_precision:flax_style"}, SPEC)
+  assert precision.matmul_dtypes(plain, variables, x) == {"float32": 2}
+  assert plain.module.dtype == jnp.float32
+  from jrecipe.checks.gradcheck import gradient_check_model
+  from jrecipe.losses import build_loss
+  r = gradient_check_model(precision.full_precision(model), build_loss("softmax_xent", SPEC),
+                           variables, {"x": x, "y": jnp.arange(2)}, run_check_grads=False)
+  assert r.status == "pass" and r.details["raised_dtype_fields"] == ["FlaxStyleNet.dtype"], \
+      r.message

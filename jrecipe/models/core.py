@@ -177,7 +177,7 @@ def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str
   # Building probes the model once (shapes, the head): setup, not the loop, whose every copy
   # stays explicit even under jax.transfer_guard('disallow') (tests/test_parallel.py).
   with jax.transfer_guard("allow"):
-    model = _adapt(name, factory, spec, bn_axis_name, fields)
+    model = _adapt(name, factory, spec, bn_axis_name, fields, precision)
     model = _outputs_and_head(model, spec, adapter)
     model = _with_precision(model, spec, precision)
   widen_kwargs = getattr(factory, "widen_kwargs", None)
@@ -196,8 +196,9 @@ def build_model(model_config: Any, spec: DataSpec, *, bn_axis_name: Optional[str
 
 
 def _adapt(name: str, factory: Callable, spec: DataSpec, bn_axis_name: Optional[str],
-           fields: dict) -> Model:
-  """What the factory returns (Linen, NNX, Model), or its NNX constructor, as a Model."""
+           fields: dict, precision: str = "float32") -> Model:
+  """What the factory returns (Linen, NNX, Model), or its NNX constructor, as a Model; under
+  a 16-bit precision a Linen module's own float32 `dtype` field is set to it (Flax style)."""
   from jrecipe.models import linen_adapter, nnx_adapter
   params = inspect.signature(factory).parameters if callable(factory) else {}
   if "rngs" in params:  # an NNX constructor: each init draws from the run's key
@@ -207,6 +208,13 @@ def _adapt(name: str, factory: Callable, spec: DataSpec, bn_axis_name: Optional[
   if isinstance(out, Model):
     return out if out.name != "model" else dataclasses.replace(out, name=name)
   if isinstance(out, nn.Module):
+    if precision != "float32":
+      from jrecipe import precision as precision_lib
+      from jrecipe.models import float64
+      out, set_ = float64.with_compute_dtype(out, precision_lib.compute_dtype(precision))
+      if set_:
+        precision_lib.log.info("model %r: %s set to %s for precision=%s (the field Flax's examples set for "
+                 "half precision).", name, ", ".join(set_), precision, precision)
     return linen_adapter.from_linen(out, name, example_input=example_input(spec),
                                     bind_unbound=True, bound_axes=(bn_axis_name,))
   if _is_nnx_module(out):

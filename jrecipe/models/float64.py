@@ -107,3 +107,35 @@ def raise_nnx(module: Any) -> None:
       record.update(_names(node, raised))
       for name, value in raised.items():
         setattr(node, name, value)
+
+
+def _is_float32(value: Any) -> bool:
+  try:
+    return value is not None and not isinstance(value, bool) and np.dtype(value) == np.float32
+  except TypeError:
+    return False
+
+
+def with_compute_dtype(module: nn.Module, dtype) -> tuple:
+  """(`module` with its own float32 `dtype` field, or its config's, set to `dtype`; the fields
+  set, as 'ResNet.dtype').
+
+  `config.precision=bfloat16` for a model written like Flax's examples: their top-level
+  `dtype` is what the user sets for half precision (ImageNet's `half_precision` flag makes it
+  bfloat16), and every layer receives it. Only the module's own field is set, not its
+  layers' literal `dtype=jnp.float32` (a head kept in float32 on purpose stays so, and the
+  policy's warning names it).
+  """
+  changes = {}
+  if _is_float32(getattr(module, FIELD, None)):
+    changes[FIELD] = dtype
+  for f in dataclasses.fields(module) if dataclasses.is_dataclass(module) else ():
+    value = getattr(module, f.name, None)
+    if (dataclasses.is_dataclass(value) and not isinstance(value, (type, nn.Module))
+        and any(g.name == FIELD for g in dataclasses.fields(value))
+        and _is_float32(getattr(value, FIELD))):
+      changes[f.name] = dataclasses.replace(value, **{FIELD: dtype})
+  if not changes:
+    return module, []
+  return module.clone(**changes), _names(module, changes)
+
