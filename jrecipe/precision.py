@@ -21,7 +21,7 @@ keeps those layers in float32: `build_model` traces the model once and logs a wa
 how many of its matrix products stay float32 (`matmul_dtypes`). Such a model should leave
 `dtype` at None (follow the input) or read its dtype from its inputs. A Linen model's own
 top-level float32 `dtype` field (Flax's examples thread it to every layer, and set it for half
-precision) is set to the compute dtype by `build_model` (`models.float64.with_compute_dtype`).
+precision) is set to the compute dtype by `build_model` (`models.dtype_fields.with_compute_dtype`).
 
 Recipe stage 6 ('squeeze out the juice'): the same model, trained faster on the same
 hardware; the gradient check (stage 2's CS231n check) still runs its float64 reference on the

@@ -493,7 +493,8 @@ def test_the_baseline_extends_its_budget_while_the_loss_still_falls():
   assert r.status == "pass", r.message
   assert r.details["budget_extended_from"] == 20 and "after 40 steps" in r.message
   assert "budget_steps=20 extended to 40 while the training loss" in r.message
-  blind = planted.linen_model(planted._MLP(10, zero_input=True), has_dropout=True)  # pylint: disable=protected-access
+  mlp_cls = planted._MLP  # pylint: disable=protected-access
+  blind = planted.linen_model(mlp_cls(10, zero_input=True), has_dropout=True)
   ctx = dataclasses.replace(ctx, model=blind, variables=blind.init(jax.random.PRNGKey(0),
                                                                    kit.x[:2]))
   with fitting.shared_runs(snapshots=(20, 40)):

@@ -89,6 +89,24 @@ def verdict(name: str, *, value: Any = None, expected: Any = None,
   return make
 
 
+def with_more_steps(run: Callable[[int], "CheckResult"], base: int,
+                    again: Callable[["CheckResult"], bool], *, field: str, why: str,
+                    up_to: int = 4) -> "CheckResult":
+  """`run(base)`, re-run with x2 then x4 (`up_to`) the steps while `again(result)`: a verdict
+  that is the budget's (a slow starter, a loss 'almost there'), not the model's. An extension
+  is said in the message ('checks.<field>=150 extended to 300<why>') and in
+  details['budget_extended_from']."""
+  steps, result = base, run(base)
+  while again(result) and steps * 2 <= up_to * base:
+    steps *= 2
+    result = run(steps)
+  if steps > base:
+    result.details["budget_extended_from"] = base
+    result.message = (f"{result.message.rstrip('.')} (checks.{field}={base} extended to "
+                      f"{steps}{why}).")
+  return result
+
+
 def __getattr__(attr: str):
   # CHECK_NAMES is derived from the registry, which imports every check module: resolved on
   # first use so that the check modules can import this one.

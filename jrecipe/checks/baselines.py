@@ -5,7 +5,7 @@ from typing import Optional
 
 import numpy as np
 
-from jrecipe.checks.base import CheckResult, verdict
+from jrecipe.checks.base import CheckResult, verdict, with_more_steps
 from jrecipe.checks.fitting import evaluate, fit
 from jrecipe.checks.registry import register_check
 from jrecipe.types import Loss, Model
@@ -239,18 +239,10 @@ def check_input_independent_baseline(ctx) -> CheckResult:
   used its context only after about 200 steps, measured), while a model that ignores its
   input is flat by then. Said in the message.
   """
-  steps = ctx.steps
-  while True:
-    result = input_independent_baseline(
-        ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx, steps=steps,
-        rng=ctx.seed, x_val=ctx.x_val, y_val=ctx.y_val, batch_size=ctx.batch_size)
-    if (result.status == "pass" or result.details.get("failure") != "input_unused"
-        or not result.details.get("still_falling") or steps * 2 > EXTEND_UP_TO * ctx.steps):
-      break
-    steps *= 2
-  if steps > ctx.steps:
-    result.details["budget_extended_from"] = ctx.steps
-    result.message = result.message.rstrip(".") + (
-        f" (checks.budget_steps={ctx.steps} extended to {steps} while the training loss on the "
-        "real inputs was still falling).")
-  return result
+  return with_more_steps(
+      lambda steps: input_independent_baseline(
+          ctx.model, ctx.loss, ctx.variables, ctx.x, ctx.y, tx=ctx.tx, steps=steps,
+          rng=ctx.seed, x_val=ctx.x_val, y_val=ctx.y_val, batch_size=ctx.batch_size),
+      ctx.steps, lambda r: r.details.get("failure") == "input_unused"
+      and bool(r.details.get("still_falling")), field="budget_steps", up_to=EXTEND_UP_TO,
+      why=" while the training loss on the real inputs was still falling")

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrecipe.checks.base import CheckResult, artifact_path, verdict
+from jrecipe.checks.base import CheckResult, artifact_path, verdict, with_more_steps
 from jrecipe.checks.fitting import as_key, evaluate, fit, without_dropout
 from jrecipe.checks.init import copy_head_bias, head_bias
 from jrecipe.checks.registry import register_check
@@ -281,19 +281,13 @@ def check_overfit_one_batch(ctx) -> CheckResult:
   stops once the batch is memorised, so only a model that needs the steps pays for them.
   """
   k = int(ctx.config.checks.overfit_examples)
-  base = steps = int(ctx.config.checks.overfit_steps)
-  while True:
-    result = overfit_one_batch(ctx.model, ctx.loss, ctx.variables, ctx.x[:k], ctx.y[:k],
-                               tx=ctx.tx, steps=steps, rng=ctx.seed, max_examples=20,
-                               artifacts_dir=ctx.artifacts_dir)
-    if result.status != "warn" or steps * 2 > OVERFIT_EXTEND_UP_TO * base:
-      break
-    steps *= 2
-  if steps > base:
-    result.details["budget_extended_from"] = base
-    result.message = result.message.rstrip(".") + (
-        f" (checks.overfit_steps={base} extended to {steps}: {base} steps ended almost there).")
-  return result
+  base = int(ctx.config.checks.overfit_steps)
+  return with_more_steps(
+      lambda steps: overfit_one_batch(ctx.model, ctx.loss, ctx.variables, ctx.x[:k], ctx.y[:k],
+                                      tx=ctx.tx, steps=steps, rng=ctx.seed, max_examples=20,
+                                      artifacts_dir=ctx.artifacts_dir),
+      base, lambda r: r.status == "warn", field="overfit_steps", up_to=OVERFIT_EXTEND_UP_TO,
+      why=f": {base} steps ended almost there")
 
 
 @register_check("capacity_decreases_loss", stage="overfit",

@@ -210,11 +210,12 @@ def _adapt(name: str, factory: Callable, spec: DataSpec, bn_axis_name: Optional[
   if isinstance(out, nn.Module):
     if precision != "float32":
       from jrecipe import precision as precision_lib
-      from jrecipe.models import float64
-      out, set_ = float64.with_compute_dtype(out, precision_lib.compute_dtype(precision))
+      from jrecipe.models import dtype_fields
+      out, set_ = dtype_fields.with_compute_dtype(out, precision_lib.compute_dtype(precision))
       if set_:
-        precision_lib.log.info("model %r: %s set to %s for precision=%s (the field Flax's examples set for "
-                 "half precision).", name, ", ".join(set_), precision, precision)
+        precision_lib.log.info("model %r: %s set to %s for precision=%s (the field Flax's "
+                               "examples set for half precision).", name, ", ".join(set_),
+                               precision, precision)
     return linen_adapter.from_linen(out, name, example_input=example_input(spec),
                                     bind_unbound=True, bound_axes=(bn_axis_name,))
   if _is_nnx_module(out):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jrecipe.errors import UserError
-from jrecipe.models import float64
+from jrecipe.models import dtype_fields
 from jrecipe.models.core import check_rngs, fast_random
 from jrecipe.types import Model
 
@@ -142,7 +142,7 @@ def _merged(graphdef, templates: tuple, variables: dict, train: bool, has_batchn
   if has_batchnorm:
     nnx.replace_by_pure_dict(stats, variables["batch_stats"])
   model = nnx.merge(graphdef, params, stats, _copy_state(rest_t))
-  float64.raise_nnx(model)  # only inside the gradient check's float64_layers
+  dtype_fields.raise_nnx(model)  # only inside the gradient check's float64_layers
   if train:
     model.train()
   else:

@@ -13,7 +13,7 @@ from jrecipe.checks.base import CheckResult
 from jrecipe.checks.gradcheck.check import gradient_check
 from jrecipe.checks.gradcheck.measure import float64, to_f64
 from jrecipe.checks.registry import register_check
-from jrecipe.models.float64 import float64_layers
+from jrecipe.models.dtype_fields import float64_layers
 from jrecipe.train.step import l2_penalty
 
 
@@ -135,7 +135,7 @@ def gradient_check_model(model: Any, loss: Any, variables: Any, batch: dict, *, 
       module, else none), None, or `kink_fn(params, x, y, state) -> pattern`.
     max_examples: examples of the batch used.
     artifacts_dir: where to write `gradient_check.png` (None: no files).
-    raise_layers: trace the model under `jrecipe.models.float64.float64_layers`, so layers
+    raise_layers: trace the model under `jrecipe.models.dtype_fields.float64_layers`, so layers
       whose `dtype` field pins float32 or bfloat16 (Flax's ImageNet and LM1B examples)
       compute in float64 like the rest (said in the message); False: as written.
     **kwargs: passed to `gradient_check` (fail_above, warn_above, other_h, ...).

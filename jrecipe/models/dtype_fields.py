@@ -1,4 +1,5 @@
-"""Layers that pin a compute dtype below float64, raised to float64 for the gradient check.
+"""Compute-dtype fields of a user's model: raised to float64 for the gradient check, or set
+to the 16-bit compute dtype for `config.precision` (`with_compute_dtype`, at the end).
 
 Recipe step: CS231n gradient checks ("use double precision"). Flax's own examples give their
 modules a `dtype` field (ImageNet's ResNet: `dtype: Any = jnp.float32`, passed to every Conv,
@@ -30,30 +31,42 @@ FIELD = "dtype"  # the compute-dtype field of Flax's layers and of the examples'
 _RAISED: contextvars.ContextVar = contextvars.ContextVar("jrecipe_float64_layers", default=None)
 
 
-def _low(value: Any) -> bool:
-  """Whether `value` names a floating dtype below float64 (jnp.float32, 'bfloat16', ...)."""
+def _dtype(value: Any):
+  """The numpy dtype `value` names (jnp.float32, 'bfloat16', ...), or None."""
   if value is None or isinstance(value, bool):
-    return False
+    return None
   try:
-    dtype = np.dtype(value)
+    return np.dtype(value)
   except TypeError:
-    return False
-  return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 8
+    return None
+
+
+def _low(value: Any) -> bool:
+  """Whether `value` names a floating dtype below float64."""
+  dtype = _dtype(value)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 8
+
+
+def _is_float32(value: Any) -> bool:
+  return _dtype(value) == np.float32
+
+
+def _retyped(obj: Any, match, dtype) -> dict:
+  """{attribute: new value}: `obj`'s dtype field, and each dataclass field holding one (LM1B's
+  `config`, as a replaced copy), whose dtype `match`es, set to `dtype`."""
+  out = {FIELD: dtype} if match(getattr(obj, FIELD, None)) else {}
+  for f in dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ():
+    value = getattr(obj, f.name, None)
+    if (dataclasses.is_dataclass(value) and not isinstance(value, (type, nn.Module))
+        and any(g.name == FIELD for g in dataclasses.fields(value))
+        and match(getattr(value, FIELD))):
+      out[f.name] = dataclasses.replace(value, **{FIELD: dtype})
+  return out
 
 
 def _raised_fields(obj: Any) -> dict:
   """{attribute: its float64 value} for `obj`'s dtype field and configs holding one."""
-  out = {}
-  if _low(getattr(obj, FIELD, None)):
-    out[FIELD] = jnp.float64
-  fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ()
-  for f in fields:
-    value = getattr(obj, f.name, None)
-    if (dataclasses.is_dataclass(value) and not isinstance(value, (type, nn.Module))
-        and any(g.name == FIELD for g in dataclasses.fields(value))
-        and _low(getattr(value, FIELD))):
-      out[f.name] = dataclasses.replace(value, **{FIELD: jnp.float64})
-  return out
+  return _retyped(obj, _low, jnp.float64)
 
 
 def _names(obj: Any, raised: dict) -> list:
@@ -109,13 +122,6 @@ def raise_nnx(module: Any) -> None:
         setattr(node, name, value)
 
 
-def _is_float32(value: Any) -> bool:
-  try:
-    return value is not None and not isinstance(value, bool) and np.dtype(value) == np.float32
-  except TypeError:
-    return False
-
-
 def with_compute_dtype(module: nn.Module, dtype) -> tuple:
   """(`module` with its own float32 `dtype` field, or its config's, set to `dtype`; the fields
   set, as 'ResNet.dtype').
@@ -126,15 +132,7 @@ def with_compute_dtype(module: nn.Module, dtype) -> tuple:
   layers' literal `dtype=jnp.float32` (a head kept in float32 on purpose stays so, and the
   policy's warning names it).
   """
-  changes = {}
-  if _is_float32(getattr(module, FIELD, None)):
-    changes[FIELD] = dtype
-  for f in dataclasses.fields(module) if dataclasses.is_dataclass(module) else ():
-    value = getattr(module, f.name, None)
-    if (dataclasses.is_dataclass(value) and not isinstance(value, (type, nn.Module))
-        and any(g.name == FIELD for g in dataclasses.fields(value))
-        and _is_float32(getattr(value, FIELD))):
-      changes[f.name] = dataclasses.replace(value, **{FIELD: dtype})
+  changes = _retyped(module, _is_float32, dtype)
   if not changes:
     return module, []
   return module.clone(**changes), _names(module, changes)
