@@ -22,6 +22,7 @@ import optax
 from jrecipe.checks import registry
 from jrecipe.checks.context import CheckContext
 from jrecipe.checks.data import data_before_net, split_leakage
+from jrecipe.checks.splits import splits_match
 from jrecipe.checks.dependencies import causal_dependency
 from jrecipe.checks.determinism import seed_determinism
 from jrecipe.checks.fitting import fit
@@ -177,6 +178,12 @@ CASES = {
         lambda kit: split_leakage({"train": {"x": np.concatenate([kit.x[:200], kit.x[200:220]])},
                                    "test": {"x": kit.x[200:]}}),
         lambda kit: split_leakage({"train": {"x": kit.x[:200]}, "test": {"x": kit.x[200:]}})),
+    "splits_match": (  # the test images read transposed
+        lambda kit: splits_match({"train": {"x": kit.x[:160], "y": kit.y[:160]},
+                                  "test": {"x": kit.x[160:].transpose(0, 2, 1, 3),
+                                           "y": kit.y[160:]}}, spec=SPEC),
+        lambda kit: splits_match({"train": {"x": kit.x[:160], "y": kit.y[:160]},
+                                  "test": {"x": kit.x[160:], "y": kit.y[160:]}}, spec=SPEC)),
     "seed_determinism": (
         lambda kit: _train_fn(kit, unseeded_noise=True),
         lambda kit: _train_fn(kit, unseeded_noise=False)),

@@ -296,6 +296,33 @@ def test_input_independent_baseline_labels_shuffled_apart_from_inputs_fail(shuff
   assert "learnt no faster than the same labels shuffled" in r.message
 
 
+@pytest.mark.parametrize("held_out_shifted", [True, False])
+def test_held_out_labels_that_do_not_fit_their_inputs_are_named_not_an_unused_input(
+    held_out_shifted, mlp, loss, mlp_vars):
+  """The planted bug: the held-out labels one class off ((y + 1) % 10, another class map in
+  that split only). The model learns the training split (and faster than shuffled labels),
+  yet scores zero held-out accuracy: the message names the held-out split, not 'the model
+  is not using its input'. The twin (the held-out labels as they are) passes."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  idx = np.random.RandomState(0).permutation(len(d.target))
+  x = d.images[idx].astype(np.float32)[..., None] / 16.0
+  x, y = (x - x.mean()) / x.std(), d.target[idx].astype(np.int32)
+  yv = (y[1200:] + 1) % 10 if held_out_shifted else y[1200:]
+  r = baselines.input_independent_baseline(mlp, loss, mlp_vars, x[:1200], y[:1200],
+                                          tx=optax.adam(1e-3), steps=60, rng=0,
+                                          x_val=x[1200:], y_val=yv, batch_size=128)
+  if not held_out_shifted:
+    assert r.status == "pass", r.message
+    return
+  dd = r.details
+  assert r.status == "fail" and dd["failure"] == "held_out", r.message
+  assert dd["train_accuracy_real"] > dd["train_accuracy_zero"] + 0.5, dd
+  assert dd["train_loss_end_real"] < dd["train_loss_end_shuffled"] - dd["control_margin"], dd
+  assert "learnt the training split, yet predicts the held-out split" in r.message
+  assert "not using its input" not in r.message
+
+
 def test_the_label_shuffled_control_stops_once_the_given_labels_are_ahead(mlp, loss, mlp_vars):
   """The control compares the two training curves every 50 steps and stops at the first
   mark where the given labels are already learnt faster (the pass is reached); the verdict

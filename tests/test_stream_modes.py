@@ -50,7 +50,7 @@ def run(tmp_path_factory, bounded):
   cfg = tiny_config(**{"data.name": f"tfds:{name}", "data.data_dir": d,
                        "data.pipeline": "stream", "data.stream_inspect_sample": SAMPLE,
                        "num_epochs": 1, "eval_batch_size": 128, "ema_decay": 0.9,
-                       "checks.only": "data_before_net,loss_at_init,overfit_one_batch",
+                       "checks.only": "data_before_net,splits_match,loss_at_init,overfit_one_batch",
                        "checks.budget_steps": 20, "checks.overfit_steps": 50})
   wd = str(tmp_path_factory.mktemp("run") / "wd")
   summary = loop.train_and_evaluate(cfg, wd)
@@ -74,8 +74,9 @@ def test_check_mode(run, bounded, tmp_path):
   out = str(tmp_path / "check")
   _mode("check", cfg, out)
   with open(os.path.join(out, "checks.json")) as f:
-    names = {c["name"] for c in json.load(f)["checks"]}
-  assert {"data_before_net", "loss_at_init", "overfit_one_batch"} <= names
+    status = {c["name"]: c["status"] for c in json.load(f)["checks"]}
+  assert {"data_before_net", "loss_at_init", "overfit_one_batch"} <= set(status)
+  assert status["splits_match"] == "pass"  # rows of every split read by index, batch-sized
   assert bounded[0] <= CHUNK
 
 

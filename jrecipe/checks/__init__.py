@@ -18,6 +18,7 @@ from jrecipe.checks.overfit import capacity_decreases_loss, overfit_one_batch
 from jrecipe.checks.registry import check_names, register_check
 from jrecipe.checks.regularization import regularization_increases_loss
 from jrecipe.checks.schedule import lr_schedule
+from jrecipe.checks.splits import splits_match
 
 # The battery's check names, in the order it runs them (stable: scripts rely on them).
 CHECK_NAMES = check_names()
@@ -28,7 +29,7 @@ __all__ = [
     "evaluate", "fit", "fit_metrics", "gradient_check", "gradient_check_model", "init_bias",
     "input_independent_baseline", "logits_not_probabilities", "loss_at_init", "lr_schedule",
     "overfit_one_batch", "register_check", "regularization_increases_loss", "relu_pattern",
-    "run_battery", "seed_determinism",
+    "run_battery", "seed_determinism", "splits_match",
 ]
 
 

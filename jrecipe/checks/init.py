@@ -312,7 +312,8 @@ def _init_bias_verdict(result, ev0, ev1, bias_set, mismatch, tol, mismatch_witho
   return result("pass", f"Init well: {losses}: {note}; {what}.")
 
 
-@register_check("loss_at_init", stage="init", needs=("data_before_net", "eval_mode"))
+@register_check("loss_at_init", stage="init",
+                needs=("data_before_net", "splits_match", "eval_mode"))
 def check_loss_at_init(ctx) -> CheckResult:
   """The loss at init on held-out examples against the loss of a vanishingly small init."""
   return loss_at_init(ctx.model, ctx.loss, ctx.variables, ctx.x_val, ctx.y_val,

@@ -28,6 +28,7 @@ STAGES = ("data", "skeleton", "init", "baselines", "overfit", "regularize", "dep
 # The modules that hold the battery's checks; importing them registers the checks.
 CHECK_MODULES = (
     "jrecipe.checks.data",
+    "jrecipe.checks.splits",
     "jrecipe.checks.determinism",
     "jrecipe.checks.init",
     "jrecipe.checks.outputs",

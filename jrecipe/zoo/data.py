@@ -92,6 +92,40 @@ def first_example_everywhere():
   return _splits(x, y, train=(np.broadcast_to(xt[:1], xt.shape).copy(), yt))
 
 
+def _held_out(fn):
+  """The twin's splits with `fn(x, y) -> (x, y)` applied to validation and test only."""
+  out = digits()
+  for split in ("validation", "test"):
+    out[split] = fn(*out[split])
+  return out
+
+
+def heldout_unscaled():
+  """Training pixels divided by 16 (the digits' maximum), the held-out splits left at 0..16:
+  the scaling written in the training branch of the loader only."""
+  out = _held_out(lambda x, y: (x, y))
+  x, y = out["train"]
+  out["train"] = (x / 16.0, y)
+  return out
+
+
+def heldout_transposed():
+  """The held-out images read as [N, W, H, C] (another loader, another layout)."""
+  return _held_out(lambda x, y: (x.transpose(0, 2, 1, 3), y))
+
+
+def heldout_labels_shifted():
+  """Held-out labels one class off ((y + 1) % 10): a class map that differs in that split."""
+  return _held_out(lambda x, y: (x, ((y + 1) % 10).astype(y.dtype)))
+
+
+def split_before_shuffle():
+  """The 70/15/15 split taken from the examples sorted by label, shuffled only afterwards."""
+  x, y = _digits()
+  order = np.argsort(y, kind="stable")
+  return _splits(x[order], y[order])
+
+
 # --- augmentations: fn(x, y, rng) -> (x, y), inside the jitted train step ---------------------
 
 def shift_one_pixel(x, y, rng):

@@ -208,6 +208,7 @@ OPTIMIZER = [
 
 _DATA = "H: Training/training data quality; I: Data bug"
 _PRE = "H: Training/preprocessing of training data; I: Data bug; D: missing preprocessing"
+_SPLIT = "H: Training/preprocessing of training data (held-out splits); I: Data bug"
 _RAW = {"data.normalize": False, "twin": {"data.normalize": False}}
 DATA_ENTRIES = [
     _field("data", "data.name", DATA, "labels_shuffled", "digits", "input_independent_baseline",
@@ -216,6 +217,15 @@ DATA_ENTRIES = [
            _DATA, "labels one example out of step with their inputs"),
     _field("data", "data.name", DATA, "test_in_train", "digits", "split_leakage",
            _DATA + " (leakage)", "the test split concatenated into the training split"),
+    _field("data", "data.name", DATA, "heldout_unscaled", "digits", "splits_match", _SPLIT,
+           "training pixels divided by 16, the held-out splits' left at 0..16"),
+    _field("data", "data.name", DATA, "heldout_transposed", "digits", "splits_match", _SPLIT,
+           "the held-out images read transposed ([N, W, H, C])"),
+    _field("data", "data.name", DATA, "split_before_shuffle", "digits", "splits_match",
+           _DATA + " (split)", "the split taken from examples sorted by label"),
+    _field("data", "data.name", DATA, "heldout_labels_shifted", "digits",
+           "input_independent_baseline", _DATA + " (held-out labels)",
+           "held-out labels one class off ((y + 1) % 10): another class map in that split"),
     _field("data", "data.name", DATA, "integer_division", "digits", "data_before_net", _PRE,
            "uint8 // 255: every input 0"),
     _field("data", "data.name", DATA, "per_pixel_std", "digits", "data_before_net", _PRE,
