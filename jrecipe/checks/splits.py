@@ -192,8 +192,9 @@ def splits_match(samples: dict, *, spec: Optional[DataSpec] = None,
 
 # What each kind of finding suggests, said once however many splits show it.
 CAUSES = {
-    "absent_classes": "split before shuffling (data sorted by label), or a class map that "
-                      "differs between splits",
+    "absent_classes": "split before shuffling (data sorted by label; without a 'validation' "
+                      "split jrecipe holds out the last 10% of 'train', so shuffle 'train' "
+                      "first), or a class map that differs between splits",
     "scale": "a scaling, offset or normalisation applied to one split only (divided by 255 or "
              "standardised in training and not here, or with other statistics)",
     "read_otherwise": "read or preprocessed otherwise (transposed, flipped, cropped, another "

@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from jrecipe.data import damage
 from jrecipe.errors import UserError
 
 DATASETS: list[str] = ["digits", "mnist5k", "digits_seq", "stdlib_bytes", "stdlib_bytes_small"]
@@ -132,10 +133,11 @@ def whole(builder):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_split(source, features, keys) -> dict:
-  columns = read_fast(source, features)
-  if columns is None:
-    columns = read_generic(source, keys)
+def _read_split(source, features, keys, split: str, name: str) -> dict:
+  with damage.reading_records(source, split=split, dataset=name):
+    columns = read_fast(source, features)
+    if columns is None:
+      columns = read_generic(source, keys)
   return columns
 
 
@@ -163,7 +165,7 @@ def read_builtin(name: str, data_dir: str, context_length: int = 0) -> tuple[dic
   with whole(builder) as readable:
     sources, features = readable.as_data_source(), readable.info.features
     for split in SPLITS:
-      cols = _read_split(sources[split], features, keys)
+      cols = _read_split(sources[split], features, keys, split, name)
       x, y = (text.inputs_and_targets(cols["tokens"]) if is_text else
               (cols[keys[0]], cols[keys[1]]))
       splits[split] = {"x": x, "y": y, "id": cols["id"]}
@@ -297,7 +299,7 @@ def read_tfds(name: str, data_dir: str) -> tuple[dict, dict]:
     sources, features = _checked_sources(name, data_dir, builder)
     for split in SPLITS:
       if split in sources:
-        cols = _read_split(sources[split], features, ("image", "label"))
+        cols = _read_split(sources[split], features, ("image", "label"), split, name)
         x, y = cols["image"], cols["label"]
         if x.ndim == 3:  # [N, H, W] grey images without a channel axis
           x = x[..., None]

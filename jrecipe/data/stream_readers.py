@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from jrecipe import storage
+from jrecipe.data import damage
 from jrecipe.errors import UserError
 
 
@@ -38,7 +39,8 @@ class GenericReader:
   def __call__(self, rows: np.ndarray) -> dict:
     kx, ky, kid = self.keys
     getitems = getattr(self.source, "__getitems__", None)
-    recs = getitems(rows.tolist()) if getitems else [self.source[int(i)] for i in rows]
+    with damage.reading_records(self.source, dataset=self.name):
+      recs = getitems(rows.tolist()) if getitems else [self.source[int(i)] for i in rows]
     if recs and not isinstance(recs[0], dict):
       recs = [{kx: r[0], ky: r[1]} for r in recs]
     out = {"x": _stack([r[kx] for r in recs], "inputs", self.name),
@@ -91,11 +93,14 @@ def read_array_records(source, keys: list) -> list:
     for reader_idx, positions_and_indices in per_reader.items():
       source._ensure_reader_exists(reader_idx)  # noqa: SLF001
       positions, indices = zip(*positions_and_indices)
-      for record, i in zip(source._readers[reader_idx].read(list(positions)), indices):  # noqa: SLF001
+      with damage.reading_records(files=source._paths[reader_idx:reader_idx + 1]):  # noqa: SLF001
+        records = source._readers[reader_idx].read(list(positions))  # noqa: SLF001
+      for record, i in zip(records, indices):
         out[i] = record
     return out
   except AttributeError:
-    return source.__getitems__(keys)
+    with damage.reading_records(source):
+      return source.__getitems__(keys)
 
 
 class TextWindows:

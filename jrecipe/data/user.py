@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from jrecipe.data import damage
 from jrecipe.data.reading import SPLITS
 from jrecipe.errors import UserError
 
@@ -84,6 +85,11 @@ def read_source(name: str, split: str, source: Any, keys: Any = None) -> tuple:
     UserError: elements of different shapes or dtypes, an element that is neither a pair
       nor a dict with the keys, or arrays larger than `MEMORY_FRACTION` of free memory.
   """
+  with damage.reading_records(source, split=split, dataset=name):
+    return _read_all(name, split, source, keys)
+
+
+def _read_all(name: str, split: str, source: Any, keys: Any) -> tuple:
   n = len(source)
   if n == 0:
     raise _bad(name, f"an empty {split!r} source")

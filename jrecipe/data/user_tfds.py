@@ -76,7 +76,7 @@ def builder_output(name: str, cls: type, data_dir: str) -> dict:
     keys = _keys(name, builder)
     splits = {}
     for split in [s for s in reading.SPLITS if s in sources]:
-      cols = reading._read_split(sources[split], features, keys)
+      cols = reading._read_split(sources[split], features, keys, split, name)
       splits[split] = {"x": cols[keys[0]], "y": cols[keys[1]]}
   splits = reading._carve_validation(name, splits)
   y = np.concatenate([d["y"] for d in splits.values()])
