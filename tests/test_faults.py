@@ -335,3 +335,52 @@ def test_allow_config_change_continues_compatible_changes_and_refuses_the_rest(r
                                     allow_config_change=True)
   assert summary["step"] == 4 * 19
   assert read_json(os.path.join(wd, "config.json"))["optimizer"]["learning_rate"] == 5e-4
+
+
+def test_a_damaged_line_inside_metrics_jsonl_costs_that_line_only(reference, tmp_path, caplog):
+  """A line of metrics.jsonl damaged in the middle (a disk or copy error) used to end the
+  reading there: the resume rewrote the file without every row after it (15 of 20 rows lost,
+  measured). Now that line alone is dropped, with a warning, and the file as it was is kept."""
+  wd = str(tmp_path / "run")
+  shutil.copytree(reference, wd)
+  path = os.path.join(wd, "metrics.jsonl")
+  with open(path) as f:
+    lines = f.readlines()
+  lines[4] = "{garbage\n"
+  with open(path, "w") as f:
+    f.writelines(lines)
+  with caplog.at_level("WARNING"):
+    loop.train_and_evaluate(tiny_config(num_epochs=4), wd)
+  assert "has 1 damaged line(s) (line 5" in caplog.text
+  with open(path + ".damaged") as f:
+    assert f.readlines() == lines
+  rows = [json.loads(ln) for ln in open(path)]
+  kept = [json.loads(ln) for i, ln in enumerate(lines) if i != 4]
+  old = [r for r in kept if not r["split"].startswith("final_")]
+  assert rows[:len(old)] == old and max(r["step"] for r in rows) == 4 * 19
+
+
+def test_a_damaged_config_json_is_set_aside_and_replaced_only_by_a_config_that_resumes(
+    reference, tmp_path):
+  """A config.json that is not JSON: kept as config.json.damaged; a config whose checkpoint
+  does not resume (another seed: the data position) is refused with config.json and
+  metrics.jsonl untouched; the run's own config resumes and writes config.json."""
+  wd = str(tmp_path / "run")
+  shutil.copytree(reference, wd)
+  path = os.path.join(wd, "config.json")
+  os.truncate(path, 50)
+
+  def files():
+    top = {n: open(os.path.join(wd, n), "rb").read() for n in os.listdir(wd)
+           if os.path.isfile(os.path.join(wd, n)) and n != "jrecipe.lock"}
+    return top, sorted(os.listdir(_ckdir(wd)))
+
+  before = files()
+  with pytest.raises(UserError, match="its seed is 0, this run's is 3"):
+    loop.train_and_evaluate(tiny_config(**CFG, seed=3), wd)
+  after = files()
+  assert after[0].pop("config.json.damaged") == before[0]["config.json"]
+  assert after == before
+  summary = loop.train_and_evaluate(tiny_config(num_epochs=4), wd)
+  assert summary["step"] == 4 * 19
+  assert read_json(path)["num_epochs"] == 4

@@ -290,6 +290,10 @@ class Checkpointer:
     else:
       log.warning("Checkpoint at step %d is damaged or corrupt (%s) and is skipped.", step, why)
 
+  def commit(self) -> None:
+    """The resume is settled (after `restore(commit=False)`): see `_restored`."""
+    self._restored()
+
   def _restored(self) -> None:
     """The resume is settled: config.json may now take the new config (`workdir.prepare`)."""
     if self._writer():
@@ -318,8 +322,11 @@ class Checkpointer:
         "is left as it was: rerun with the run's config, or train this config in a new "
         "--workdir.")
 
-  def restore(self, target: Any, step: Optional[int] = None):
+  def restore(self, target: Any, step: Optional[int] = None, *, commit: bool = True):
     """Restores (state, meta) at `step` or the newest intact step; None if there is none.
+
+    `commit=False` leaves config.json to the caller (`commit_config`), which checks more of
+    the restored meta first (the training loop: the data position).
 
     Each candidate's files are checked against its manifest first; a damaged one is moved to
     `checkpoints/damaged/` (read-only: skipped) with one line, and the one before it is used.
@@ -339,7 +346,8 @@ class Checkpointer:
           skipped.append(s)
     steps = [step] if step is not None else self._digit_steps()[::-1]
     if not steps and not skipped:
-      self._restored()
+      if commit:
+        self._restored()
       return None  # a fresh run: nothing to read, and no need for orbax yet
     ocp = _ocp()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -353,7 +361,8 @@ class Checkpointer:
       if skipped:
         log.warning("Resuming from checkpoint %d (damaged checkpoints were set aside: %s).",
                     s, ", ".join(map(str, sorted(skipped))))
-      self._restored()
+      if commit:
+        self._restored()
       return out["state"], dict(out["meta"]), s
     where = (f"moved to {os.path.join(self.directory, integrity.DAMAGED)}; a rerun starts "
              "from scratch" if self._writer() else "left in place")

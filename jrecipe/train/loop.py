@@ -101,8 +101,12 @@ def _train(config, exp, placement, workdir: str, user_hooks: list,
                                     extra_metrics=_monitor_norms(config, exp.total_steps))
   host_state = trainer.initial_state()
   ckpt = Checkpointer(workdir, keep_best=config.checkpoint.keep_best)
-  restored = ckpt.restore(host_state)
+  restored = ckpt.restore(host_state, commit=False)
   start_step, fresh, meta = 0, restored is None, {}
+  if not fresh:  # a checkpoint whose data position means other examples is refused before
+    # config.json or metrics.jsonl is touched (a damaged config.json cannot refuse a seed)
+    hooks_lib.DataPosition(exp, restored[2]).load_state_dict(restored[1].get("data", {}))
+  ckpt.commit()
   if fresh:
     if primary and exp.init_from_report:
       from jrecipe.train import init_from

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -19,6 +20,8 @@ import ml_collections
 from jrecipe import storage
 from jrecipe.errors import UserError
 from jrecipe.train.writer import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 # What may differ between a run's config.json and the config that resumes it
 # (docs/failures.md, "Changing the config of a run"). A dotted field matches a rule equal to it
@@ -105,14 +108,34 @@ _PENDING: dict[str, tuple[str, dict]] = {}
 PENDING_DIFF: dict[str, str] = {}  # storage.key -> the changes, for a restore that does not fit
 
 
+_DAMAGED: set = set()  # config.json paths found damaged by `_read_old`
+
+
+def _set_aside_damaged(path: str) -> None:
+  """Keeps a damaged config.json as config.json.damaged, saying what resumes in its place."""
+  with storage.open(path, "rb") as f:
+    storage.write_bytes(path + ".damaged", f.read())
+  _DAMAGED.discard(path)
+  log.warning("%s is damaged (not a JSON object): kept as %s.damaged, and replaced by this "
+              "command's config once the run's checkpoint restored into it (or at a fresh "
+              "start). A checkpoint is resumed only if it fits: its parameter and optimizer-state shapes, and its dataset, batch size "
+              "and seed, are checked on restore; other fields (the optimizer's "
+              "hyperparameters, the loss) cannot be checked against the lost file.", path, path)
+
+
 def _read_old(path: str) -> Optional[dict]:
+  """The run's config.json as a dict; None when there is none, or when it is damaged (not a
+  JSON object: `_damaged` says so, and `prepare` sets it aside before writing a new one)."""
   if not storage.exists(path):
     return None
-  with storage.open(path) as f:
+  with storage.open(path, errors="replace") as f:
     try:
       old = json.load(f)
     except json.JSONDecodeError:
-      return None
+      old = None
+  if not isinstance(old, dict):
+    _DAMAGED.add(path)
+    return None
   # An older config.json lacks fields added since (schema defaults) and may hold removed
   # ones: neither is a change of the experiment.
   from jrecipe.config.base import from_json
@@ -159,6 +182,9 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *, allow_config_cha
   if changed:
     _PENDING[key] = (path, new)
     PENDING_DIFF[key] = _changes_text(old, new, changed)
+  elif path in _DAMAGED:  # written, like a change, once a checkpoint restored into it
+    _set_aside_damaged(path)
+    _PENDING[key] = (path, new)
   elif old is None:
     write_json_atomic(path, new)
 

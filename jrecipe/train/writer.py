@@ -8,6 +8,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import math
 import os
 from typing import Callable, Optional, Union
@@ -15,6 +16,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from jrecipe import storage
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(v):
@@ -62,23 +65,47 @@ def _summary_writer_class():
   return SummaryWriter
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """Records of a JSON-lines file (a torn last line from a kill is ignored); [] when missing."""
-  out = []
+def read_jsonl(path: str, damaged: Optional[list] = None) -> list[dict]:
+  """Records of a JSON-lines file; [] when missing.
+
+  A line that is not a JSON object is skipped, and reading goes on: a torn last line is what a
+  kill leaves, and a damaged line inside the file (a disk or copy error) must not hide the rows
+  after it (it used to end the reading there, and a resume then rewrote the file without them).
+  The 1-based numbers of damaged lines other than the last are appended to `damaged`.
+  """
+  out, bad, n = [], [], 0
   if not storage.exists(path):
     return out
-  with storage.open(path) as f:
-    for line in f:
+  with storage.open(path, errors="replace") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
       try:
-        out.append(json.loads(line))
+        rec = json.loads(line)
       except json.JSONDecodeError:
-        break
+        rec = None
+      if isinstance(rec, dict):
+        out.append(rec)
+      else:
+        bad.append(n)
+  if damaged is not None:
+    damaged.extend(i for i in bad if i != n)
   return out
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """All records of `workdir/metrics.jsonl`."""
   return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+def _set_aside(path: str, damaged: list) -> None:
+  """Keeps a copy of a metrics file with damaged lines (the evidence) before it is rewritten."""
+  copy = f"{path}.damaged"
+  with storage.open(path, "rb") as f:
+    storage.write_bytes(copy, f.read())
+  lines = ", ".join(map(str, damaged[:5])) + (" ..." if len(damaged) > 5 else "")
+  log.warning("%s has %d damaged line(s) (line %s: not a JSON record): dropped; every other row "
+              "is kept, and the file as it was is kept in %s.", path, len(damaged), lines, copy)
 
 
 class MetricWriter:
@@ -102,8 +129,11 @@ class MetricWriter:
       # Records after the resume step were written by the killed run; the final evaluation
       # ('final_*') is written again at the end of every run that reaches it: dropped so
       # that each row appears exactly once, whatever the restart point.
-      kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step
+      damaged: list = []
+      kept = [r for r in read_jsonl(self.path, damaged) if r.get("step", 0) <= resume_step
               and not str(r.get("split", "")).startswith("final_")]
+      if damaged:
+        _set_aside(self.path, damaged)
       text = "".join(json.dumps(r) + "\n" for r in kept)
       if storage.is_remote(self.path):  # one upload: the object appears whole or not at all
         storage.write_bytes(self.path, text.encode())
