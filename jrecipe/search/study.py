@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from jrecipe.errors import UserError
+from jrecipe.errors import RunFailure, UserError
 from jrecipe.search import binding as binding_lib, space as space_lib
 
 log = logging.getLogger("jrecipe")
@@ -53,6 +53,7 @@ def open_storage(url: str, heartbeat_seconds: int = 5):
       "pool_pre_ping": True}
   if url.startswith("sqlite:///"):
     os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
+    _check_sqlite(url[len("sqlite:///"):])
   hb = max(1, int(heartbeat_seconds))
   for attempt in range(5):  # concurrent first contact may race on table creation
     try:
@@ -71,7 +72,40 @@ def open_storage(url: str, heartbeat_seconds: int = 5):
       time.sleep(0.5 + attempt)
     except sqlalchemy.exc.IntegrityError:
       time.sleep(0.2 + attempt * 0.3)
+    except sqlalchemy.exc.DatabaseError as e:  # after its subclasses above
+      if not url.startswith("sqlite") or "malformed" not in str(e) and "not a database" \
+          not in str(e):
+        raise
+      raise RunFailure(_damaged_db(redact(url), e)) from e
   raise AssertionError("unreachable")
+
+
+def _damaged_db(where: str, error) -> str:
+  return (f"The search database {where} is damaged ({str(error).splitlines()[0]}). It is left "
+          "as it was, and so are the trials' directories (each finished trial's summary.json "
+          "is in trials/). Restore the database from a copy, or rerun with --new_study to start "
+          "a clean study here (the old study's trials and files move to old_studies/).")
+
+
+def _check_sqlite(path: str) -> None:
+  """SQLite's own structural check of an existing study database (read only, milliseconds for a
+  study's size): a truncated or overwritten file, or flipped bytes in its pages, made Optuna's
+  first query raise a traceback, or passed unnoticed and were written to (measured)."""
+  import sqlite3
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    return
+  try:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    try:
+      rows = con.execute("PRAGMA quick_check").fetchall()
+    finally:
+      con.close()
+  except sqlite3.DatabaseError as e:
+    if "locked" in str(e) or "busy" in str(e):
+      return  # another worker is writing: its transactions are SQLite's to keep consistent
+    raise RunFailure(_damaged_db(path, e)) from e
+  if rows != [("ok",)]:
+    raise RunFailure(_damaged_db(path, "; ".join(str(r[0]) for r in rows[:3])))
 
 
 def quiet_optuna() -> None:
