@@ -144,6 +144,29 @@ def test_bad_input(source_run, overrides, match, tmp_path):
   assert not os.path.exists(wd)
 
 
+def test_a_damaged_source_checkpoint_is_refused_naming_the_other_steps(source_run, tmp_path):
+  """One changed byte in the source's latest checkpoint: refused before orbax reads it (its
+  SHA-256 manifest), naming the run's other steps; nothing written."""
+  import shutil
+  src, summary = source_run
+  copy = str(tmp_path / "src")
+  shutil.copytree(src, copy)
+  latest = max(s["step"] for s in summary["checkpoints"])
+  d = os.path.join(copy, "checkpoints", str(latest), "state", "d")
+  biggest = max((os.path.join(d, f) for f in os.listdir(d)), key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  wd = str(tmp_path / "run")
+  others = sorted(s["step"] for s in summary["checkpoints"] if s["step"] != latest)
+  with pytest.raises(UserError, match=rf"given by init_from is damaged .*changed bytes.*"
+                                      rf"also has steps \{others}"):
+    loop.train_and_evaluate(_cfg(init_from=copy), wd)
+  assert not os.path.exists(wd)
+
+
 def test_checkpoint_dir_and_best(source_run):
   src, summary = source_run
   steps = sorted(s["step"] for s in summary["checkpoints"])
