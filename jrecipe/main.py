@@ -189,6 +189,9 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
       result = run_mode(config, workdir, options)
       if watchdog is not None:
         watchdog.finish()
+    except KeyboardInterrupt:  # training: a second Ctrl-C (the first stops with a checkpoint)
+      _fail("interrupted (Ctrl-C): stopped at once. What was committed is intact (a run's "
+            "checkpoints, a search's finished trials): rerunning the same command resumes.", 130)
     except UserError as e:
       _fail(str(e), 2)
     except RunFailure as e:

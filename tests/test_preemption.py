@@ -19,14 +19,16 @@ CFG = dict(num_epochs=3, log_every_steps=5)
 
 
 class _SigtermAt(Hook):
-  """Sends this process a SIGTERM after step `step` (the notice a preempted VM gets)."""
+  """Sends this process a SIGTERM after step `step` (the notice a preempted VM gets), or
+  `times` SIGINTs (Ctrl-C pressed that often)."""
 
-  def __init__(self, step):
-    self.step = step
+  def __init__(self, step, sig=signal.SIGTERM, times=1):
+    self.step, self.sig, self.times = step, sig, times
 
   def after_step(self, loop_, metrics):
     if loop_.step == self.step:
-      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(self.times):
+        os.kill(os.getpid(), self.sig)
 
 
 def _rows(workdir):
@@ -83,3 +85,22 @@ def test_final_rows_once_after_rerunning_a_finished_run(reference, tmp_path):
   finals = {k: len(v) for k, v in rows.items() if k[0].startswith("final_")}
   assert finals and set(finals.values()) == {1}, finals
   assert {k for k in rows} == {k for k in _rows(reference)}
+
+
+def test_a_first_ctrl_c_stops_with_a_checkpoint_and_a_second_stops_at_once(reference, tmp_path,
+                                                                          capsys):
+  """Ctrl-C used to end the run in a KeyboardInterrupt traceback, losing the steps since the
+  last checkpoint; now the first one stops after the step with a checkpoint, as SIGTERM does
+  (the resumed run is bit-identical), and a second one stops at once."""
+  wd = str(tmp_path / "ctrl_c")
+  summary = loop.train_and_evaluate(tiny_config(**CFG), wd, hooks=[_SigtermAt(26, signal.SIGINT)])
+  assert summary["preempted"] and "preempted (SIGINT)" in summary["stopped"]
+  assert {"step": summary["step"], "val_loss": None} in summary["checkpoints"]
+  assert "press Ctrl-C again to stop at once" in capsys.readouterr().err
+  loop.train_and_evaluate(tiny_config(**CFG), wd)
+  a, b = load_params(reference), load_params(wd)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(tiny_config(**CFG), str(tmp_path / "twice"),
+                            hooks=[_SigtermAt(26, signal.SIGINT, times=2)])
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -205,12 +205,14 @@ def run_mode(config: ml_collections.ConfigDict, workdir: str, options=None) -> i
   """`--mode=train`: `train_and_evaluate`, with the command line's --allow_config_change.
 
   Returns 0 when the run finished (or stopped early on purpose), and `EXIT_PREEMPTED` (75)
-  when a SIGTERM stopped it with a checkpoint: not finished, resumable by rerunning.
+  when a SIGTERM or a first Ctrl-C stopped it with a checkpoint: not finished, resumable by
+  rerunning.
   """
   allow = bool(options and options.allow_config_change)
   summary = train_and_evaluate(config, workdir, allow_config_change=allow)
   if summary.get("preempted"):
-    sys.stderr.write(f"jrecipe: preempted (SIGTERM) at step {summary['step']}: checkpoint "
+    name = "SIGINT" if "(SIGINT)" in str(summary.get("stopped")) else "SIGTERM"
+    sys.stderr.write(f"jrecipe: preempted ({name}) at step {summary['step']}: checkpoint "
                      f"saved in {workdir}; rerun the same command to resume (exit status "
                      f"{EXIT_PREEMPTED}).\n")
     return EXIT_PREEMPTED
