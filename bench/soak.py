@@ -1,13 +1,16 @@
 """Soak test of the failure paths: random SIGKILLs (and some SIGTERMs) and random checkpoint
 damage on real `python -m jrecipe` runs, each compared with an uninterrupted run.
 
-    python -m bench.soak --kills=50 --corruptions=50 [--seed=0] [--out=/tmp/soak]
+    python -m bench.soak --kills=50 --corruptions=50 --workdir_damage=20 [--seed=0] [--out=DIR]
 
 Runs digits_mlp and a small mnist5k CNN (issue 19's acceptance). A kill trial starts a run,
 interrupts it at a random moment (start-up, a step, an evaluation, a checkpoint write or the
 deletion of an old one) one to three times, then lets it finish. A corruption trial copies a
 finished run, damages its newest checkpoint (1-64 bytes changed at random offsets in a random
-file of its manifest, a truncated file, a removed manifest or item), and reruns it. It prints
+file of its manifest, a truncated file, a removed manifest or item), and reruns it. A workdir
+trial damages one of a finished run's own files instead (a line of metrics.jsonl, config.json,
+summary, diagnoses, the monitor's files, TensorBoard's events) and reruns it. Kills are SIGKILL,
+with some SIGTERMs and Ctrl-Cs (SIGINT). It prints
 counts: kills, runs whose final parameters are bit-identical to the uninterrupted run, runs
 with duplicated or missing metric rows, damaged checkpoints loaded silently (the rerun
 resumed from the damaged step), damaged runs that finished, and wrong exit statuses.
@@ -80,7 +83,8 @@ class Soak:
     self.counts = {k: 0 for k in (
         "kills", "sigterms", "kill_runs", "kill_runs_bit_identical", "runs_rows_wrong",
         "corruption_trials", "damage_detected", "silent_damaged_loads",
-        "damaged_runs_finished_identical", "wrong_exit_status")}
+        "damaged_runs_finished_identical", "workdir_damage_trials", "workdir_damage_handled",
+        "sigints", "wrong_exit_status")}
     self.failures: list = []
 
   def reference(self, name: str):
@@ -113,20 +117,24 @@ class Soak:
       p = subprocess.Popen([sys.executable, "-m", "jrecipe", *CONFIGS[name], f"--workdir={wd}"],
                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       time.sleep(float(self.rng.uniform(0.3, 0.8 * seconds)))
-      term = self.rng.random() < 0.15
-      p.send_signal(signal.SIGTERM if term else signal.SIGKILL)
+      u = self.rng.random()
+      sig = signal.SIGTERM if u < 0.1 else signal.SIGINT if u < 0.2 else signal.SIGKILL
+      p.send_signal(sig)
       _, err = p.communicate(timeout=600)
       if p.returncode == 0:
         continue  # it finished before the signal
       # SIGTERM: 75 once the loop runs; before it (start-up) or after it (final evaluation)
-      # the default action ends the process, which is also fine. Never a traceback.
-      ok = (-signal.SIGKILL,) if not term else (75, -signal.SIGTERM)
+      # the default action ends the process, which is also fine. SIGINT (Ctrl-C): 75 in the
+      # loop, else one line and 130. Never a traceback.
+      ok = {signal.SIGKILL: (-signal.SIGKILL,), signal.SIGTERM: (75, -signal.SIGTERM),
+            signal.SIGINT: (75, 130, -signal.SIGINT)}[sig]
       if p.returncode not in ok or "Traceback" in err:
         self.counts["wrong_exit_status"] += 1
         with open(os.path.join(self.out, f"kill_{name}_{i}.stderr"), "w") as f:
           f.write(err)
         self.failures.append(f"kill {name} {i}: exit {p.returncode}: {err[-500:]}")
-      self.counts["sigterms" if term else "kills"] += 1
+      self.counts[{signal.SIGKILL: "kills", signal.SIGTERM: "sigterms",
+                   signal.SIGINT: "sigints"}[sig]] += 1
     r = _run(CONFIGS[name], wd)
     self.counts["kill_runs"] += 1
     with open(os.path.join(self.out, f"kill_{name}_{i}.rerun.stderr"), "w") as f:
@@ -162,6 +170,72 @@ class Soak:
       f.write(bytes(data))
     return f"{n} bytes of {os.path.relpath(path, step_dir)}"
 
+  def _damage_file(self, wd: str) -> tuple[str, str, object]:
+    """Damages one of the run's own files other than its checkpoints: (what, kind, the
+    metrics row lost or None). metrics.jsonl: one line inside the file (not the last: a torn
+    last line is a kill's normal leftover) garbled; config.json: truncated or overwritten;
+    the rest (summary, diagnoses, the monitor's JSON lines, TensorBoard's events): truncated or
+    bytes changed."""
+    kind = str(self.rng.choice(["metrics"] * 3 + ["config"] * 2 + ["other"] * 2))
+    if kind == "metrics":
+      path = os.path.join(wd, "metrics.jsonl")
+      lines = open(path).readlines()
+      k = int(self.rng.integers(0, len(lines) - 1))
+      r = json.loads(lines[k])
+      lines[k] = lines[k][:int(self.rng.integers(1, len(lines[k]) - 1))] + "\x00garbage\n"
+      with open(path, "w") as f:
+        f.writelines(lines)
+      lost = None if str(r["split"]).startswith("final_") else (r["split"], r["step"])
+      return f"metrics.jsonl line {k + 1}", kind, lost
+    if kind == "config":
+      path = os.path.join(wd, "config.json")
+    else:
+      candidates = [os.path.join(d, f) for d, _, fs in os.walk(wd) for f in fs
+                    if "checkpoints" not in d and f not in ("metrics.jsonl", "config.json")
+                    and not f.endswith((".png", ".html", ".svg"))]
+      path = str(self.rng.choice(sorted(candidates)))
+    data = bytearray(open(path, "rb").read())
+    if self.rng.random() < 0.5 or len(data) < 2:
+      os.truncate(path, int(self.rng.integers(0, max(1, len(data)))))
+      return f"truncated {os.path.relpath(path, wd)}", kind, None
+    for off in self.rng.choice(len(data), size=min(len(data), 16), replace=False):
+      data[off] ^= int(self.rng.integers(1, 256))
+    with open(path, "wb") as f:
+      f.write(bytes(data))
+    return f"16 bytes of {os.path.relpath(path, wd)}", kind, None
+
+  def workdir_trial(self, name: str, i: int) -> None:
+    """A finished run with one of its own files damaged, rerun: exit 0, no traceback, the
+    parameters untouched, every metric row kept except a damaged one (with a .damaged copy)."""
+    ref_wd, params, ref_rows, _ = self.reference(name)
+    wd = os.path.join(self.out, f"workdir_{name}_{i}")
+    shutil.rmtree(wd, ignore_errors=True)
+    shutil.copytree(ref_wd, wd)
+    what, kind, lost = self._damage_file(wd)
+    self.counts["workdir_damage_trials"] += 1
+    r = _run(CONFIGS[name], wd)
+    trial = f"workdir {name} {i} ({what})"
+    if r.returncode or "Traceback" in r.stderr:
+      self.counts["wrong_exit_status"] += 1
+      self.failures.append(f"{trial}: rerun exit {r.returncode}: {r.stderr[-800:]}")
+      return
+    want = sorted(x for x in ref_rows if x != lost) if lost else ref_rows
+    problems = []
+    if rows(wd) != want:
+      problems.append("metric rows differ")
+    if not _same(final_params(wd), params):
+      problems.append("final parameters differ")
+    if kind in ("metrics", "config") and not os.path.exists(
+        os.path.join(wd, ("metrics.jsonl" if kind == "metrics" else "config.json") + ".damaged")):
+      problems.append("no .damaged copy kept")
+    if kind == "config" and json.load(open(os.path.join(wd, "config.json"))) != json.load(
+        open(os.path.join(ref_wd, "config.json"))):
+      problems.append("config.json is not the run's")
+    self.failures += [f"{trial}: {p}" for p in problems]
+    self.counts["workdir_damage_handled"] += not problems
+    if not problems:
+      shutil.rmtree(wd, ignore_errors=True)
+
   def corruption_trial(self, name: str, i: int) -> None:
     ref_wd, _, _, _ = self.reference(name)
     wd = os.path.join(self.out, f"corrupt_{name}_{i}")
@@ -195,6 +269,8 @@ def main(argv=None) -> int:
   ap.add_argument("--kills", type=int, default=50,
                   help="SIGKILLs to send (kill trials of 1-3 signals each, until that many)")
   ap.add_argument("--corruptions", type=int, default=50)
+  ap.add_argument("--workdir_damage", type=int, default=20,
+                  help="trials damaging one of a finished run's own files (not checkpoints)")
   ap.add_argument("--cnn_share", type=float, default=0.25,
                   help="fraction of the trials on the mnist5k CNN (the rest: digits_mlp)")
   ap.add_argument("--seed", type=int, default=0)
@@ -219,6 +295,8 @@ def main(argv=None) -> int:
     i += 1
   for i in range(a.corruptions):
     trial(soak.corruption_trial, i)
+  for i in range(a.workdir_damage):
+    trial(soak.workdir_trial, i)
   print(json.dumps({**soak.counts, "seconds": round(time.time() - t0),
                     "failures": soak.failures}, indent=1))
   return 1 if soak.failures else 0

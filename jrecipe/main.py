@@ -31,6 +31,10 @@ flags.DEFINE_string("compilation_cache", None,
                     "default $JRECIPE_CACHE_DIR/jax_cache or ~/.cache/jrecipe/jax_cache.")
 
 
+INTERRUPTED = ("interrupted (Ctrl-C): stopped at once. What was committed is intact (a run's "
+               "checkpoints, a search's finished trials): rerunning the same command resumes.")
+
+
 def _fail(message: str, code: int = 2):
   sys.stderr.write(f"jrecipe: error: {message}\n")
   sys.exit(code)
@@ -190,8 +194,7 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
       if watchdog is not None:
         watchdog.finish()
     except KeyboardInterrupt:  # training: a second Ctrl-C (the first stops with a checkpoint)
-      _fail("interrupted (Ctrl-C): stopped at once. What was committed is intact (a run's "
-            "checkpoints, a search's finished trials): rerunning the same command resumes.", 130)
+      _fail(INTERRUPTED, 130)
     except UserError as e:
       _fail(str(e), 2)
     except RunFailure as e:
@@ -210,8 +213,11 @@ def execute(mode: modes.Mode, config, workdir: str, options: modes.ModeOptions, 
 
 
 def run():
-  """Console-script entry point."""
-  app.run(main, flags_parser=parse_flags)
+  """Console-script entry point (a Ctrl-C during start-up, before `execute`: one line, 130)."""
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:
+    _fail(INTERRUPTED, 130)
 
 
 if __name__ == "__main__":
