@@ -73,8 +73,8 @@ def open_storage(url: str, heartbeat_seconds: int = 5):
     except sqlalchemy.exc.IntegrityError:
       time.sleep(0.2 + attempt * 0.3)
     except sqlalchemy.exc.DatabaseError as e:  # after its subclasses above
-      if not url.startswith("sqlite") or "malformed" not in str(e) and "not a database" \
-          not in str(e):
+      damaged = any(sign in str(e) for sign in ("malformed", "not a database"))
+      if not (url.startswith("sqlite") and damaged):
         raise
       raise RunFailure(_damaged_db(redact(url), e)) from e
   raise AssertionError("unreachable")

@@ -129,14 +129,11 @@ def _check_intact(state_dir: str) -> None:
     run = os.path.dirname(step_dir)
     others = sorted(int(n) for n in os.listdir(run) if n.isdigit()
                     and os.path.join(run, n) != step_dir) if os.path.isdir(run) else []
+    other = (f", or initialise from another of the run's checkpoints (init_from_checkpoint="
+             f"STEP; the run also has steps {others})" if others else "")
     raise UserError(f"The checkpoint {step_dir} given by init_from is damaged ({why}): its "
                     "bytes are not the ones its run wrote, so the parameters read from it would "
-                    "not be the trained ones. Restore it from a copy, or initialise from "
-                    f"another of the run's checkpoints (init_from_checkpoint=STEP; the run "
-                    f"also has steps {others})." if others else
-                    f"The checkpoint {step_dir} given by init_from is damaged ({why}): its "
-                    "bytes are not the ones its run wrote, so the parameters read from it would "
-                    "not be the trained ones. Restore it from a copy.")
+                    f"not be the trained ones. Restore it from a copy{other}.")
 
 
 def _flat(tree, prefix: str) -> dict[str, Any]:

@@ -103,9 +103,10 @@ def _train(config, exp, placement, workdir: str, user_hooks: list,
   ckpt = Checkpointer(workdir, keep_best=config.checkpoint.keep_best)
   restored = ckpt.restore(host_state, commit=False)
   start_step, fresh, meta = 0, restored is None, {}
+  position = hooks_lib.DataPosition(exp, 0 if fresh else restored[2])
   if not fresh:  # a checkpoint whose data position means other examples is refused before
     # config.json or metrics.jsonl is touched (a damaged config.json cannot refuse a seed)
-    hooks_lib.DataPosition(exp, restored[2]).load_state_dict(restored[1].get("data", {}))
+    hooks_lib.restore_hook_states(restored[1], [position])
   ckpt.commit()
   if fresh:
     if primary and exp.init_from_report:
@@ -120,7 +121,7 @@ def _train(config, exp, placement, workdir: str, user_hooks: list,
     evaluator = Evaluator(exp, placement)
     hooks, monitor = _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir,
                             host_state=host_state, meta=None if fresh else meta,
-                            start_step=start_step, primary=primary)
+                            start_step=start_step, primary=primary, position=position)
     try:
       loop = trainer.run(trainer.to_device(host_state), start_step=start_step,
                          end_step=exp.total_steps, hooks=hooks)
@@ -143,8 +144,9 @@ def _train(config, exp, placement, workdir: str, user_hooks: list,
 
 
 def _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir, *, host_state,
-           meta: Optional[dict], start_step: int, primary: bool):
-  """(the hooks of a training run in their order, the Monitor or None); `meta` None: fresh."""
+           meta: Optional[dict], start_step: int, primary: bool, position):
+  """(the hooks of a training run in their order, the Monitor or None); `meta` None: fresh;
+  `position`: the DataPosition hook, already restored from `meta`."""
   fresh = meta is None
   chance = exp.loss.chance(exp.spec.num_classes, exp.data.arrays["train"]["y"])
 
@@ -157,10 +159,9 @@ def _hooks(config, exp, trainer, ckpt, writer, evaluator, user_hooks, workdir, *
                                   step_losses=config.monitor.enabled
                                   and config.monitor.step_losses,
                                   on_nonfinite=on_nonfinite)
-  position = hooks_lib.DataPosition(exp, start_step)
   stateful = [patience_hook, logger, position]
   if not fresh:
-    hooks_lib.restore_hook_states(meta, stateful)
+    hooks_lib.restore_hook_states(meta, [patience_hook, logger])
   from jrecipe.profile import ProfileHook  # --config.profile.steps: first, so it times the step
   profiler = ProfileHook.from_config(config, workdir, writer) if primary else None
   hooks = [*([profiler] if profiler else []), hooks_lib.Preemption(), logger,

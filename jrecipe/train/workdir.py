@@ -19,7 +19,7 @@ import ml_collections
 
 from jrecipe import storage
 from jrecipe.errors import UserError
-from jrecipe.train.writer import write_json_atomic
+from jrecipe.train.writer import keep_damaged_copy, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +113,19 @@ _DAMAGED: set = set()  # config.json paths found damaged by `_read_old`
 
 def _set_aside_damaged(path: str) -> None:
   """Keeps a damaged config.json as config.json.damaged, saying what resumes in its place."""
-  with storage.open(path, "rb") as f:
-    storage.write_bytes(path + ".damaged", f.read())
+  copy = keep_damaged_copy(path)
   _DAMAGED.discard(path)
-  log.warning("%s is damaged (not a JSON object): kept as %s.damaged, and replaced by this "
-              "command's config once the run's checkpoint restored into it (or at a fresh "
-              "start). A checkpoint is resumed only if it fits: its parameter and optimizer-state shapes, and its dataset, batch size "
-              "and seed, are checked on restore; other fields (the optimizer's "
-              "hyperparameters, the loss) cannot be checked against the lost file.", path, path)
+  log.warning("%s is damaged (not a JSON object): kept as %s, and replaced by this command's "
+              "config once the run's checkpoint restored into it (or at a fresh start). A "
+              "checkpoint is resumed only if it fits: its parameter and optimizer-state "
+              "shapes, and its dataset, batch size and seed, are checked on restore; other "
+              "fields (the optimizer's hyperparameters, the loss) cannot be checked against the "
+              "lost file.", path, copy)
 
 
 def _read_old(path: str) -> Optional[dict]:
   """The run's config.json as a dict; None when there is none, or when it is damaged (not a
-  JSON object: `_damaged` says so, and `prepare` sets it aside before writing a new one)."""
+  JSON object: it joins `_DAMAGED`, and `prepare` sets it aside before writing a new one)."""
   if not storage.exists(path):
     return None
   with storage.open(path, errors="replace") as f:

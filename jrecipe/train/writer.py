@@ -98,11 +98,17 @@ def read_metrics(workdir: str) -> list[dict]:
   return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
-def _set_aside(path: str, damaged: list) -> None:
-  """Keeps a copy of a metrics file with damaged lines (the evidence) before it is rewritten."""
+def keep_damaged_copy(path: str) -> str:
+  """Copies a damaged file to `path.damaged` (the evidence) before it is rewritten; its path."""
   copy = f"{path}.damaged"
   with storage.open(path, "rb") as f:
     storage.write_bytes(copy, f.read())
+  return copy
+
+
+def _set_aside(path: str, damaged: list) -> None:
+  """Keeps a copy of a metrics file with damaged lines, saying which lines are dropped."""
+  copy = keep_damaged_copy(path)
   lines = ", ".join(map(str, damaged[:5])) + (" ..." if len(damaged) > 5 else "")
   log.warning("%s has %d damaged line(s) (line %s: not a JSON record): dropped; every other row "
               "is kept, and the file as it was is kept in %s.", path, len(damaged), lines, copy)
